@@ -1,0 +1,3 @@
+from fastserve_cli.cli import main
+
+main()

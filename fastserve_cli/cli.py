@@ -1,0 +1,243 @@
+"""Typer commands: parse arguments, load the recipe, call the stage. Nothing else lives here.
+
+Heavy libraries (torch, transformers, datasets) are imported by the stages, never at module level,
+so `fastserve --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+try:  # typer >= 0.20 vendors click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
+
+from fastserve_cli import __version__
+from fastserve_cli.errors import UserError
+
+app = typer.Typer(
+    name="fastserve",
+    help="Raw text to a served causal LM: preprocess, train, optimize, export, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+recipe_app = typer.Typer(help="Validate recipes and print their schema.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+STATE = {"debug": os.environ.get("FASTSERVE_DEBUG") == "1"}
+
+SetOption = typer.Option(None, "--set", help="Override a recipe key, e.g. --set train.max_steps=100 (repeatable).")
+JsonOption = typer.Option(False, "--json", help="Print the result as JSON on stdout (for CI).")
+TargetArgument = typer.Argument(..., help="A recipe YAML, or a run directory made by an earlier stage.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fastserve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """fastserve: one command per pipeline stage; `fastserve run` runs them all."""
+    if debug:
+        STATE["debug"] = True
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def load_target(target: str, overrides: list[str] | None):
+    """A recipe file, or a run directory holding the resolved recipe.yaml of an earlier stage."""
+    from fastserve_cli.recipe import load_recipe
+    from fastserve_cli.rundir import RunDir
+
+    path = Path(target)
+    if path.is_dir():
+        run = RunDir(path)
+        if not run.recipe_path.is_file():
+            raise UserError(f"{path}: not a run directory (no recipe.yaml); pass a recipe file or a run directory")
+        recipe = load_recipe(run.recipe_path, overrides or [])
+        recipe.run_dir = str(run.root)
+        return recipe
+    if not path.exists():
+        raise UserError(f"{path}: no such recipe file or run directory")
+    return load_recipe(path, overrides or [])
+
+
+def stdout_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def print_result(stage: str, result, run, as_json: bool) -> None:
+    if as_json:
+        stdout_json({"stage": stage, "status": "done", "run_dir": str(run.root), "outputs": result.outputs, "metrics": result.metrics})
+        return
+    from fastserve_cli.console import metrics_table
+
+    metrics_table(f"{stage} done: {run.root}", result.metrics)
+
+
+def run_stage_command(stage: str, target: str, overrides: list[str] | None, as_json: bool) -> None:
+    from fastserve_cli.pipeline import STAGES, execute, prepare_run_dir
+
+    STAGES[stage].load()  # fail fast (exit 2) when the stage is not built yet
+    recipe = load_target(target, overrides)
+    run = prepare_run_dir(recipe)
+    result = execute(stage, recipe, run)
+    print_result(stage, result, run, as_json)
+
+
+# ------------------------------------------------------------------ stages
+
+
+@app.command()
+def preprocess(target: str = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption) -> None:
+    """Raw text/jsonl/csv/parquet -> tokenizer + tokenized, packed dataset in the run directory."""
+    run_stage_command("preprocess", target, set_, as_json)
+
+
+@app.command()
+def train(target: str = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption) -> None:
+    """Train the model on the preprocessed data (resumes from the newest checkpoint)."""
+    run_stage_command("train", target, set_, as_json)
+
+
+@app.command()
+def optimize(target: str = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption) -> None:
+    """Pruning and quantization variants, with a quality/size/speed report and gates."""
+    run_stage_command("optimize", target, set_, as_json)
+
+
+@app.command()
+def export(
+    target: str = TargetArgument,
+    onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Export to ONNX with KV cache (the only format today)."),
+    set_: Optional[list[str]] = SetOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Export to ONNX with KV cache, verified against PyTorch with onnxruntime."""
+    if not onnx:
+        raise UserError("--no-onnx: ONNX is the only export format; drop the flag")
+    run_stage_command("export", target, set_, as_json)
+
+
+@app.command()
+def serve(
+    target: str = typer.Argument(..., help="A run directory, a model directory, or a recipe."),
+    set_: Optional[list[str]] = SetOption,
+) -> None:
+    """OpenAI-compatible HTTP server with continuous batching."""
+    from fastserve_cli.errors import StageNotBuilt
+
+    raise StageNotBuilt("fastserve serve is not built yet (issue #6); nothing was started")
+
+
+@app.command()
+def run(
+    target: str = TargetArgument,
+    set_: Optional[list[str]] = SetOption,
+    force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run this stage (and so everything downstream)."),
+    until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Run every stage in order; stages whose inputs are unchanged are skipped."""
+    from fastserve_cli.console import err_console
+    from fastserve_cli.pipeline import prepare_run_dir, run_pipeline, validate_stage_name
+
+    forced = {validate_stage_name(s) for s in (force or [])}
+    if until:
+        validate_stage_name(until)
+    recipe = load_target(target, set_)
+    run_dir = prepare_run_dir(recipe)
+
+    def report(stage: str, event: str) -> None:
+        messages = {
+            "skipped": f"[dim]{stage}: unchanged, skipped[/dim]",
+            "start": f"[bold]{stage}[/bold]: running",
+            "done": f"[green]{stage}: done[/green]",
+            "not built": f"[yellow]{stage}: not built yet; stopping here[/yellow]",
+        }
+        err_console().print(messages[event])
+
+    outcomes = run_pipeline(recipe, run_dir, forced, until, report)
+    if as_json:
+        stdout_json({"run_dir": str(run_dir.root), "stages": outcomes})
+
+
+@app.command()
+def status(run_dir: str = typer.Argument(..., help="A run directory."), as_json: bool = JsonOption) -> None:
+    """Show what each stage of a run did: status, timing, fingerprint, metrics."""
+    from fastserve_cli.rundir import RunDir
+
+    run = RunDir(run_dir)
+    if not run.exists():
+        raise UserError(f"{run_dir}: no manifest.json here; pass a run directory (runs/<name>)")
+    manifest = run.load_manifest()
+    if as_json:
+        stdout_json(manifest)
+        return
+    from fastserve_cli.console import manifest_table
+
+    manifest_table(run, manifest)
+
+
+@recipe_app.command("validate")
+def recipe_validate(path: str = typer.Argument(..., help="Recipe YAML."), set_: Optional[list[str]] = SetOption) -> None:
+    """Check a recipe (and overrides) against the schema without running anything."""
+    from fastserve_cli.recipe import load_recipe
+
+    recipe = load_recipe(path, set_ or [])
+    typer.echo(f"{path}: ok (run directory {recipe.run_dir})")
+
+
+@recipe_app.command("schema")
+def recipe_schema_command() -> None:
+    """Print the recipe's JSON schema."""
+    from fastserve_cli.recipe import recipe_schema
+
+    stdout_json(recipe_schema())
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; user errors become one line on stderr and exit code 2."""
+    debug = STATE["debug"] or "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv, prog_name="fastserve", standalone_mode=False)
+    except UserError as err:
+        if debug:
+            raise
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(2)
+    except click_exceptions.UsageError as err:
+        if type(err).__name__ == "NoArgsIsHelpError" and err.ctx is not None:
+            sys.stdout.write(err.ctx.get_help() + "\n")
+            sys.exit(0)
+        command = err.ctx.command_path if err.ctx else "fastserve"
+        sys.stderr.write(f"error: {err.format_message()} (see `{command} --help`)\n")
+        sys.exit(2)
+    except click_exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except click_exceptions.Abort:
+        sys.stderr.write("aborted\n")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

@@ -1,0 +1,61 @@
+"""Rich output shared by the commands: progress bars and tables go to stderr, results to stdout."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+@functools.cache
+def err_console() -> Console:
+    return Console(stderr=True)
+
+
+@functools.cache
+def out_console() -> Console:
+    return Console()
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def metrics_table(title: str, metrics: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, format_value(value))
+    out_console().print(table)
+
+
+def manifest_table(run, manifest: dict[str, Any]) -> None:
+    from fastserve_cli.pipeline import STAGE_ORDER
+
+    table = Table(title=str(run.root), header_style="bold")
+    for column in ("stage", "status", "started", "duration", "fingerprint", "metrics"):
+        table.add_column(column)
+    stages = manifest.get("stages", {})
+    for name in [*STAGE_ORDER, *sorted(set(stages) - set(STAGE_ORDER))]:
+        entry = stages.get(name)
+        if entry is None:
+            table.add_row(name, "[dim]not run[/dim]", "", "", "", "")
+            continue
+        status = entry.get("status", "?")
+        colour = {"done": "green", "failed": "red", "running": "yellow"}.get(status, "white")
+        metrics = entry.get("metrics") or {}
+        shown = ", ".join(f"{k}={format_value(v)}" for k, v in list(metrics.items())[:4])
+        if status == "failed" and entry.get("error"):
+            shown = entry["error"]
+        duration = entry.get("duration_s")
+        table.add_row(
+            name, f"[{colour}]{status}[/{colour}]", entry.get("started_at") or "",
+            f"{duration:.1f}s" if isinstance(duration, (int, float)) else "",
+            entry.get("fingerprint", ""), shown,
+        )
+    out_console().print(table)

@@ -1,0 +1,150 @@
+"""Stage registry and execution: fingerprints, manifest bookkeeping, skip-if-unchanged.
+
+A stage is a plain function `run_<stage>(recipe, run_dir) -> StageResult` in module
+`fastserve_cli.<stage>`. This module wraps it: checks upstream stages, records status, timing,
+fingerprint, outputs, metrics and library versions, and marks the stage failed on any error.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from fastserve_cli.errors import StageNotBuilt, UserError
+from fastserve_cli.recipe import Recipe, dump_recipe
+from fastserve_cli.rundir import RunDir, StageResult, atomic_write_text, fingerprint, library_versions, now_iso
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...]
+    issue: int
+
+    def load(self) -> Callable[[Recipe, RunDir], StageResult]:
+        module_name = f"fastserve_cli.{self.name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            raise StageNotBuilt(f"fastserve {self.name} is not built yet (issue #{self.issue}); nothing was run") from None
+        return getattr(module, f"run_{self.name}")
+
+    def is_built(self) -> bool:
+        return importlib.util.find_spec(f"fastserve_cli.{self.name}") is not None
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("preprocess", ("seed", "data", "tokenizer"), (), 2),
+        Stage("train", ("seed", "model", "train"), ("preprocess",), 3),
+        Stage("optimize", ("optimize", "gates"), ("train",), 4),
+        Stage("export", ("export",), ("train",), 5),
+    )
+}
+STAGE_ORDER = list(STAGES)
+
+
+def input_files_digest(recipe: Recipe) -> list[tuple[str, int, int]]:
+    """(path, size, mtime) of the local data files, so edited data re-runs preprocess."""
+    files: list[tuple[str, int, int]] = []
+    for pattern in recipe.data.paths:
+        matches = [pattern] if os.path.isfile(pattern) else glob.glob(pattern, recursive=True)
+        if os.path.isdir(pattern):
+            matches = glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+        for match in matches:
+            if os.path.isfile(match):
+                stat = os.stat(match)
+                files.append((match, stat.st_size, int(stat.st_mtime)))
+    return sorted(files)
+
+
+def upstream_of(stage: Stage, recipe: Recipe) -> tuple[str, ...]:
+    if stage.name == "export" and recipe.export.source != "model":
+        return ("train", "optimize")
+    return stage.upstream
+
+
+def stage_fingerprint(stage: Stage, recipe: Recipe, run: RunDir) -> str:
+    parts: dict[str, Any] = {"sections": recipe.section_dump(*stage.sections)}
+    parts["upstream"] = {up: (run.stage(up) or {}).get("run_id") for up in upstream_of(stage, recipe)}
+    if stage.name == "preprocess":
+        parts["files"] = input_files_digest(recipe)
+    return fingerprint(parts)
+
+
+def prepare_run_dir(recipe: Recipe) -> RunDir:
+    run = RunDir(recipe.run_dir or f"runs/{recipe.name}")
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.recipe_path, dump_recipe(recipe))
+    return run
+
+
+def execute(name: str, recipe: Recipe, run: RunDir) -> StageResult:
+    """Run one stage with manifest bookkeeping; the stage is marked failed on any exception."""
+    stage = STAGES[name]
+    func = stage.load()
+    for up in upstream_of(stage, recipe):
+        run.require(up, f"{run.root}: the {up} stage has not finished here; run `fastserve {up}` first")
+    started = time.time()
+    run.update_stage(
+        name, status="running", started_at=now_iso(), finished_at=None, error=None,
+        fingerprint=stage_fingerprint(stage, recipe, run), pid=os.getpid(),
+    )
+    try:
+        result = func(recipe, run)
+    except BaseException as err:
+        reason = "interrupted" if isinstance(err, KeyboardInterrupt) else (str(err) or type(err).__name__)
+        run.update_stage(name, status="failed", finished_at=now_iso(), error=reason.splitlines()[0][:500])
+        raise
+    run.update_stage(
+        name, status="done", finished_at=now_iso(), duration_s=round(time.time() - started, 3),
+        run_id=uuid.uuid4().hex, outputs=result.outputs, metrics=result.metrics,
+        versions=library_versions(),
+    )
+    return result
+
+
+def run_pipeline(
+    recipe: Recipe, run: RunDir, force: set[str], until: str | None,
+    on_event: Callable[[str, str], None] = lambda stage, event: None,
+) -> dict[str, str]:
+    """Run stages in order, skipping those whose fingerprint is unchanged; returns stage -> outcome.
+
+    Fingerprints include the upstream stages' run ids, so re-running a stage re-runs everything
+    downstream of it. A stage that is not built yet ends the pipeline there (reported, not an error).
+    """
+    names = STAGE_ORDER[: STAGE_ORDER.index(until) + 1] if until else STAGE_ORDER
+    outcomes: dict[str, str] = {}
+    for name in names:
+        stage = STAGES[name]
+        if not stage.is_built():
+            outcomes[name] = "not built"
+            on_event(name, "not built")
+            break
+        entry = run.stage(name) or {}
+        unchanged = entry.get("status") == "done" and entry.get("fingerprint") == stage_fingerprint(stage, recipe, run)
+        if unchanged and name not in force:
+            outcomes[name] = "skipped"
+            on_event(name, "skipped")
+            continue
+        on_event(name, "start")
+        execute(name, recipe, run)
+        outcomes[name] = "ran"
+        on_event(name, "done")
+    return outcomes
+
+
+def validate_stage_name(name: str) -> str:
+    if name not in STAGES:
+        raise UserError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_ORDER)}")
+    return name

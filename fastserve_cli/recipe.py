@@ -1,0 +1,339 @@
+"""Typed recipes: one pydantic model per section, unknown keys rejected with a suggestion.
+
+A recipe is YAML; relative paths resolve against the recipe file, `{stdlib}` expands to the running
+Python's standard library directory, and `--set a.b=c` overrides are applied before validation so
+they are typed and checked exactly like keys in the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sysconfig
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fastserve_cli.errors import UserError
+
+PATH_VARIABLES = {"stdlib": lambda: sysconfig.get_paths()["stdlib"]}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where the raw text comes from and how it becomes training blocks."""
+
+    paths: list[str] = Field(default_factory=list, description="Files, directories or globs; `{stdlib}` expands to the stdlib dir.")
+    dataset: str | None = Field(None, description="A hub dataset name passed to `datasets.load_dataset` (needs network).")
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    exclude: list[str] = Field(default_factory=list, description="Glob patterns (fnmatch on the full path) to drop.")
+    format: Literal["auto", "text", "json", "csv", "parquet"] = "auto"
+    text_column: str = "text"
+    messages_column: str | None = Field(None, description="Column of chat `messages` lists, rendered with the chat template.")
+    mode: Literal["pack", "sft"] = Field("pack", description="pack: fixed blocks with EOS between documents; sft: one sequence per example with a loss mask.")
+    block_size: int = Field(256, ge=8, le=131072)
+    validation_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    max_documents: int | None = Field(None, ge=1)
+    on_decode_error: Literal["error", "skip"] = Field("error", description="What to do with a text file that is not valid UTF-8.")
+    num_proc: int = Field(1, ge=1, description="Processes for tokenizing; 1 is fastest on 2 cores (tokenizers already uses both).")
+    batch_size: int = Field(1000, ge=1, description="Documents per tokenizer batch.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if self.paths and self.dataset:
+            raise ValueError("set either data.paths or data.dataset, not both")
+        if self.mode == "sft" and not self.messages_column:
+            raise ValueError("data.mode=sft needs data.messages_column (the column of chat messages)")
+        return self
+
+
+class TokenizerConfig(Section):
+    """Train a byte-level BPE, or load a tokenizer from a local directory."""
+
+    path: str | None = Field(None, description="Local directory with a transformers tokenizer; when set, nothing is trained.")
+    vocab_size: int = Field(8192, ge=300, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+    eos_token: str = "<|endoftext|>"
+    pad_token: str = "<|pad|>"
+    extra_special_tokens: list[str] = Field(default_factory=lambda: ["<|im_start|>", "<|im_end|>"])
+    chat_template: str | None = Field(None, description="Jinja chat template; a ChatML template when unset.")
+    max_training_documents: int | None = Field(None, ge=1, description="Train the BPE on at most this many documents.")
+
+
+class ModelConfig(Section):
+    """Model architecture (random init) or a local pretrained directory."""
+
+    architecture: Literal["gpt2", "llama"] = "gpt2"
+    size: Literal["tiny", "mini", "small", "medium"] = "tiny"
+    pretrained: str | None = Field(None, description="Local directory loadable by AutoModelForCausalLM; overrides architecture/size.")
+    config: dict[str, Any] = Field(default_factory=dict, description="Overrides of the transformers config (e.g. n_layer: 4).")
+    trust_remote_code: bool = False
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(None, description="Module names; per-architecture defaults when unset.")
+
+
+class DeepSpeedConfig(Section):
+    stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+class TrainConfig(Section):
+    """Training loop; names follow HF TrainingArguments."""
+
+    max_steps: int = Field(200, ge=1)
+    per_device_train_batch_size: int = Field(8, ge=1)
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(20, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    torch_compile: bool = False
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int = Field(50, ge=1)
+    eval_max_batches: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    save_steps: int = Field(50, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; all cores when unset.")
+    lora: LoraConfig | None = None
+    deepspeed: DeepSpeedConfig | None = None
+
+
+class VariantConfig(Section):
+    """One optimized variant of the trained model."""
+
+    name: str
+    method: Literal[
+        "magnitude", "structured", "dynamic_int8", "weight_only_int8", "weight_only_int4",
+        "onnx_dynamic_int8", "onnx_static_int8", "onnx_int4",
+    ]
+    sparsity: float | None = Field(None, gt=0, lt=1, description="magnitude: fraction of weights set to zero.")
+    scope: Literal["global", "layer"] = "global"
+    heads_fraction: float | None = Field(None, ge=0, lt=1, description="structured: fraction of attention heads removed.")
+    neurons_fraction: float | None = Field(None, ge=0, lt=1, description="structured: fraction of MLP neurons removed.")
+    importance: Literal["weight", "activation", "gradient"] = "weight"
+    recovery_steps: int = Field(0, ge=0, description="Fine-tune steps after pruning (reuses the train loop).")
+
+
+class OptimizeConfig(Section):
+    variants: list[VariantConfig] = Field(default_factory=list)
+    eval_max_batches: int | None = Field(32, ge=1, description="Validation blocks used for perplexity.")
+    latency_prompt_tokens: int = Field(32, ge=1)
+    latency_new_tokens: int = Field(64, ge=1)
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, variants: list[VariantConfig]) -> list[VariantConfig]:
+        names = [v.name for v in variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variant names must be unique, repeated: {', '.join(dupes)}")
+        return variants
+
+
+class ExportConfig(Section):
+    onnx: bool = True
+    source: str = Field("model", description="`model` (the trained model) or the name of an optimize variant.")
+    opset: int = Field(17, ge=13, le=23)
+    optimize: bool = Field(False, description="Run onnxruntime's transformer graph optimizer (checked for parity too).")
+    quantize: list[Literal["dynamic_int8", "static_int8", "int4"]] = Field(default_factory=list)
+    fp16: bool = Field(False, description="fp16 export (GPU only).")
+    parity_atol: float = Field(1e-3, gt=0)
+    parity_steps: int = Field(32, ge=1)
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    backend: Literal["torch", "onnx"] = "torch"
+    source: str = Field("model", description="`model`, an optimize variant name, or `onnx`.")
+    model_name: str | None = Field(None, description="Name clients send as `model`; the run name when unset.")
+    scheduler: Literal["fcfs", "skip-join-mlfq"] = "fcfs"
+    max_batch_size: int = Field(8, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    max_queue: int = Field(256, ge=1)
+    kv_cache_memory: str = Field("1GiB", description="KV-cache budget, e.g. 512MiB or 2GB.")
+    api_key: str | None = None
+    starvation_s: float = Field(3.0, gt=0)
+    base_quantum_s: float | None = Field(None, gt=0, description="Skip-join MLFQ base quantum; measured at start-up when unset.")
+
+
+class GatesConfig(Section):
+    """Bounds an optimize variant must meet; a broken gate fails the stage."""
+
+    max_perplexity_increase: float | None = Field(None, ge=0, description="Relative, e.g. 0.03 = +3%.")
+    min_speedup: float | None = Field(None, gt=0)
+    max_size_ratio: float | None = Field(None, gt=0)
+
+
+class Recipe(Section):
+    name: str = "run"
+    run_dir: str | None = Field(None, description="Run directory; runs/<name> beside the recipe when unset.")
+    seed: int = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+
+    def section_dump(self, *names: str) -> dict[str, Any]:
+        """JSON-able dump of some top-level keys, used for stage fingerprints."""
+        return {n: (getattr(self, n).model_dump(mode="json") if isinstance(getattr(self, n), BaseModel) else getattr(self, n)) for n in names}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def expand_variables(text: str) -> str:
+    for name, value in PATH_VARIABLES.items():
+        text = text.replace("{" + name + "}", value())
+    return text
+
+
+def _resolve(base: Path, value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(expand_variables(value)).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Make every path absolute relative to the recipe's directory."""
+    recipe.data.paths = [_resolve(base, p) for p in recipe.data.paths]  # type: ignore[misc]
+    recipe.tokenizer.path = _resolve(base, recipe.tokenizer.path)
+    recipe.model.pretrained = _resolve(base, recipe.model.pretrained)
+    recipe.run_dir = _resolve(base, recipe.run_dir or f"runs/{recipe.name}")
+    return recipe
+
+
+def _field_names(loc: tuple[Any, ...]) -> list[str]:
+    """Valid keys of the model reached by following `loc` from Recipe (for did-you-mean)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            break
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        for candidate in candidates:
+            args = getattr(candidate, "__args__", ())
+            for c in (candidate, *args):
+                if isinstance(c, type) and issubclass(c, BaseModel):
+                    model = c
+                    break
+            else:
+                continue
+            break
+        else:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    """One line per problem: `section.key: what is wrong, how to fix it`."""
+    lines = []
+    for item in err.errors():
+        loc = tuple(item["loc"])
+        path = ".".join(str(p) for p in loc) or "(recipe)"
+        if item["type"] == "extra_forbidden":
+            valid = _field_names(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}?" if close else f"valid keys: {', '.join(valid)}"
+            lines.append(f"{path}: unknown key, {hint}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            got = item.get("input")
+            shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+            lines.append(f"{path}: {message}{shown}")
+    first = lines[0]
+    more = f" (and {len(lines) - 1} more problem{'s' if len(lines) > 2 else ''})" if len(lines) > 1 else ""
+    return f"{origin}: {first}{more}"
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `a.b=c` override to the raw recipe mapping; the value is parsed as YAML."""
+    if "=" not in override:
+        raise UserError(f"--set {override!r}: expected KEY=VALUE, e.g. --set train.learning_rate=3e-4")
+    key, _, value = override.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise UserError(f"--set {override!r}: empty key, e.g. --set train.max_steps=100")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def validate_recipe(raw: dict[str, Any], origin: str) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, origin)) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found; pass the path of a recipe YAML (see recipes/quickstart.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: recipe is not valid UTF-8 text") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections (data:, train:, ...), got {type(raw).__name__}")
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, validate and resolve a recipe file."""
+    path = Path(path)
+    raw = read_yaml(path)
+    raw.setdefault("name", path.stem)
+    for override in overrides:
+        apply_override(raw, override)
+    origin = f"{path.name}" + (" with --set" if overrides else "")
+    recipe = validate_recipe(raw, origin)
+    return resolve_paths(recipe, path.resolve().parent)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def recipe_schema() -> dict[str, Any]:
+    return Recipe.model_json_schema()
