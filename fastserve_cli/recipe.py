@@ -149,14 +149,19 @@ class OptimizeConfig(Section):
 
 
 class ExportConfig(Section):
+    """ONNX export of the trained model (or an optimize variant) into onnx/, parity-checked."""
+
     onnx: bool = True
     source: str = Field("model", description="`model` (the trained model) or the name of an optimize variant.")
     opset: int = Field(17, ge=13, le=23)
     optimize: bool = Field(False, description="Run onnxruntime's transformer graph optimizer (checked for parity too).")
     quantize: list[Literal["dynamic_int8", "static_int8", "int4"]] = Field(default_factory=list)
     fp16: bool = Field(False, description="fp16 export (GPU only).")
-    parity_atol: float = Field(1e-3, gt=0)
-    parity_steps: int = Field(32, ge=1)
+    parity_atol: float = Field(1e-3, gt=0, description="Max |Δlogits| allowed between ONNX and PyTorch (fp32 graph).")
+    parity_steps: int = Field(32, ge=1, description="Greedy steps whose tokens must be identical.")
+    eval_blocks: int = Field(16, ge=1, description="Validation blocks for the perplexity of quantized graphs.")
+    calibration_blocks: int = Field(8, ge=1, description="Validation blocks that calibrate static int8.")
+    int4_block_size: int = Field(32, ge=16, description="MatMulNBits block size (a power of two).")
 
 
 class ServeConfig(Section):

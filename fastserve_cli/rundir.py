@@ -158,6 +158,11 @@ class RunDir:
         return self.onnx_dir / "parity.json"
 
     @property
+    def parity_failed_path(self) -> Path:
+        """Parity results of an export that failed (its onnx/ was discarded, so they live beside it)."""
+        return self.root / "onnx.parity-failed.json"
+
+    @property
     def serve_profile_path(self) -> Path:
         return self.root / "serve_profile.json"
 

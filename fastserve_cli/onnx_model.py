@@ -1,0 +1,375 @@
+"""ONNX decoder with KV cache: export from a HF model directory, run it with onnxruntime, check parity.
+
+Why this exporter path (measured with torch 2.13 / transformers 5.24, see README "Export"):
+- optimum-onnx needs transformers < 4.58, so it cannot be used here.
+- `torch.onnx.export` cannot take a `DynamicCache`; `CacheWrapper` below takes plain tensors and builds
+  the cache inside `forward`. The legacy (TorchScript) exporter then traces ONE graph that serves the
+  empty-past first step and every later step, with eager attention (SDPA's empty-past path does not
+  trace for Llama). The dynamo exporter cannot take an empty past (torch.export assumes dynamic dims
+  >= 2), and transformers' own `OnnxExporter.export_for_generation` writes two graphs that each store
+  the weights (1.5x the size).
+
+The graph uses optimum's names: inputs `input_ids`, `attention_mask`, `position_ids`,
+`past_key_values.N.key/.value`; outputs `logits`, `present.N.key/.value`; KV tensors are
+[batch, num_kv_heads, past_len, head_dim].
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastserve_cli.errors import UserError
+
+# model_type -> family; every family here is exported by the same wrapper.
+SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2")
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's 2 GB limit
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# Files copied beside the graph so the directory alone is enough to serve.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+# ------------------------------------------------------------------ model loading
+
+
+def read_model_type(model_dir: Path) -> str:
+    """The config's model_type, checked against what the exporter supports (before loading weights)."""
+    import json
+
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{model_dir}: no config.json; point the export at a saved HF model directory")
+    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type", "?")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"{model_dir}: architecture {model_type!r} is not supported by the ONNX export; "
+                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return model_type
+
+
+def load_for_export(model_dir: Path, fp16: bool = False):
+    """Load with eager attention (the traceable path), in eval mode, fp16 on CUDA when asked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    read_model_type(model_dir)
+    if fp16 and not torch.cuda.is_available():
+        raise UserError("export.fp16: fp16 export needs a CUDA GPU and none is visible; set export.fp16=false (fp32 on CPU)")
+    dtype = torch.float16 if fp16 else torch.float32
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # keep stderr to the one line a failure prints
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+    if fp16:
+        model = model.to("cuda")
+    return model.eval()
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) from a transformers config."""
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return layers, kv_heads, head_dim
+
+
+# ------------------------------------------------------------------ export
+
+
+def _wrapper(model):
+    """A module with plain tensor inputs/outputs that builds the DynamicCache inside forward."""
+    import torch
+    from transformers import DynamicCache
+
+    class CacheWrapper(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache()
+            for i in range(len(past) // 2):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          cache=cache, use_cache=True)
+            present = [t for layer in out.cache.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *present)
+
+    return CacheWrapper(model).eval()
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def export_graph(model, path: Path, opset: int = 17, external_data: bool | None = None) -> Path:
+    """Trace `model` into one ONNX graph at `path` (weights in `<path>.data` when external)."""
+    import torch
+
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    inputs, outputs = io_names(layers)
+    device, dtype = model.device, model.dtype
+    batch, seq, past_len = 2, 3, 4  # distinct sizes so no axis is traced as a constant
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    mask = torch.ones(batch, past_len + seq, dtype=torch.long, device=device)
+    positions = torch.arange(past_len, past_len + seq, device=device).unsqueeze(0).expand(batch, -1)
+    past = [torch.zeros(batch, kv_heads, past_len, head_dim, dtype=dtype, device=device) for _ in range(2 * layers)]
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"}}
+    axes.update({name: {0: "batch_size", 2: "past_sequence_length"} for name in inputs[3:]})
+    axes.update({name: {0: "batch_size", 2: "total_sequence_length"} for name in outputs[1:]})
+    wrapper = _wrapper(model)
+    raw = path.parent / ".trace"
+    raw.mkdir(exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+        torch.onnx.export(wrapper, (ids, mask, positions, *past), str(raw / MODEL_FILE), input_names=inputs,
+                          output_names=outputs, dynamic_axes=axes, opset_version=opset, dynamo=False,
+                          do_constant_folding=True)
+    model.eval()  # the legacy exporter can hand the module back in training mode
+    save_model(raw / MODEL_FILE, path, external_data)
+    shutil.rmtree(raw, ignore_errors=True)
+    return path
+
+
+def save_model(src: Path | Any, dst: Path, external_data: bool | None = None) -> None:
+    """Re-save an ONNX model (path or ModelProto) as one file, or with one external data file.
+
+    external_data=None decides by size: above protobuf's 2 GB limit the weights go to `<name>.data`.
+    """
+    import onnx
+
+    proto = onnx.load(str(src)) if isinstance(src, (str, Path)) else src
+    if external_data is None:
+        external_data = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    data_name = f"{dst.name}.data"
+    if (dst.parent / data_name).exists():
+        (dst.parent / data_name).unlink()
+    onnx.save_model(proto, str(dst), save_as_external_data=bool(external_data), all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+
+
+# ------------------------------------------------------------------ running
+
+
+def providers(prefer_gpu: bool = True) -> list[str]:
+    """CUDA EP when onnxruntime has it and a GPU is visible, CPU otherwise."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if prefer_gpu and "CUDAExecutionProvider" in available and _gpu_visible():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _gpu_visible() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return shutil.which("nvidia-smi") is not None
+
+
+class OnnxCausalLM:
+    """One onnxruntime session over an exported decoder; numpy in, numpy out.
+
+    `step` runs one iteration (prefill with an empty past, or decode); `generate_greedy` is the
+    reference decoding loop used by the parity check, the benchmark and the tests.
+    """
+
+    def __init__(self, path: str | Path, providers_: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        self.path = path if path.suffix == ".onnx" else path / MODEL_FILE
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: no ONNX model here; run `fastserve export` first")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.path), options, providers=providers_ or providers())
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.num_layers = len(self.past_names) // 2
+        first = inputs[self.past_names[0]]
+        self.num_kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.kv_dtype = np.float16 if "float16" in first.type else np.float32
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.kv_dtype) for _ in self.past_names]
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One forward: (logits [b, s, vocab], present KV list, 2 per layer, key then value)."""
+        past = past if past is not None else self.empty_past(input_ids.shape[0])
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                "position_ids": position_ids.astype(np.int64), **dict(zip(self.past_names, past))}
+        logits, *present = self.session.run(None, feed)
+        return logits, present
+
+    def generate_greedy(self, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int
+                        ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Greedy decode from left-padded prompts: (tokens [b, new_tokens], last-position logits per step)."""
+        mask = attention_mask.astype(np.int64)
+        positions = position_ids_from_mask(mask)
+        logits, past = self.step(input_ids, mask, positions)
+        tokens, step_logits = [], []
+        for _ in range(new_tokens):
+            last = logits[:, -1, :].astype(np.float32)
+            step_logits.append(last)
+            token = last.argmax(-1)
+            tokens.append(token)
+            next_position = positions[:, -1:] + 1
+            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+            logits, past = self.step(token[:, None], mask, next_position, past)
+            positions = next_position
+        return np.stack(tokens, axis=1), step_logits
+
+
+def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
+    """Left padding: positions count real tokens only (pads get 0), as HF generate does."""
+    return np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int64)
+
+
+# ------------------------------------------------------------------ parity
+
+
+def torch_greedy(model, input_ids, attention_mask, new_tokens: int):
+    """The PyTorch reference of `OnnxCausalLM.generate_greedy`: same positions, same cache steps."""
+    import torch
+    from transformers import DynamicCache
+
+    device = model.device
+    mask = torch.as_tensor(attention_mask, device=device).long()
+    ids = torch.as_tensor(input_ids, device=device).long()
+    positions = torch.as_tensor(position_ids_from_mask(attention_mask), device=device)
+    cache = DynamicCache()
+    tokens, step_logits = [], []
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        for _ in range(new_tokens):
+            last = out.logits[:, -1, :].float()
+            step_logits.append(last.cpu().numpy())
+            token = last.argmax(-1)
+            tokens.append(token.cpu().numpy())
+            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
+                        use_cache=True)
+    return np.stack(tokens, axis=1), step_logits
+
+
+def parity_prompts(vocab_size: int, batch: int, length: int, seed: int, pad_id: int = 0):
+    """Random prompts, left-padded to different lengths when batch > 1 (so padding is exercised)."""
+    rng = np.random.default_rng(seed + batch)
+    ids = rng.integers(0, vocab_size, size=(batch, length), dtype=np.int64)
+    mask = np.ones((batch, length), np.int64)
+    for row in range(1, batch):
+        pad = min(length - 1, row * max(1, length // (batch + 1)))
+        mask[row, :pad] = 0
+        ids[row, :pad] = pad_id
+    return ids, mask
+
+
+def check_parity(model, onnx_model: OnnxCausalLM, steps: int = 32, atol: float = 1e-3, batches=(1, 4),
+                 prompt_len: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Compare ONNX with PyTorch: prefill logits on real tokens, then `steps` greedy steps.
+
+    Passing needs max |Δlogits| <= atol everywhere and identical greedy tokens for every step.
+    """
+    import torch
+
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    results = []
+    for batch in batches:
+        ids, mask = parity_prompts(model.config.vocab_size, batch, prompt_len, seed, pad_id)
+        with torch.no_grad():
+            ref = model(input_ids=torch.as_tensor(ids, device=model.device),
+                        attention_mask=torch.as_tensor(mask, device=model.device),
+                        position_ids=torch.as_tensor(position_ids_from_mask(mask), device=model.device)
+                        ).logits.float().cpu().numpy()
+        got, _ = onnx_model.step(ids, mask, position_ids_from_mask(mask))
+        real = mask.astype(bool)
+        prefill_diff = float(np.abs(ref[real] - got.astype(np.float32)[real]).max())
+        ref_tokens, ref_logits = torch_greedy(model, ids, mask, steps)
+        ort_tokens, ort_logits = onnx_model.generate_greedy(ids, mask, steps)
+        decode_diff = max(float(np.abs(a - b).max()) for a, b in zip(ref_logits, ort_logits))
+        same = ref_tokens == ort_tokens
+        first_mismatch = None if same.all() else int(np.argmax(~same.all(axis=0)))
+        results.append({"batch": batch, "prompt_len": prompt_len, "padded": batch > 1, "steps": steps,
+                        "prefill_max_abs_diff": prefill_diff, "decode_max_abs_diff": decode_diff,
+                        "tokens_identical": bool(same.all()), "first_mismatch_step": first_mismatch})
+    max_diff = max(max(r["prefill_max_abs_diff"], r["decode_max_abs_diff"]) for r in results)
+    passed = max_diff <= atol and all(r["tokens_identical"] for r in results)
+    return {"passed": passed, "max_abs_diff": max_diff, "atol": atol, "steps": steps, "cases": results}
+
+
+def parity_failure_message(parity: dict[str, Any], where: str) -> str:
+    bad = [c for c in parity["cases"] if not c["tokens_identical"]]
+    if parity["max_abs_diff"] > parity["atol"]:
+        what = f"max |Δlogits| {parity['max_abs_diff']:.3g} > atol {parity['atol']:g}"
+    else:
+        what = f"greedy tokens differ at batch {bad[0]['batch']} step {bad[0]['first_mismatch_step']}"
+    return (f"{where}: ONNX parity failed ({what}); the export was discarded. Check the model runs in PyTorch, "
+            f"or loosen export.parity_atol if the difference is expected")
+
+
+# ------------------------------------------------------------------ public entry point
+
+
+def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
+    """config, generation config and tokenizer files beside the graph: the directory is self-contained."""
+    copied = []
+    for name in SIDE_FILES:
+        src = Path(model_dir) / name
+        if src.is_file():
+            shutil.copy2(src, out_dir / name)
+            copied.append(name)
+    if not (out_dir / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_pretrained(model_dir).save_pretrained(out_dir)
+        copied.append("generation_config.json")
+    return copied
+
+
+def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = 17, fp16: bool = False,
+                external_data: bool | None = None, parity_atol: float = 1e-3, parity_steps: int = 32,
+                model=None) -> dict[str, Any]:
+    """Export `model_dir` to `out_dir/model.onnx` (+ side files) and return its parity results.
+
+    Usable without a run directory (the serve backend's tests call it). Does not raise on a parity
+    failure: the caller decides (the export stage turns it into a failed stage).
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model if model is not None else load_for_export(model_dir, fp16)
+    export_graph(model, out_dir / MODEL_FILE, opset, external_data)
+    copy_side_files(model_dir, out_dir)
+    session = OnnxCausalLM(out_dir)
+    parity = check_parity(model, session, steps=parity_steps, atol=parity_atol)
+    parity.update(model=MODEL_FILE, opset=opset, dtype="float16" if fp16 else "float32",
+                  providers=session.session.get_providers())
+    return parity
+
+
+def onnx_size_bytes(path: Path) -> int:
+    """The graph plus its external data file, if any."""
+    data = path.parent / f"{path.name}.data"
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+

@@ -1,0 +1,208 @@
+"""Export stage: real torch.onnx export of tiny models, run through real onnxruntime, parity enforced."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_validation_data(run, tokenizer_dir: Path, blocks: int = 12, block_size: int = 32) -> None:
+    """A small DatasetDict of packed stdlib text, as the preprocess stage would write it."""
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoTokenizer
+
+    from conftest import stdlib_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = [t for text in stdlib_texts() for t in tokenizer(text)["input_ids"]][: blocks * 2 * block_size]
+    rows = [ids[i: i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
+    split = lambda part: Dataset.from_dict({"input_ids": part, "attention_mask": [[1] * block_size] * len(part),  # noqa: E731
+                                           "labels": part})
+    DatasetDict({"train": split(rows[blocks:]), "validation": split(rows[:blocks])}).save_to_disk(run.data_dir)
+
+
+def make_run(tmp_path: Path, tokenizer_dir: Path, arch: str = "gpt2", export: dict | None = None,
+             train_done: bool = True, data: bool = False):
+    """A run directory as preprocess + train would leave it (tiny random model, stages marked done)."""
+    import yaml
+
+    from fastserve_cli.pipeline import prepare_run_dir
+    from fastserve_cli.recipe import load_recipe
+
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump({"name": "t", "run_dir": str(tmp_path / "run"), "export": export or {}}))
+    recipe = load_recipe(recipe_path)
+    run = prepare_run_dir(recipe)
+    run.update_stage("preprocess", status="done", run_id="p")
+    if train_done:
+        make_tiny_model(arch, tokenizer_dir, run.model_dir)
+        run.update_stage("train", status="done", run_id="t")
+    if data:
+        write_validation_data(run, tokenizer_dir)
+    return recipe, run
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastserve_cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+# ---------------------------------------------------------------- the graph contract
+
+
+def test_export_onnx_contract(tiny_model_dir, tmp_path):
+    """One graph, optimum names, dynamic axes, empty-past first step, exact parity, self-contained dir."""
+    import onnx
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fastserve_cli.onnx_model import OnnxCausalLM, export_onnx, kv_shape
+
+    out = tmp_path / "onnx"
+    parity = export_onnx(tiny_model_dir, out, opset=17, parity_steps=32)
+    assert parity["passed"], parity
+    assert parity["max_abs_diff"] < 1e-4
+    assert [c["batch"] for c in parity["cases"]] == [1, 4] and parity["cases"][1]["padded"]
+    assert all(c["tokens_identical"] and c["steps"] == 32 for c in parity["cases"])
+    assert sorted(p.name for p in out.glob("*.onnx*")) == ["model.onnx"]
+
+    config = AutoConfig.from_pretrained(out)
+    layers, kv_heads, head_dim = kv_shape(config)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    inputs = [i.name for i in graph.input]
+    outputs = [o.name for o in graph.output]
+    assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert inputs[3:] == [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    assert outputs == ["logits", *[f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]]
+    dims = [d.dim_param or d.dim_value for d in graph.input[3].type.tensor_type.shape.dim]
+    assert dims == ["batch_size", kv_heads, "past_sequence_length", head_dim]
+
+    session = OnnxCausalLM(out)
+    ids = np.array([[5, 6, 7, 8, 9]])
+    logits, present = session.step(ids, np.ones_like(ids), np.arange(5)[None])  # empty past
+    assert logits.shape == (1, 5, config.vocab_size)
+    assert len(present) == 2 * layers and present[0].shape == (1, kv_heads, 5, head_dim)
+    logits2, present2 = session.step(np.array([[3]]), np.ones((1, 6)), np.array([[5]]), present)
+    assert logits2.shape == (1, 1, config.vocab_size) and present2[0].shape[2] == 6
+
+    tokenizer = AutoTokenizer.from_pretrained(out)  # tokenizer and configs travel with the graph
+    assert tokenizer.eos_token == "<|endoftext|>"
+    assert (out / "generation_config.json").is_file()
+
+
+def test_external_data_and_opset(tiny_gpt2_dir, tmp_path):
+    """Weights can live in model.onnx.data (automatic above 2 GB; forced here) and the opset is honoured."""
+    import onnx
+
+    from fastserve_cli.onnx_model import OnnxCausalLM, export_onnx
+
+    out = tmp_path / "onnx"
+    parity = export_onnx(tiny_gpt2_dir, out, opset=18, external_data=True, parity_steps=4)
+    assert parity["passed"], parity
+    assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {o.domain or "ai.onnx": o.version for o in proto.opset_import}["ai.onnx"] == 18
+    tokens, _ = OnnxCausalLM(out).generate_greedy(np.array([[1, 2, 3]]), np.ones((1, 3)), 3)
+    assert tokens.shape == (1, 3)
+
+
+def test_onnx_greedy_matches_transformers_generate(tiny_gpt2_dir, tmp_path):
+    """The exported graph decodes exactly what `model.generate` (default attention) produces."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastserve_cli.onnx_model import OnnxCausalLM, export_onnx
+
+    out = tmp_path / "onnx"
+    assert export_onnx(tiny_gpt2_dir, out, parity_steps=2)["passed"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    prompt = torch.tensor([[11, 22, 33, 44, 55, 66]])
+    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                              min_new_tokens=20)[0, prompt.shape[1]:].numpy()
+    tokens, _ = OnnxCausalLM(out).generate_greedy(prompt.numpy(), np.ones_like(prompt.numpy()), 20)
+    assert tokens[0].tolist() == expected.tolist()
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def test_export_stage_via_cli(tmp_path, tiny_tokenizer_dir):
+    """`fastserve export RUN_DIR --set export.optimize=true`: manifest done, parity.json, fused graph."""
+    recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "llama")
+    result = cli("export", str(run.root), "--set", "export.optimize=true", "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["metrics"]["parity_passed"] and printed["metrics"]["optimized"]
+    assert "onnx/model.onnx" in printed["outputs"] and "onnx/tokenizer.json" in printed["outputs"]
+    parity = json.loads(run.parity_path.read_text())
+    assert parity["passed"] and parity["optimized"] and parity["unoptimized"]["passed"]
+    assert parity["fused_operators"].get("SkipSimplifiedLayerNormalization", 0) > 0
+    assert parity["source"] == "model" and parity["model_type"] == "llama"
+    assert run.stage("export")["status"] == "done"
+    assert not any(p.name.startswith(".onnx") for p in run.root.iterdir())  # no staging leftovers
+
+
+def test_parity_failure_fails_stage_and_keeps_previous_export(tmp_path, tiny_tokenizer_dir):
+    """Out of tolerance -> exit 2, one line, results in onnx.parity-failed.json, the old onnx/ untouched."""
+    from fastserve_cli.pipeline import execute
+
+    recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "gpt2", export={"parity_steps": 4})
+    execute("export", recipe, run)
+    before = (run.onnx_dir / "model.onnx").read_bytes()
+    result = cli("export", str(run.root), "--set", "export.parity_atol=1e-12", "--set", "export.parity_steps=4")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "parity failed" in result.stderr and "Traceback" not in result.stderr
+    failed = json.loads(run.parity_failed_path.read_text())
+    assert failed["passed"] is False and failed["max_abs_diff"] > 1e-12
+    assert (run.onnx_dir / "model.onnx").read_bytes() == before
+    assert json.loads(run.parity_path.read_text())["passed"]
+    assert run.stage("export")["status"] == "failed"
+    assert not any(p.name.startswith(".onnx") for p in run.root.iterdir())
+
+
+def test_export_before_train(tmp_path, tiny_tokenizer_dir):
+    recipe, run = make_run(tmp_path, tiny_tokenizer_dir, train_done=False)
+    result = cli("export", str(run.root))
+    assert result.returncode == 2 and "train" in result.stderr and result.stderr.count("\n") == 1
+    assert not run.onnx_dir.exists()
+
+
+def test_unsupported_architecture(tmp_path, tiny_tokenizer_dir):
+    recipe, run = make_run(tmp_path, tiny_tokenizer_dir, train_done=False)
+    run.model_dir.mkdir()
+    (run.model_dir / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    run.update_stage("train", status="done", run_id="t")
+    result = cli("export", str(run.root))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "'gpt_neox' is not supported" in result.stderr and "gpt2, llama" in result.stderr
+    assert not run.onnx_dir.exists()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_unwritable_output(tmp_path, tiny_tokenizer_dir):
+    recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "gpt2")
+    run.onnx_dir.mkdir()
+    run.onnx_dir.chmod(0o555)
+    try:
+        result = cli("export", str(run.root))
+    finally:
+        run.onnx_dir.chmod(0o755)
+    assert result.returncode == 2 and "not writable" in result.stderr and result.stderr.count("\n") == 1
+    assert list(run.onnx_dir.iterdir()) == []
+
+
+def test_unknown_source_variant(tmp_path, tiny_tokenizer_dir):
+    recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "gpt2")
+    run.update_stage("optimize", status="done", run_id="o")
+    result = cli("export", str(run.root), "--set", "export.source=pruned")
+    assert result.returncode == 2 and "export.source 'pruned'" in result.stderr
+    assert not run.onnx_dir.exists()
