@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import importlib
+import importlib.util
 import os
 import time
 import uuid
@@ -27,9 +28,14 @@ class Stage:
     sections: tuple[str, ...]
     upstream: tuple[str, ...]
     issue: int
+    module: str = ""
+
+    @property
+    def module_name(self) -> str:
+        return self.module or f"fastserve_cli.{self.name}"
 
     def load(self) -> Callable[[Recipe, RunDir], StageResult]:
-        module_name = f"fastserve_cli.{self.name}"
+        module_name = self.module_name
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
@@ -39,7 +45,7 @@ class Stage:
         return getattr(module, f"run_{self.name}")
 
     def is_built(self) -> bool:
-        return importlib.util.find_spec(f"fastserve_cli.{self.name}") is not None
+        return importlib.util.find_spec(self.module_name) is not None
 
 
 STAGES: dict[str, Stage] = {

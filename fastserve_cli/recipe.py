@@ -190,7 +190,7 @@ class GatesConfig(Section):
 
 class Recipe(Section):
     name: str = "run"
-    run_dir: str | None = Field(None, description="Run directory; runs/<name> beside the recipe when unset.")
+    run_dir: str | None = Field(None, description="Run directory (relative to the recipe file); ./runs/<name> under the current directory when unset.")
     seed: int = 42
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -227,7 +227,7 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     recipe.data.paths = [_resolve(base, p) for p in recipe.data.paths]  # type: ignore[misc]
     recipe.tokenizer.path = _resolve(base, recipe.tokenizer.path)
     recipe.model.pretrained = _resolve(base, recipe.model.pretrained)
-    recipe.run_dir = _resolve(base, recipe.run_dir or f"runs/{recipe.name}")
+    recipe.run_dir = _resolve(base, recipe.run_dir) if recipe.run_dir else str(Path("runs", recipe.name).resolve())
     return recipe
 
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Preprocess throughput: the whole `fastserve preprocess` stage vs bare `tokenizers` encode_batch.
+
+Both tokenize the same texts (the stdlib .py sources of the quickstart recipe) with the same tokenizer,
+in the same run; each is repeated and the best time kept. Ours is end to end: reading files through
+`datasets`, the document split, tokenizing, packing, Arrow writes and save_to_disk. The baseline is
+`encode_batch` over the texts already in memory plus reading the ids out (the least any consumer does).
+
+    .venv/bin/python scripts/bench_preprocess.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from fastserve_cli.pipeline import execute, prepare_run_dir
+from fastserve_cli.preprocess import load_documents, drop_empty
+from fastserve_cli.recipe import Recipe, resolve_paths
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def quickstart_data() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        raw = quickstart_data()
+        # 1. a tokenizer, trained once, shared by both paths
+        first = resolve_paths(Recipe.model_validate({**raw, "run_dir": str(tmp / "first")}), ROOT / "recipes")
+        execute("preprocess", first, prepare_run_dir(first))
+        tok_dir = Path(first.run_dir) / "tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        texts = list(drop_empty(load_documents(first.data)[0], "text", False)["text"])
+        backend = tokenizer.backend_tokenizer
+
+        def baseline() -> tuple[float, int]:
+            start = time.perf_counter()
+            tokens = 0
+            for i in range(0, len(texts), 1000):
+                tokens += sum(len(e.ids) for e in backend.encode_batch(texts[i:i + 1000], add_special_tokens=False))
+            return time.perf_counter() - start, tokens
+
+        def ours(k: int) -> tuple[float, int]:
+            recipe = resolve_paths(Recipe.model_validate({
+                **raw, "run_dir": str(tmp / f"run{k}"), "tokenizer": {"path": str(tok_dir)}}), ROOT / "recipes")
+            run = prepare_run_dir(recipe)
+            start = time.perf_counter()
+            result = execute("preprocess", recipe, run)
+            return time.perf_counter() - start, result.metrics["tokens"]
+
+        base_times, our_times = [], []
+        for k in range(args.repeats):
+            base_times.append(baseline())
+            our_times.append(ours(k))
+        base_s, base_tokens = min(base_times)
+        our_s, our_tokens = min(our_times)
+    assert base_tokens == our_tokens, (base_tokens, our_tokens)
+    result = {
+        "documents": len(texts), "tokens": our_tokens,
+        "encode_batch_tokens_per_s": round(base_tokens / base_s),
+        "preprocess_tokens_per_s": round(our_tokens / our_s),
+        "ratio": round(base_s / our_s, 3),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
