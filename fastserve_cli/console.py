@@ -38,8 +38,9 @@ def manifest_table(run, manifest: dict[str, Any]) -> None:
     from fastserve_cli.pipeline import STAGE_ORDER
 
     table = Table(title=str(run.root), header_style="bold")
-    for column in ("stage", "status", "started", "duration", "fingerprint", "metrics"):
-        table.add_column(column)
+    for column, width in (("stage", 10), ("status", 7), ("started", 11), ("duration", 8), ("fingerprint", 11)):
+        table.add_column(column, no_wrap=True, min_width=width)
+    table.add_column("metrics", overflow="ellipsis", no_wrap=True)
     stages = manifest.get("stages", {})
     for name in [*STAGE_ORDER, *sorted(set(stages) - set(STAGE_ORDER))]:
         entry = stages.get(name)
@@ -49,13 +50,14 @@ def manifest_table(run, manifest: dict[str, Any]) -> None:
         status = entry.get("status", "?")
         colour = {"done": "green", "failed": "red", "running": "yellow"}.get(status, "white")
         metrics = entry.get("metrics") or {}
-        shown = ", ".join(f"{k}={format_value(v)}" for k, v in list(metrics.items())[:4])
+        numeric = [f"{k}={format_value(v)}" for k, v in metrics.items() if isinstance(v, (int, float))]
+        shown = "\n".join(numeric[:6] + (["…"] if len(numeric) > 6 else []))
         if status == "failed" and entry.get("error"):
             shown = entry["error"]
         duration = entry.get("duration_s")
         table.add_row(
-            name, f"[{colour}]{status}[/{colour}]", entry.get("started_at") or "",
+            name, f"[{colour}]{status}[/{colour}]", (entry.get("started_at") or "")[5:16].replace("T", " "),
             f"{duration:.1f}s" if isinstance(duration, (int, float)) else "",
-            entry.get("fingerprint", ""), shown,
+            (entry.get("fingerprint") or "")[:8], shown,
         )
     out_console().print(table)
