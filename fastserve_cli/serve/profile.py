@@ -14,9 +14,9 @@ jobs from long ones.
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 import platform
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,14 +82,14 @@ def machine_key() -> dict[str, Any]:
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of `repeats` calls after one warm-up call (robust to a noisy shared CPU)."""
+    """Fastest of `repeats` calls after one warm-up: the cost itself, without other processes' interference."""
     fn()
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def measure_profile(prefill: Callable[[int], Any], decode: Callable[[int], Any], max_len: int, batch_size: int,
@@ -101,7 +101,7 @@ def measure_profile(prefill: Callable[[int], Any], decode: Callable[[int], Any],
     """
     points = sorted({min(n, max_len) for n in lengths if n >= 1})
     times = [timed(lambda n=n: prefill(n), repeats) for n in points]
-    times = [max(t, times[i - 1]) if i else t for i, t in enumerate(times)]  # prefill time is monotone in length
+    times = list(itertools.accumulate(times, max))  # prefill time cannot shrink with length; smooth out noise
     decode_s = timed(lambda: decode(batch_size), repeats)
     return PrefillProfile(lengths=points, prefill_times=times, decode_s=decode_s, decode_batch_size=batch_size,
                           key={**(key or {}), **machine_key(), "batch_size": batch_size}, measured_at=now_iso())
@@ -117,3 +117,45 @@ def load_cached(path: Path, key: dict[str, Any]) -> PrefillProfile | None:
         return None
     wanted = {**key, **machine_key()}
     return profile if all(profile.key.get(k) == v for k, v in wanted.items()) else None
+
+
+def measure_backend(backend: Any, batch_size: int, repeats: int = 3, decode_context: int = 64) -> PrefillProfile:
+    """Profile a serving backend (backends.Backend) through the same prefill/decode calls the engine makes.
+
+    Prompts are made of token id 0..; the decode batch holds `batch_size` requests with `decode_context`
+    tokens each. Every cache made here is released, so the backend is left as it was found.
+    """
+    from fastserve_cli.serve.request import Request, SamplingParams
+
+    def fake(n: int) -> Request:
+        return Request(prompt_ids=[i % 100 for i in range(n)], params=SamplingParams(max_new_tokens=1), arrival_time=0.0)
+
+    def prefill(n: int) -> None:
+        req = fake(n)
+        backend.prefill(req)
+        backend.release(req)
+
+    rows = [fake(decode_context) for _ in range(batch_size)]
+    for req in rows:
+        backend.prefill(req)
+        req.output_ids.append(0)
+    try:
+        max_len = max(1, int(backend.max_context) - repeats - 2)
+        key = {"model": str(Path(backend.model_dir).resolve()), "backend": backend.name}
+        return measure_profile(prefill, lambda b: backend.decode(rows), max_len, batch_size, key, repeats)
+    finally:
+        for req in rows:
+            backend.release(req)
+        backend.packed = None
+
+
+def ensure_profile(backend: Any, path: Path | None, batch_size: int) -> PrefillProfile:
+    """The cached profile at `path` if it fits this backend and machine, else a fresh one (saved to `path`)."""
+    key = {"model": str(Path(backend.model_dir).resolve()), "backend": backend.name, "batch_size": batch_size}
+    cached = load_cached(path, key) if path is not None else None
+    if cached is not None:
+        return cached
+    profile = measure_backend(backend, batch_size)
+    if path is not None:
+        profile.save(path)
+    return profile
