@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -214,9 +215,15 @@ def recipe_schema_command() -> None:
 # ------------------------------------------------------------------ entry point
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so stages clean their temp output and are marked failed."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user errors become one line on stderr and exit code 2."""
     debug = STATE["debug"] or "--debug" in (argv if argv is not None else sys.argv[1:])
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app(args=argv, prog_name="fastserve", standalone_mode=False)
     except UserError as err:

@@ -102,6 +102,7 @@ def execute(name: str, recipe: Recipe, run: RunDir) -> StageResult:
     for up in upstream_of(stage, recipe):
         run.require(up, f"{run.root}: the {up} stage has not finished here; run `fastserve {up}` first")
     started = time.time()
+    run.remove_stale_temps()
     run.update_stage(
         name, status="running", started_at=now_iso(), finished_at=None, error=None,
         fingerprint=stage_fingerprint(stage, recipe, run), pid=os.getpid(),

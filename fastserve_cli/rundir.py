@@ -46,6 +46,18 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def fingerprint(obj: Any) -> str:
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -177,6 +189,14 @@ class RunDir:
         return self.manifest_path.is_file()
 
     def load_manifest(self) -> dict[str, Any]:
+        """The manifest as readers should see it: a `running` stage whose process died reads as failed."""
+        manifest = self._read_manifest()
+        for entry in manifest["stages"].values():
+            if entry.get("status") == "running" and "pid" in entry and not _pid_alive(entry["pid"]):
+                entry.update(status="failed", error=f"interrupted (process {entry['pid']} is gone)")
+        return manifest
+
+    def _read_manifest(self) -> dict[str, Any]:
         if not self.manifest_path.is_file():
             return {"version": MANIFEST_VERSION, "stages": {}}
         try:
@@ -186,11 +206,18 @@ class RunDir:
         manifest.setdefault("stages", {})
         return manifest
 
+    def remove_stale_temps(self) -> None:
+        """Delete temp files/dirs a killed stage left behind (only one stage runs per run dir)."""
+        for base in (self.root, self.optimized_dir):
+            if base.is_dir():
+                for path in base.glob(".*.tmp"):
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
     def stage(self, name: str) -> dict[str, Any] | None:
         return self.load_manifest()["stages"].get(name)
 
     def update_stage(self, name: str, **fields: Any) -> dict[str, Any]:
-        manifest = self.load_manifest()
+        manifest = self._read_manifest()
         entry = manifest["stages"].setdefault(name, {})
         entry.update(fields)
         manifest["updated_at"] = now_iso()

@@ -46,3 +46,23 @@ def test_corrupt_manifest_is_a_user_error(tmp_path):
     run.manifest_path.write_text("{not json")
     with pytest.raises(UserError, match="manifest is not valid JSON"):
         run.load_manifest()
+
+
+def test_running_stage_of_a_dead_process_reads_as_failed(tmp_path):
+    run = RunDir(tmp_path)
+    run.update_stage("train", status="running", pid=2**22 + 12345)
+    entry = run.stage("train")
+    assert entry["status"] == "failed" and "interrupted" in entry["error"]
+    import os
+
+    run.update_stage("train", status="running", pid=os.getpid())
+    assert run.stage("train")["status"] == "running"
+
+
+def test_stale_temps_are_removed(tmp_path):
+    run = RunDir(tmp_path)
+    (tmp_path / ".data.abc.tmp").mkdir()
+    (tmp_path / ".manifest.json.x.tmp").write_text("{")
+    (tmp_path / "keep").mkdir()
+    run.remove_stale_temps()
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"]
