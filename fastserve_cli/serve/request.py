@@ -47,7 +47,8 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     arrival_time: float
-    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    seq: int = field(default_factory=lambda: next(_ids))  # arrival order; stable key for packing
+    request_id: str = ""
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[Any] = field(default_factory=list)  # per token: (logprob, [(token_id, logprob), ...])
     kv: Any = None  # backend-owned KV handle (None when kv_location == "none")
@@ -62,7 +63,11 @@ class Request:
     last_token_time: float | None = None
     num_preemptions: int = 0
     generator: Any = None  # torch.Generator when seeded
-    on_token: Callable[["Request"], None] | None = None  # engine thread -> API layer notification
+    on_output: Callable[[Any], None] | None = None  # engine thread -> API layer, one call per step
+    detok: Any = None  # engine-owned incremental detokenizer
+
+    def __post_init__(self) -> None:
+        self.request_id = self.request_id or f"req-{self.seq}"
 
     # -- attributes schedulers may read -------------------------------------------------
     @property

@@ -1,0 +1,267 @@
+"""Model execution behind one small interface, so the engine (and a simulated executor) can swap it.
+
+A backend runs two kinds of work for the engine:
+- `prefill(req)`: the request's whole token sequence in one forward; its KV becomes the request's own
+  tensors (`req.kv`, a list of (key, value) [1, kv_heads, len, head_dim] per layer).
+- `decode(reqs)`: one token for each prefilled request in one batched forward.
+
+Batching requests with different past lengths: the rows of a decode batch are packed into one left-padded
+KV tensor per layer with an attention mask over the pads (`PackedBatch`). The pack is kept across
+iterations while the batch's membership is unchanged, so steady-state decoding copies nothing beyond what
+the model's cache append does; it is rebuilt (one copy of the live KV) only when a request joins or leaves.
+Requests whose KV sits in the pack have `req.kv is IN_PACK`; `detach(req)` gives them their own tensors back.
+
+Subclasses implement `forward` (one model call on torch tensors) and say how many bytes a token of KV takes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastserve_cli.errors import UserError
+from fastserve_cli.serve.request import Request
+
+IN_PACK = "in-pack"  # req.kv marker: this request's KV is a row of the backend's PackedBatch
+
+
+@dataclass
+class PackedBatch:
+    rows: list[Request]
+    layers: list[tuple[Any, Any]]  # per layer (key, value): [B, kv_heads, width, head_dim]
+    pads: list[int]  # left padding per row
+    mask: Any  # [B, width] int64, 0 over pads
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    def row_kv(self, i: int) -> list[tuple[Any, Any]]:
+        """Views of row i without its padding."""
+        p = self.pads[i]
+        return [(k[i:i + 1, :, p:], v[i:i + 1, :, p:]) for k, v in self.layers]
+
+
+class Backend:
+    """Shared prefill/decode/packing logic; subclasses provide `forward` and the model facts."""
+
+    name = "base"
+
+    def __init__(self, model_dir: Path, config: dict[str, Any]) -> None:
+        self.model_dir = Path(model_dir)
+        self.config = config
+        self.packed: PackedBatch | None = None
+        self.num_layers, self.num_kv_heads, self.head_dim = _kv_geometry(config)
+        self.max_context = int(config.get("n_positions") or config.get("max_position_embeddings") or 2048)
+        self.eos_token_ids = _eos_ids(self.model_dir, config)
+        self.kv_dtype_bytes = 4
+        self.device = "cpu"
+        self.host_device = "cpu"
+
+    # -- what subclasses implement ---------------------------------------------------------
+    def forward(self, input_ids, attention_mask, position_ids, past: list[tuple[Any, Any]] | None):
+        """One model call on torch tensors -> (last-position logits [B, V] float32, present KV per layer)."""
+        raise NotImplementedError
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
+
+    # -- engine-facing operations ----------------------------------------------------------
+    def prefill(self, req: Request):
+        """Run the request's whole sequence (prompt + anything generated before a recompute)."""
+        import torch
+
+        ids = torch.tensor([req.all_ids], dtype=torch.long, device=self.device)
+        mask = torch.ones_like(ids)
+        positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
+        logits, present = self.forward(ids, mask, positions, None)
+        req.kv, req.kv_tokens, req.kv_location = present, ids.shape[1], "device"
+        return logits
+
+    def decode(self, reqs: list[Request]):
+        """One token for every request in `reqs` (all prefilled, KV on the device) -> logits [B, V]."""
+        import torch
+
+        if self.packed is None or not _same(self.packed.rows, reqs) or any(r.kv is not IN_PACK for r in reqs):
+            self._repack(reqs)
+        pack = self.packed
+        ids = torch.tensor([[r.output_ids[-1]] for r in reqs], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[r.kv_tokens] for r in reqs], dtype=torch.long, device=self.device)
+        mask = torch.cat([pack.mask, torch.ones(len(reqs), 1, dtype=torch.long, device=self.device)], dim=1)
+        logits, present = self.forward(ids, mask, positions, pack.layers)
+        pack.layers, pack.mask = present, mask
+        for r in reqs:
+            r.kv_tokens += 1
+        return logits
+
+    def detach(self, req: Request) -> None:
+        """Give `req` its own KV tensors if they live in the pack (before offload, or when it leaves)."""
+        pack = self.packed
+        if pack is None or req.kv is not IN_PACK:
+            return
+        i = next(i for i, r in enumerate(pack.rows) if r is req)
+        req.kv = [(k.clone(), v.clone()) for k, v in pack.row_kv(i)]
+
+    def release(self, req: Request) -> None:
+        """Forget the request's KV (finished, cancelled or preempted by recompute).
+
+        A released row stays in the pack as dead weight until the next repack, which skips it.
+        """
+        req.kv, req.kv_tokens, req.kv_location = None, 0, "none"
+
+    def to_host(self, req: Request) -> None:
+        self.detach(req)
+        req.kv = [(k.to(self.host_device, copy=True), v.to(self.host_device, copy=True)) for k, v in req.kv]
+        req.kv_location = "host"
+
+    def to_device(self, req: Request) -> None:
+        req.kv = [(k.to(self.device), v.to(self.device)) for k, v in req.kv]
+        req.kv_location = "device"
+
+    def _repack(self, reqs: list[Request]) -> None:
+        """Build the left-padded pack for `reqs`; rows leaving the old pack get their own tensors first."""
+        import torch
+
+        old = self.packed
+        keep = {id(r) for r in reqs}
+        sources = {}
+        if old is not None:
+            for i, r in enumerate(old.rows):
+                if r.kv is not IN_PACK:
+                    continue
+                if id(r) in keep:
+                    sources[id(r)] = old.row_kv(i)
+                else:
+                    r.kv = [(k.clone(), v.clone()) for k, v in old.row_kv(i)]
+        width = max(r.kv_tokens for r in reqs)
+        first_k = (sources.get(id(reqs[0])) or reqs[0].kv)[0][0]
+        shape = (len(reqs), self.num_kv_heads, width, self.head_dim)
+        layers = [(torch.zeros(shape, dtype=first_k.dtype, device=self.device),
+                   torch.zeros(shape, dtype=first_k.dtype, device=self.device)) for _ in range(self.num_layers)]
+        mask = torch.zeros(len(reqs), width, dtype=torch.long, device=self.device)
+        pads = []
+        for row, r in enumerate(reqs):
+            kv = sources.get(id(r)) or r.kv
+            pad = width - r.kv_tokens
+            for (k_all, v_all), (k, v) in zip(layers, kv):
+                k_all[row, :, pad:] = k[0]
+                v_all[row, :, pad:] = v[0]
+            mask[row, pad:] = 1
+            pads.append(pad)
+            r.kv = IN_PACK
+        self.packed = PackedBatch(list(reqs), layers, pads, mask)
+
+
+def _same(a: list[Request], b: list[Request]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _kv_geometry(config: dict[str, Any]) -> tuple[int, int, int]:
+    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    heads = config.get("num_attention_heads") or config.get("n_head")
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    if not (layers and heads and hidden):
+        raise UserError("config.json: cannot tell the number of layers/heads/hidden size; serve a transformers causal LM")
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    return int(layers), int(kv_heads), int(head_dim)
+
+
+def _eos_ids(model_dir: Path, config: dict[str, Any]) -> set[int]:
+    ids: set[int] = set()
+    sources = [config]
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text(encoding="utf-8")))
+    for src in sources:
+        value = src.get("eos_token_id")
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir}: no config.json; pass a run directory, a model directory or an onnx directory")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class TorchBackend(Backend):
+    """A transformers model (fp32/bf16, or an optimize int8 variant via quantization.load_causal_lm)."""
+
+    name = "torch"
+
+    def __init__(self, model_dir: Path, device: str | None = None) -> None:
+        import torch
+
+        super().__init__(model_dir, read_config(model_dir))
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = _load_torch_model(self.model_dir, self.device)
+        param = next(self.model.parameters())
+        self.kv_dtype_bytes = 2 if param.dtype in (torch.float16, torch.bfloat16) else 4
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=past) if past is not None else DynamicCache()
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, use_cache=True, logits_to_keep=1)
+        present = [(layer.keys, layer.values) for layer in out.cache.layers]
+        return out.logits[:, -1, :].float(), present
+
+
+def _load_torch_model(model_dir: Path, device: str):
+    try:
+        from fastserve_cli.quantization import load_causal_lm
+    except ImportError:  # the optimize stage is not in this checkout
+        load_causal_lm = None
+    if load_causal_lm is not None:
+        return load_causal_lm(model_dir, device=device)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+
+
+class OnnxBackend(Backend):
+    """onnxruntime over the export stage's graph (optimum names; CUDA EP when present, CPU otherwise)."""
+
+    name = "onnx"
+
+    def __init__(self, onnx_dir: Path, threads: int | None = None) -> None:
+        import numpy as np
+
+        from fastserve_cli.onnx_model import OnnxCausalLM
+
+        super().__init__(onnx_dir, read_config(onnx_dir))
+        self.session = OnnxCausalLM(onnx_dir, threads=threads)
+        self.num_layers = self.session.num_layers
+        self.num_kv_heads, self.head_dim = self.session.num_kv_heads, self.session.head_dim
+        self.kv_dtype_bytes = np.dtype(self.session.kv_dtype).itemsize
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        import numpy as np
+        import torch
+
+        flat = None
+        if past is not None:
+            flat = [np.ascontiguousarray(t.numpy()) for kv in past for t in kv]
+        logits, present = self.session.step(input_ids.numpy(), attention_mask.numpy(), position_ids.numpy(), flat)
+        layers = [(torch.from_numpy(present[2 * i]), torch.from_numpy(present[2 * i + 1])) for i in range(self.num_layers)]
+        return torch.from_numpy(np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)), layers
+
+
+def load_backend(kind: str, model_dir: Path) -> Backend:
+    if kind == "torch":
+        return TorchBackend(model_dir)
+    if kind == "onnx":
+        return OnnxBackend(model_dir)
+    raise UserError(f"--backend {kind}: unknown backend; choose torch or onnx")

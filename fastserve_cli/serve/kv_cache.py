@@ -1,0 +1,111 @@
+"""KV-cache manager: per-request caches under a device memory budget, with a host pool for offload.
+
+Accounting is in tokens x bytes-per-token of the model (the pack's left padding is transient and not
+counted). Before each iteration the engine asks `make_room(batch, priority_order)`:
+- every request in the batch needs room for its KV after this iteration (prefill: its whole sequence;
+  decode: one more token) on the device;
+- room comes from offloading the caches of requests that will run latest (the tail of the scheduler's
+  priority order, never one in this batch) to the host pool, and when the host pool is full too, from
+  dropping their cache (preemption by recompute: they prefill again later; counted in metrics);
+- requests whose cache sits in the host pool are reloaded before they run;
+- requests at the batch's tail that still do not fit are left out of this iteration.
+On a CPU-only machine "device" and "host" are both main memory: the host pool is then a separate budget
+with real copies, which keeps the policy (and its tests) identical to the GPU case.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from fastserve_cli.errors import UserError
+from fastserve_cli.serve.request import Request
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int, what: str = "--kv-cache-memory") -> int:
+    """'512MiB', '2GB', '1e9' or an int -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise UserError(f"{what} {text!r}: not a size; write e.g. 512MiB, 2GB or 1073741824")
+    try:
+        value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    except ValueError:
+        raise UserError(f"{what} {text!r}: not a size; write e.g. 512MiB, 2GB or 1073741824") from None
+    if value <= 0:
+        raise UserError(f"{what} {text!r}: must be positive")
+    return int(value)
+
+
+class KVCacheManager:
+    """Decides where each request's KV lives; the backend moves the tensors."""
+
+    def __init__(self, backend, device_budget: int, host_budget: int) -> None:
+        self.backend = backend
+        self.bytes_per_token = backend.kv_bytes_per_token
+        self.device_budget = device_budget
+        self.host_budget = host_budget
+        self.offloads = 0
+        self.reloads = 0
+        self.offloaded_bytes = 0
+        self.recompute_preemptions = 0
+
+    # -- accounting ---------------------------------------------------------------------------
+    def tokens_fitting(self) -> int:
+        return self.device_budget // self.bytes_per_token
+
+    def bytes_of(self, req: Request) -> int:
+        return req.kv_tokens * self.bytes_per_token
+
+    def used(self, live: list[Request], where: str) -> int:
+        return sum(self.bytes_of(r) for r in live if r.kv_location == where)
+
+    def usage(self, live: list[Request]) -> float:
+        """Fraction of the device budget in use (vLLM's kv_cache_usage_perc is a 0..1 fraction too)."""
+        return min(1.0, self.used(live, "device") / self.device_budget)
+
+    # -- policy --------------------------------------------------------------------------------
+    def make_room(self, batch: list[Request], order: Callable[[], list[Request]]) -> list[Request]:
+        """Return the prefix of `batch` that can run this iteration, after offloading/reloading as needed."""
+        live = order()
+        runnable: list[Request] = []
+        for req in batch:
+            after = (req.kv_tokens + 1 if req.is_prefilled else req.total_len) * self.bytes_per_token
+            protected = {id(r) for r in runnable} | {id(req)}
+            others_on_device = sum(self.bytes_of(r) for r in live if r.kv_location == "device" and id(r) not in protected)
+            mine_on_device = sum(self.bytes_of(r) for r in runnable if r.kv_location == "device")
+            need = mine_on_device + after + others_on_device - self.device_budget
+            if need > 0 and not self._evict(need, live, protected):
+                break
+            if req.kv_location == "host":
+                self.backend.to_device(req)
+                self.reloads += 1
+            runnable.append(req)
+        return runnable
+
+    def _evict(self, need: int, live: list[Request], protected: set[int]) -> bool:
+        """Free `need` device bytes from the tail of the priority order; False if impossible."""
+        victims = [r for r in reversed(live) if r.kv_location == "device" and id(r) not in protected]
+        if sum(self.bytes_of(r) for r in victims) < need:
+            return False
+        for victim in victims:
+            if need <= 0:
+                break
+            size = self.bytes_of(victim)
+            if self.used(live, "host") + size <= self.host_budget:
+                self.backend.to_host(victim)
+                self.offloads += 1
+                self.offloaded_bytes += size
+            else:
+                self.backend.release(victim)
+                victim.num_preemptions += 1
+                self.recompute_preemptions += 1
+            need -= size
+        return True
+
+    def free(self, req: Request) -> None:
+        self.backend.release(req)
