@@ -117,26 +117,48 @@ class TrainConfig(Section):
 
 
 class VariantConfig(Section):
-    """One optimized variant of the trained model."""
+    """One optimized variant of the trained model, written to optimized/<name>/."""
 
-    name: str
-    method: Literal[
-        "magnitude", "structured", "dynamic_int8", "weight_only_int8", "weight_only_int4",
-        "onnx_dynamic_int8", "onnx_static_int8", "onnx_int4",
-    ]
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Directory name under optimized/; serve/export pick it by this name.")
+    method: Literal["magnitude", "structured", "dynamic_int8", "weight_only_int8", "weight_only_int4"] = Field(
+        ..., description="ONNX quantization lives in export.quantize; its variants join the same report.")
     sparsity: float | None = Field(None, gt=0, lt=1, description="magnitude: fraction of weights set to zero.")
-    scope: Literal["global", "layer"] = "global"
-    heads_fraction: float | None = Field(None, ge=0, lt=1, description="structured: fraction of attention heads removed.")
-    neurons_fraction: float | None = Field(None, ge=0, lt=1, description="structured: fraction of MLP neurons removed.")
-    importance: Literal["weight", "activation", "gradient"] = "weight"
-    recovery_steps: int = Field(0, ge=0, description="Fine-tune steps after pruning (reuses the train loop).")
+    scope: Literal["global", "layer"] = Field("global", description="magnitude: rank all block weights together, or each layer alone.")
+    heads_fraction: float | None = Field(None, ge=0, lt=1, description="structured: fraction of attention heads removed from every layer.")
+    heads_per_layer: int | None = Field(None, ge=0, description="structured: number of attention heads removed from every layer (instead of heads_fraction).")
+    neurons_fraction: float | None = Field(None, ge=0, lt=1, description="structured: fraction of MLP neurons removed from every layer.")
+    importance: Literal["weight", "activation", "gradient"] = Field("weight", description="structured: how heads/neurons are ranked.")
+    calibration_blocks: int = Field(16, ge=1, description="structured: validation blocks for activation/gradient importance.")
+    recovery_steps: int = Field(0, ge=0, description="Fine-tune steps after pruning (the train stage's optimizer and schedule).")
+    group_size: int = Field(128, ge=32, description="weight_only_int4: input channels per scale/zero group (power of two).")
+
+    @model_validator(mode="after")
+    def _fields_fit_method(self) -> "VariantConfig":
+        where = f"variant {self.name}"
+        if self.method == "magnitude" and self.sparsity is None:
+            raise ValueError(f"{where}: method magnitude needs sparsity, e.g. sparsity: 0.5")
+        if self.method == "structured":
+            if self.heads_fraction is not None and self.heads_per_layer is not None:
+                raise ValueError(f"{where}: set heads_fraction or heads_per_layer, not both")
+            if not (self.heads_fraction or self.heads_per_layer or self.neurons_fraction):
+                raise ValueError(f"{where}: method structured needs heads_fraction, heads_per_layer or neurons_fraction")
+        if self.method != "magnitude" and self.sparsity is not None:
+            raise ValueError(f"{where}: sparsity only applies to method magnitude")
+        if self.method != "structured" and (self.heads_fraction or self.heads_per_layer or self.neurons_fraction):
+            raise ValueError(f"{where}: heads_fraction/heads_per_layer/neurons_fraction only apply to method structured")
+        if self.recovery_steps and self.method not in ("magnitude", "structured"):
+            raise ValueError(f"{where}: recovery_steps only apply to pruning methods")
+        return self
 
 
 class OptimizeConfig(Section):
+    """Variants of the trained model and how the report measures them (see fastserve_cli/report.py)."""
+
     variants: list[VariantConfig] = Field(default_factory=list)
-    eval_max_batches: int | None = Field(32, ge=1, description="Validation blocks used for perplexity.")
-    latency_prompt_tokens: int = Field(32, ge=1)
-    latency_new_tokens: int = Field(64, ge=1)
+    eval_blocks: int = Field(32, ge=1, description="Validation blocks used for perplexity (the first N of the split).")
+    latency_prompt_tokens: int = Field(32, ge=1, description="Prompt length of the batch-1 decode benchmark.")
+    latency_new_tokens: int = Field(64, ge=2, description="Tokens generated per decode benchmark run.")
+    latency_repeats: int = Field(3, ge=1, description="Timed decode runs (after a warm-up); the best is reported.")
 
     @field_validator("variants")
     @classmethod

@@ -1,0 +1,344 @@
+"""Torch int8/int4 quantization of a causal LM's linear layers, saved as safetensors, loaded without fp32.
+
+Formats (all in one `model.safetensors` beside a `config.json` whose `quantization_config` says which
+modules are quantized, `{"quant_method": "fastserve", "scheme": ..., "modules": [...]}`):
+
+- `dynamic_int8`: int8 weights, one fp32 scale per output channel (symmetric, zero point 0); at run
+  time activations are quantized per batch by fbgemm (`torch.ops.quantized.linear_dynamic`).
+- `weight_only_int8`: the same tensors; the matmul runs in bf16 with int8 weights
+  (`aten._weight_int8pack_mm`), norms and residuals stay fp32.
+- `weight_only_int4`: asymmetric 4-bit per group of `group_size` input channels: two values per byte
+  (`weight`, uint8 [out, in/2]), `weight_scale` and `weight_zero` [out, in/group_size]
+  (w = q * scale + zero, q in 0..15). The portable nibble layout is repacked for the CPU kernel
+  (`aten._weight_int4pack_mm_for_cpu`) at load time.
+
+GPT-2's `Conv1D` layers are stored as `nn.Linear` ([out, in]); loading swaps them back. Quantized weights
+are only ever re-packed at load time, never re-quantized from fp32, and nothing is pickled.
+`load_causal_lm` loads these directories and plain HF directories alike.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastserve_cli.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+QUANT_METHOD = "fastserve"
+SCHEMES = ("dynamic_int8", "weight_only_int8", "weight_only_int4")
+WEIGHT_FILE = "model.safetensors"
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+# ------------------------------------------------------------------ quantized modules
+
+
+def _module_base():
+    from torch import nn
+
+    return nn.Module
+
+
+class _QuantLinear(_module_base()):
+    """Common part of the quantized linears: shapes, bias, and the tensors they are saved as."""
+
+    def __init__(self, in_features: int, out_features: int, bias: "torch.Tensor | None"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", bias, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def saved_tensors(self) -> dict[str, "torch.Tensor"]:
+        raise NotImplementedError
+
+
+class DynamicInt8Linear(_QuantLinear):
+    """int8 per-channel weights, activations quantized on the fly (fbgemm), fp32 in and out."""
+
+    def __init__(self, weight: "torch.Tensor", scale: "torch.Tensor", bias: "torch.Tensor | None"):
+        import torch
+
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("weight_scale", scale, persistent=False)
+        zero = torch.zeros(weight.shape[0], dtype=torch.long)
+        qweight = torch._make_per_channel_quantized_tensor(weight, scale.double(), zero, 0)
+        self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        # reduce_range=True, as quantize_dynamic does on x86, so u8*s8 products never saturate.
+        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, True).to(x.dtype)
+
+    def saved_tensors(self) -> dict[str, "torch.Tensor"]:
+        return {"weight": self.weight, "weight_scale": self.weight_scale}
+
+
+class WeightOnlyInt8Linear(_QuantLinear):
+    """int8 per-channel weights; the matmul runs in bf16 without quantizing activations."""
+
+    def __init__(self, weight: "torch.Tensor", scale: "torch.Tensor", bias: "torch.Tensor | None"):
+        import torch
+
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("weight_scale", scale, persistent=False)
+        self.register_buffer("_scale_bf16", scale.to(torch.bfloat16), persistent=False)
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self._scale_bf16)
+        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out + self.bias if self.bias is not None else out
+
+    def saved_tensors(self) -> dict[str, "torch.Tensor"]:
+        return {"weight": self.weight, "weight_scale": self.weight_scale}
+
+
+class WeightOnlyInt4Linear(_QuantLinear):
+    """4-bit grouped weights (asymmetric), bf16 matmul through the CPU int4 kernel."""
+
+    def __init__(self, packed: "torch.Tensor", scale: "torch.Tensor", zero: "torch.Tensor",
+                 bias: "torch.Tensor | None", group_size: int):
+        import torch
+
+        super().__init__(packed.shape[1] * 2, packed.shape[0], bias)
+        self.group_size = group_size
+        self.register_buffer("weight", packed, persistent=False)
+        self.register_buffer("weight_scale", scale, persistent=False)
+        self.register_buffer("weight_zero", zero, persistent=False)
+        q = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(self.out_features, self.in_features)
+        self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        # The kernel dequantizes as (q - 8) * scale + zero'; ours is q * scale + zero.
+        zero_shifted = zero + 8 * scale
+        self._scales_zeros = torch.stack([scale.T, zero_shifted.T], dim=-1).contiguous().to(torch.bfloat16)
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._kernel_weight, self.group_size, self._scales_zeros)
+        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out + self.bias if self.bias is not None else out
+
+    def saved_tensors(self) -> dict[str, "torch.Tensor"]:
+        return {"weight": self.weight, "weight_scale": self.weight_scale, "weight_zero": self.weight_zero}
+
+
+# ------------------------------------------------------------------ quantizing fp32 weights
+
+
+def quantize_int8_per_channel(weight: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Symmetric int8, one scale per output row: w ≈ q * scale, q in [-127, 127]."""
+    import torch
+
+    weight = weight.detach().float()
+    scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+    q = torch.clamp(torch.round(weight / scale[:, None]), -127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def quantize_int4_grouped(weight: "torch.Tensor", group_size: int) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """Asymmetric 4-bit per group of input channels; returns (nibbles packed 2/byte, scale, zero)."""
+    import torch
+
+    out_features, in_features = weight.shape
+    groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15.0).clamp(min=1e-8)
+    q = torch.clamp(torch.round((groups - low[..., None]) / scale[..., None]), 0, 15).to(torch.uint8)
+    q = q.reshape(out_features, in_features)
+    packed = (q[:, 0::2] << 4) | q[:, 1::2]
+    return packed.contiguous(), scale.contiguous(), low.contiguous()
+
+
+def int4_group_size(in_features: int, preferred: int) -> int | None:
+    """Largest group size ≤ preferred (a power of two ≥ 32) that divides the input width, or None."""
+    size = preferred
+    while size >= 32:
+        if in_features % size == 0:
+            return size
+        size //= 2
+    return None
+
+
+def as_linear_weight(module: "nn.Module") -> "torch.Tensor":
+    """[out, in] weight of an nn.Linear or a transformers Conv1D (which stores [in, out])."""
+    from transformers.pytorch_utils import Conv1D
+
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def linear_modules(model: "nn.Module") -> dict[str, "nn.Module"]:
+    """Every nn.Linear / Conv1D of the model, by qualified name (lm_head included)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+
+
+def quantize_module(module: "nn.Module", scheme: str, group_size: int = 128) -> _QuantLinear | None:
+    """The quantized replacement of one linear layer, or None when the scheme cannot take its shape."""
+    weight = as_linear_weight(module)
+    bias = None if module.bias is None else module.bias.detach().float().clone()
+    if scheme == "dynamic_int8":
+        return DynamicInt8Linear(*quantize_int8_per_channel(weight), bias)
+    if scheme == "weight_only_int8":
+        return WeightOnlyInt8Linear(*quantize_int8_per_channel(weight), bias)
+    if scheme == "weight_only_int4":
+        size = int4_group_size(weight.shape[1], group_size)
+        if size is None or weight.shape[0] % 8:
+            return None
+        return WeightOnlyInt4Linear(*quantize_int4_grouped(weight, size), bias, size)
+    raise UserError(f"quantization scheme {scheme!r}: unknown; use one of {', '.join(SCHEMES)}")
+
+
+def quantize_model(model: "nn.Module", scheme: str, group_size: int = 128) -> list[str]:
+    """Swap every linear layer (lm_head included) for its quantized form, in place; returns their names.
+
+    A tied lm_head gets its own quantized copy: the embedding stays fp32 for the lookup.
+    """
+    import torch
+
+    if scheme not in SCHEMES:
+        raise UserError(f"quantization scheme {scheme!r}: unknown; use one of {', '.join(SCHEMES)}")
+    done = []
+    with torch.no_grad():
+        for name, module in linear_modules(model).items():
+            replacement = quantize_module(module, scheme, group_size)
+            if replacement is not None:
+                model.set_submodule(name, replacement)
+                done.append(name)
+    model.config.tie_word_embeddings = False
+    return done
+
+
+# ------------------------------------------------------------------ saving and loading
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer, generation config, chat template...: everything but config and weights."""
+    for item in Path(src).iterdir():
+        if item.name in MODEL_FILES or item.name.startswith(".") or item.suffix in (".safetensors", ".bin", ".pt"):
+            continue
+        if item.is_file():
+            shutil.copy2(item, dst / item.name)
+
+
+def save_quantized(model: "nn.Module", scheme: str, modules: list[str], src_dir: Path, out: Path,
+                   extra: dict[str, Any] | None = None) -> None:
+    """Write config.json (+ quantization_config), model.safetensors and the source dir's side files."""
+    from safetensors.torch import save_file
+
+    quantized = set(modules)
+    tensors: dict[str, "torch.Tensor"] = {}
+    for name, tensor in model.state_dict().items():
+        if name.rsplit(".", 1)[0] not in quantized:
+            tensors[name] = tensor
+    for name in modules:
+        module = model.get_submodule(name)
+        for key, tensor in module.saved_tensors().items():
+            tensors[f"{name}.{key}"] = tensor
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias
+    # Embeddings and lm_head may share storage in the state dict; safetensors needs distinct tensors.
+    seen: set[int] = set()
+    for name, tensor in list(tensors.items()):
+        key = tensor.data_ptr()
+        tensors[name] = tensor.detach().contiguous().clone() if key in seen else tensor.detach().contiguous()
+        seen.add(key)
+    save_file(tensors, str(out / WEIGHT_FILE), metadata={"format": "pt", "quant_method": QUANT_METHOD, "scheme": scheme})
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": QUANT_METHOD, "scheme": scheme, "modules": modules, **(extra or {})}
+    config["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    copy_side_files(src_dir, out)
+
+
+def read_quantization_config(path: Path) -> dict[str, Any] | None:
+    """The fastserve quantization section of a model directory's config.json, or None."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        return None
+    section = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config")
+    if isinstance(section, dict) and section.get("quant_method") == QUANT_METHOD:
+        return section
+    return None
+
+
+def _owned(tensor: "torch.Tensor | None") -> "torch.Tensor | None":
+    """A fresh, aligned copy: the CPU int8/int4 kernels crash on safetensors' unaligned int8 views."""
+    return None if tensor is None else tensor.contiguous().clone()
+
+
+def _build_module(scheme: str, tensors: dict[str, "torch.Tensor"], name: str, group_size: int | None) -> _QuantLinear:
+    bias = _owned(tensors.pop(f"{name}.bias", None))
+    weight, scale = _owned(tensors.pop(f"{name}.weight")), _owned(tensors.pop(f"{name}.weight_scale"))
+    if scheme == "dynamic_int8":
+        return DynamicInt8Linear(weight, scale, bias)
+    if scheme == "weight_only_int8":
+        return WeightOnlyInt8Linear(weight, scale, bias)
+    zero = _owned(tensors.pop(f"{name}.weight_zero"))
+    return WeightOnlyInt4Linear(weight, scale, zero, bias, group_size or (weight.shape[1] * 2) // scale.shape[1])
+
+
+def _load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Module":
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    scheme = section.get("scheme")
+    if scheme not in SCHEMES:
+        raise UserError(f"{path}: quantization scheme {scheme!r} is not one fastserve knows ({', '.join(SCHEMES)}); re-run `fastserve optimize`")
+    if device != "cpu":
+        raise UserError(f"{path}: {scheme} variants run on the CPU only; load it with device='cpu' or serve the fp32 model on {device}")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    from fastserve_cli.pruning import apply_pruned_heads
+
+    model = apply_pruned_heads(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+    tensors = load_file(str(path / WEIGHT_FILE))
+    for name in section["modules"]:
+        model.set_submodule(name, _build_module(scheme, tensors, name, section.get("group_size")))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or [k for k in missing if k.rsplit(".", 1)[0] not in set(section["modules"])]:
+        raise UserError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]}); re-run `fastserve optimize`")
+    return model.eval()
+
+
+def load_causal_lm(path: str | Path, device: str = "cpu", dtype: "torch.dtype | None" = None) -> "nn.Module":
+    """Load a plain HF model directory or an optimize variant (quantized or pruned), in eval mode.
+
+    Quantized variants come back with their int8/int4 modules in place (CPU only, `dtype` ignored:
+    they compute in fp32/bf16 internally); everything else goes through `from_pretrained`. The result
+    supports the usual forward with `past_key_values` and `generate()`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a model directory (no config.json); pass run/model or run/optimized/<variant>")
+    section = read_quantization_config(path)
+    if section is not None:
+        return _load_quantized(path, section, device)
+    from fastserve_cli.pruning import HEADS_KEY
+
+    if json.loads((path / "config.json").read_text(encoding="utf-8")).get(HEADS_KEY):
+        from fastserve_cli.pruning import load_head_pruned
+
+        return load_head_pruned(path, dtype or torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False)
+    return model.to(device).eval()
