@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fastserve_cli.errors import UserError
 from fastserve_cli.recipe import ExportConfig, Recipe
 from fastserve_cli.rundir import RunDir, StageResult, atomic_write_json, staged_dir
@@ -43,55 +45,148 @@ def check_writable(run: RunDir) -> None:
         raise UserError(f"{run.onnx_dir}: output directory is not writable; fix its permissions or choose another run_dir")
 
 
-def optimize_graph(out_dir: Path, config) -> dict[str, int]:
+def optimize_graph(out_dir: Path, model) -> dict[str, int]:
     """onnxruntime's transformer optimizer (fusions only, portable across machines); returns fused op counts."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     from fastserve_cli.onnx_model import MODEL_FILE, kv_shape, save_model
 
-    layers, _, head_dim = kv_shape(config)
-    heads = config.num_attention_heads
+    _, _, head_dim = kv_shape(model)
+    heads = model.config.num_attention_heads
     optimized = optimize_model(str(out_dir / MODEL_FILE), model_type="gpt2", num_heads=heads,
                                hidden_size=heads * head_dim, opt_level=0)
     save_model(optimized.model, out_dir / MODEL_FILE)
     return {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
 
 
-def build_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Export, then (optionally) optimize; each graph that ends up as model.onnx is parity-checked."""
-    from fastserve_cli.onnx_model import OnnxCausalLM, check_parity, export_onnx, load_for_export
+def build_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path):
+    """Export the fp32 (or fp16) graph and check its parity; returns (parity, the PyTorch model)."""
+    from fastserve_cli.onnx_model import export_onnx, load_for_export
 
     model = load_for_export(model_dir, cfg.fp16)
     parity = export_onnx(model_dir, out_dir, opset=cfg.opset, fp16=cfg.fp16, parity_atol=cfg.parity_atol,
                          parity_steps=cfg.parity_steps, model=model)
     parity["optimized"] = False
-    if parity["passed"] and cfg.optimize:
-        unoptimized = parity
-        fused = optimize_graph(out_dir, model.config)
-        parity = check_parity(model, OnnxCausalLM(out_dir), steps=cfg.parity_steps, atol=cfg.parity_atol)
-        parity.update({k: unoptimized[k] for k in ("model", "opset", "dtype", "providers")})
-        parity.update(optimized=True, fused_operators=fused,
-                      unoptimized={k: unoptimized[k] for k in ("passed", "max_abs_diff", "cases")})
+    return parity, model
+
+
+def optimize_and_check(cfg: ExportConfig, model, out_dir: Path, unoptimized: dict[str, Any]) -> dict[str, Any]:
+    """Fuse model.onnx in place and check the fused graph's parity the same way as the plain one."""
+    from fastserve_cli.onnx_model import OnnxCausalLM, check_parity
+
+    fused = optimize_graph(out_dir, model)
+    parity = check_parity(model, OnnxCausalLM(out_dir), steps=cfg.parity_steps, atol=cfg.parity_atol)
+    keep = ("model", "opset", "dtype", "providers", "source", "model_type", "variants")
+    parity.update({k: unoptimized[k] for k in keep if k in unoptimized})
+    parity.update(optimized=True, fused_operators=fused,
+                  unoptimized={k: unoptimized[k] for k in ("passed", "max_abs_diff", "cases")})
     return parity
 
 
+def validation_blocks(run: RunDir, count: int) -> np.ndarray | None:
+    """Up to `count` validation blocks (cut to a common length) as int64 [n, len]; None without data."""
+    if not run.data_dir.is_dir():
+        return None
+    from datasets import load_from_disk
+
+    splits = load_from_disk(str(run.data_dir))
+    if "validation" not in splits or len(splits["validation"]) == 0:
+        return None
+    rows = splits["validation"].select(range(min(count, len(splits["validation"]))))["input_ids"]
+    length = min(len(r) for r in rows)
+    return np.array([r[:length] for r in rows], dtype=np.int64) if length >= 2 else None
+
+
+def measure_graph(path: Path, recipe: Recipe, vocab_size: int, blocks: np.ndarray | None) -> dict[str, Any]:
+    """Size, validation perplexity and batch-1 decode latency of one graph (the report row's numbers)."""
+    from fastserve_cli.onnx_model import OnnxCausalLM, onnx_size_bytes
+    from fastserve_cli.onnx_quant import decode_latency, perplexity
+
+    session = OnnxCausalLM(path)
+    ppl = perplexity(session, blocks) if blocks is not None else None
+    if ppl is not None and not np.isfinite(ppl):
+        raise UserError(f"{path.name}: validation perplexity is not finite; the quantized graph is broken, "
+                        f"drop it from export.quantize")
+    latency = decode_latency(session, vocab_size, recipe.optimize.latency_prompt_tokens,
+                             recipe.optimize.latency_new_tokens)
+    return {"size_bytes": onnx_size_bytes(path), "perplexity": ppl, **latency}
+
+
+def build_variants(recipe: Recipe, run: RunDir, out: Path, config, parameters: int) -> tuple[list[dict], dict]:
+    """Quantize the fp32 graph per export.quantize; returns report rows and per-variant drift checks."""
+    import logging
+
+    from fastserve_cli.onnx_model import MODEL_FILE, OnnxCausalLM
+    from fastserve_cli.onnx_quant import QUANTIZERS, VARIANT_FILES, greedy_agreement
+
+    cfg = recipe.export
+    eval_blocks = validation_blocks(run, cfg.eval_blocks + cfg.calibration_blocks)
+    calibration = eval_blocks[cfg.eval_blocks:] if eval_blocks is not None else None
+    eval_blocks = eval_blocks[: cfg.eval_blocks] if eval_blocks is not None else None
+    reference = OnnxCausalLM(out / MODEL_FILE)
+    rows = [{"name": "onnx_fp32", "method": "onnx_export", "backend": "onnx", "path": run.rel(run.onnx_dir / MODEL_FILE),
+             "parameters": parameters, **measure_graph(out / MODEL_FILE, recipe, config.vocab_size, eval_blocks)}]
+    checks = {}
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    for name in cfg.quantize:
+        target = out / VARIANT_FILES[name]
+        root_logger.setLevel(logging.ERROR)  # onnxruntime.quantization logs advice through the root logger
+        try:
+            QUANTIZERS[name](out / MODEL_FILE, target, calibration=calibration, block_size=cfg.int4_block_size)
+        finally:
+            root_logger.setLevel(level)
+        checks[target.name] = greedy_agreement(reference, OnnxCausalLM(target), config.vocab_size, cfg.parity_steps)
+        rows.append({"name": f"onnx_{name}", "method": f"onnx_{name}", "backend": "onnx",
+                     "path": run.rel(run.onnx_dir / target.name), "parameters": parameters,
+                     **measure_graph(target, recipe, config.vocab_size, eval_blocks)})
+    return rows, checks
+
+
+def record_rows(recipe: Recipe, run: RunDir, rows: list[dict]) -> str:
+    """Rows into the optimize report (ratios and gates are computed there) when that module exists."""
+    try:
+        from fastserve_cli.report import add_rows
+    except ImportError:
+        return run.rel(run.onnx_dir / "report.json")
+    add_rows(run, recipe, rows)
+    return run.rel(run.report_path)
+
+
 def run_export(recipe: Recipe, run: RunDir) -> StageResult:
-    from fastserve_cli.onnx_model import MODEL_FILE, onnx_size_bytes, parity_failure_message, read_model_type
+    from fastserve_cli.onnx_model import MODEL_FILE, onnx_size_bytes, parity_failure_message, read_model_config
 
     cfg = recipe.export
     model_dir = source_dir(recipe, run)
-    model_type = read_model_type(model_dir)
+    model_type = read_model_config(model_dir)["model_type"]
     check_writable(run)
     with staged_dir(run.onnx_dir) as out:
-        parity = build_onnx(cfg, model_dir, out)
+        parity, model = build_onnx(cfg, model_dir, out)
         parity.update(source=cfg.source, model_type=model_type)
         if not parity["passed"]:
             atomic_write_json(run.parity_failed_path, parity)
             raise UserError(parity_failure_message(parity, str(run.parity_failed_path)))
+        rows = []
+        if cfg.quantize:
+            parameters = sum(p.numel() for p in model.parameters())
+            rows, parity["variants"] = build_variants(recipe, run, out, model.config, parameters)
+            atomic_write_json(out / "report.json", {"rows": rows})
+        if cfg.optimize:
+            parity = optimize_and_check(cfg, model, out, parity)
+            if not parity["passed"]:
+                atomic_write_json(run.parity_failed_path, parity)
+                raise UserError(parity_failure_message(parity, str(run.parity_failed_path)))
         atomic_write_json(out / run.parity_path.name, parity)
     run.parity_failed_path.unlink(missing_ok=True)
+    report = record_rows(recipe, run, rows) if rows else None
     outputs = sorted(run.rel(p) for p in run.onnx_dir.iterdir() if p.is_file())
     metrics = {"parity_max_abs_diff": parity["max_abs_diff"], "parity_passed": parity["passed"],
                "optimized": parity["optimized"], "size_bytes": onnx_size_bytes(run.onnx_dir / MODEL_FILE),
                "opset": cfg.opset, "dtype": parity["dtype"]}
+    for row in rows:
+        metrics[f"{row['name']}_size_bytes"] = row["size_bytes"]
+        metrics[f"{row['name']}_perplexity"] = row["perplexity"]
+        metrics[f"{row['name']}_decode_ms_per_token"] = row["decode_ms_per_token"]
+    if report:
+        metrics["report"] = report
     return StageResult(outputs=outputs, metrics=metrics)

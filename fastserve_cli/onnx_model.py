@@ -38,18 +38,22 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 # ------------------------------------------------------------------ model loading
 
 
-def read_model_type(model_dir: Path) -> str:
-    """The config's model_type, checked against what the exporter supports (before loading weights)."""
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """config.json, checked against what the exporter supports (before any weights are loaded)."""
     import json
 
     config_path = Path(model_dir) / "config.json"
     if not config_path.is_file():
         raise UserError(f"{model_dir}: no config.json; point the export at a saved HF model directory")
-    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type", "?")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    model_type = config.get("model_type", "?")
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"{model_dir}: architecture {model_type!r} is not supported by the ONNX export; "
                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return model_type
+    if config.get("quantization_config"):
+        raise UserError(f"{model_dir}: a quantized PyTorch model cannot be exported (ONNX quantizes the fp32 graph "
+                        f"itself); set export.source to `model` or a pruning variant and use export.quantize")
+    return config
 
 
 def load_for_export(model_dir: Path, fp16: bool = False):
@@ -58,29 +62,36 @@ def load_for_export(model_dir: Path, fp16: bool = False):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    read_model_type(model_dir)
+    config = read_model_config(model_dir)
     if fp16 and not torch.cuda.is_available():
         raise UserError("export.fp16: fp16 export needs a CUDA GPU and none is visible; set export.fp16=false (fp32 on CPU)")
     dtype = torch.float16 if fp16 else torch.float32
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # keep stderr to the one line a failure prints
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype)
+        if config.get("fastserve_attention_heads"):  # a head-pruned GPT-2 from the optimize stage
+            from fastserve_cli.quantization import load_causal_lm
+
+            model = load_causal_lm(model_dir, dtype=dtype)
+            model.set_attn_implementation("eager")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype)
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
-    if fp16:
-        model = model.to("cuda")
-    return model.eval()
+    return (model.to("cuda") if fp16 else model).eval()
 
 
-def kv_shape(config) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) from a transformers config."""
-    layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return layers, kv_heads, head_dim
+def kv_shape(model) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim), read off a one-token forward so pruned models are right too."""
+    import torch
+    from transformers import DynamicCache
+
+    ids = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    with torch.no_grad():
+        cache = model(input_ids=ids, cache=DynamicCache(), use_cache=True).cache
+    _, kv_heads, _, head_dim = cache.layers[0].keys.shape
+    return len(cache.layers), int(kv_heads), int(head_dim)
 
 
 # ------------------------------------------------------------------ export
@@ -118,7 +129,7 @@ def export_graph(model, path: Path, opset: int = 17, external_data: bool | None 
     """Trace `model` into one ONNX graph at `path` (weights in `<path>.data` when external)."""
     import torch
 
-    layers, kv_heads, head_dim = kv_shape(model.config)
+    layers, kv_heads, head_dim = kv_shape(model)
     inputs, outputs = io_names(layers)
     device, dtype = model.device, model.dtype
     batch, seq, past_len = 2, 3, 4  # distinct sizes so no axis is traced as a constant

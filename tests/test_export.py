@@ -65,7 +65,7 @@ def test_export_onnx_contract(tiny_model_dir, tmp_path):
     import onnx
     from transformers import AutoConfig, AutoTokenizer
 
-    from fastserve_cli.onnx_model import OnnxCausalLM, export_onnx, kv_shape
+    from fastserve_cli.onnx_model import OnnxCausalLM, export_onnx
 
     out = tmp_path / "onnx"
     parity = export_onnx(tiny_model_dir, out, opset=17, parity_steps=32)
@@ -76,7 +76,9 @@ def test_export_onnx_contract(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in out.glob("*.onnx*")) == ["model.onnx"]
 
     config = AutoConfig.from_pretrained(out)
-    layers, kv_heads, head_dim = kv_shape(config)
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = config.hidden_size // config.num_attention_heads
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     inputs = [i.name for i in graph.input]
     outputs = [o.name for o in graph.output]
@@ -206,3 +208,43 @@ def test_unknown_source_variant(tmp_path, tiny_tokenizer_dir):
     result = cli("export", str(run.root), "--set", "export.source=pruned")
     assert result.returncode == 2 and "export.source 'pruned'" in result.stderr
     assert not run.onnx_dir.exists()
+
+
+# ---------------------------------------------------------------- quantized variants
+
+
+def test_quantized_variants_rows_and_drift(tmp_path, tiny_tokenizer_dir):
+    """dynamic/static int8 and int4 graphs: same I/O contract, smaller, perplexity near fp32, report rows."""
+    import onnx
+
+    from fastserve_cli.onnx_model import OnnxCausalLM
+    from fastserve_cli.pipeline import execute
+
+    export = {"quantize": ["dynamic_int8", "static_int8", "int4"], "parity_steps": 8, "eval_blocks": 4,
+              "calibration_blocks": 2}
+    recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "llama", export=export, data=True)
+    recipe.optimize.latency_prompt_tokens, recipe.optimize.latency_new_tokens = 8, 4
+    result = execute("export", recipe, run)
+    rows = {r["name"]: r for r in json.loads((run.onnx_dir / "report.json").read_text())["rows"]}
+    assert set(rows) == {"onnx_fp32", "onnx_dynamic_int8", "onnx_static_int8", "onnx_int4"}
+    fp32 = rows["onnx_fp32"]
+    fp32_inputs = [i.name for i in onnx.load(str(run.onnx_dir / "model.onnx")).graph.input]
+    for name, file in [("dynamic_int8", "model_dynamic_int8.onnx"), ("static_int8", "model_static_int8.onnx"),
+                       ("int4", "model_int4.onnx")]:
+        row = rows[f"onnx_{name}"]
+        assert row["backend"] == "onnx" and row["method"] == f"onnx_{name}" and row["path"] == f"onnx/{file}"
+        assert row["size_bytes"] < fp32["size_bytes"]
+        assert abs(row["perplexity"] / fp32["perplexity"] - 1) < 0.05, (name, row["perplexity"], fp32["perplexity"])
+        assert row["decode_ms_per_token"] > 0 and row["tokens_per_s"] > 0
+        graph = onnx.load(str(run.onnx_dir / file)).graph
+        assert [i.name for i in graph.input] == fp32_inputs
+        tokens, _ = OnnxCausalLM(run.onnx_dir / file).generate_greedy(np.array([[4, 5, 6]]), np.ones((1, 3)), 3)
+        assert tokens.shape == (1, 3)
+    ops = {n.op_type for n in onnx.load(str(run.onnx_dir / "model_int4.onnx")).graph.node}
+    assert "MatMulNBits" in ops
+    ops = {n.op_type for n in onnx.load(str(run.onnx_dir / "model_static_int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    parity = json.loads(run.parity_path.read_text())
+    assert parity["passed"] and set(parity["variants"]) == {"model_dynamic_int8.onnx", "model_static_int8.onnx",
+                                                            "model_int4.onnx"}
+    assert result.metrics["onnx_int4_size_bytes"] == rows["onnx_int4"]["size_bytes"]
