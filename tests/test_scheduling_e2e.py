@@ -63,6 +63,16 @@ def run_to_completion(engine, prompts: list[list[int]]) -> list[list[int]]:
     return [r.output_ids for r in reqs]
 
 
+def prometheus_values(text: str) -> dict[str, float]:
+    """Sample name -> value from the exposition text (labels dropped; one model per engine)."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.split("{")[0].split(" ")[0], line.rsplit(" ", 1)[1]
+            values[name] = float(value)
+    return values
+
+
 def prompts_for(n: int) -> list[list[int]]:
     return [[(7 * i + 3 * j) % 300 + 5 for j in range(12 + 5 * i)] for i in range(n)]
 
@@ -85,6 +95,11 @@ def test_offload_and_reload_keep_greedy_outputs(tiny_model_dir, host_tokens):
     assert run_to_completion(engine, prompts) == expected
     stats = engine.scheduler.stats
     assert stats.preemptions > 0 and stats.demotions > 0
+    exported = prometheus_values(engine.metrics.render().decode())
+    assert exported["fastserve:scheduler_preemptions_total"] == stats.preemptions
+    assert exported["fastserve:scheduler_demotions_total"] == stats.demotions
+    offloaded = engine.kv.offloaded_bytes
+    assert exported["fastserve:kv_cache_offloaded_bytes_total"] == offloaded and (offloaded > 0) == (host_tokens > 0)
     if host_tokens:
         assert engine.kv.offloads > 0 and engine.kv.reloads > 0 and engine.kv.recompute_preemptions == 0
         # Offload victims come from the tail of the priority order: nobody ranked later stayed on the device
