@@ -152,6 +152,25 @@ def test_priority_order_follows_estimated_next_scheduled_time():
     assert [r.request_id for r in scheduler.priority_order()] == ["a", "b", "c"]
 
 
+def test_enst_matches_its_definition_on_a_random_state():
+    import random
+
+    rng = random.Random(3)
+    scheduler = mlfq(starvation_s=50.0)
+    reqs = [SimRequest(f"r{i}", 0.0, rng.randint(1, 40), 100) for i in range(30)]
+    for i, req in enumerate(reqs):
+        scheduler.add(req, float(i))
+        req.sched_state.service_s = rng.random() * scheduler.quantum(req.sched_state.level)
+    scheduler.schedule(40.0, 4, 10_000)
+    ordered, enst = scheduler.requests(), scheduler.enst(40.0)
+    for index, req in enumerate(ordered[4:], start=4):
+        level = req.sched_state.level
+        ahead = sum(scheduler.quantum(o.sched_state.level) - o.sched_state.service_s
+                    + sum(scheduler.quantum(x) for x in range(o.sched_state.level + 1, level)) for o in ordered[:index])
+        t_promote = 50.0 - (40.0 - req.sched_state.last_run)
+        assert enst[id(req)] == pytest.approx(min(ahead / 4, t_promote) if level else ahead / 4)
+
+
 def test_level_history_in_debug_log(caplog):
     caplog.set_level(logging.DEBUG, logger="fastserve.serve.mlfq")
     simulate(mlfq(), three_jobs(), max_batch_size=1, cost=UNIT)

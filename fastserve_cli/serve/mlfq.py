@@ -236,22 +236,28 @@ class SkipJoinMLFQ(Scheduler):
         by `max_batch_size` slots. The first `max_batch_size` requests in order run next: ENST 0.
         """
         slots = max(1, self._last_batch_size)
-        ordered = self.requests()
         result: dict[int, float] = {}
-        for index, req in enumerate(ordered):
+        # One pass in priority order (levels never decrease along it), with running sums instead of a
+        # loop over everyone ahead: the KV manager asks for this every iteration.
+        lower, lower_quanta_sum, same, level_now, remaining = 0, 0.0, 0, 0, 0.0
+        for index, req in enumerate(self.requests()):
             state: MLFQState = req.sched_state
-            if index < slots:
-                result[id(req)] = 0.0
-                continue
-            ahead = 0.0
-            for other in ordered[:index]:
-                o = other.sched_state
-                ahead += max(0.0, self.quantum(o.level) - o.service_s)
-                ahead += sum(self.quantum(level) for level in range(o.level + 1, state.level))
-            t_execute = ahead / slots
+            if state.level != level_now:  # everyone so far is now at a higher-priority level
+                lower += same
+                lower_quanta_sum += same * self.quanta_through(level_now)
+                same, level_now = 0, state.level
+            # Requests above: the rest of their quantum, then every full quantum down to this level.
+            ahead = remaining + lower * self.quanta_through(state.level - 1) - lower_quanta_sum
+            t_execute = 0.0 if index < slots else ahead / slots
             t_promote = max(0.0, self.starvation_s - (now - max(state.last_run, state.last_promoted)))
             result[id(req)] = min(t_execute, t_promote) if state.level > 0 else t_execute
+            remaining += max(0.0, self.quantum(state.level) - state.service_s)
+            same += 1
         return result
+
+    def quanta_through(self, level: int) -> float:
+        """Sum of the quanta of levels 0..level (0 for level -1)."""
+        return self.base_quantum_s * (self.ratio ** (level + 1) - 1) / (self.ratio - 1)
 
     def priority_order(self) -> list[SchedRequest]:
         """Soonest-to-run first (by ENST, ties in queue order): reload from the head, offload from the tail."""
