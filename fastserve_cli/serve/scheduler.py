@@ -45,7 +45,8 @@ from fastserve_cli.errors import UserError
 from fastserve_cli.serve.request import Request
 
 SCHEDULERS: dict[str, type["Scheduler"]] = {}
-SCHEDULER_MODULES = {"fcfs": "fastserve_cli.serve.scheduler", "skip-join-mlfq": "fastserve_cli.serve.mlfq"}
+SCHEDULER_MODULES = {"fcfs": "fastserve_cli.serve.scheduler", "skip-join-mlfq": "fastserve_cli.serve.mlfq",
+                     "srpt-oracle": "fastserve_cli.serve.mlfq"}
 
 
 def register_scheduler(name: str) -> Callable[[type["Scheduler"]], type["Scheduler"]]:
