@@ -149,9 +149,10 @@ def _load_files(fmt: str, files: list[str]):
 
 
 def drop_empty(ds, column: str, is_chat: bool):
+    """Drop empty documents; the result is an in-memory index over the same Arrow data (no cache write)."""
     if is_chat:
-        return ds.filter(lambda batch: [bool(m) for m in batch[column]], batched=True)
-    return ds.filter(lambda batch: [bool(t and t.strip()) for t in batch[column]], batched=True)
+        return ds.filter(lambda batch: [bool(m) for m in batch[column]], batched=True, keep_in_memory=True)
+    return ds.filter(lambda batch: [bool(t and t.strip()) for t in batch[column]], batched=True, keep_in_memory=True)
 
 
 def split_documents(ds, fraction: float, seed: int):
@@ -159,8 +160,10 @@ def split_documents(ds, fraction: float, seed: int):
     if len(ds) < 2:
         raise UserError(f"data: only {len(ds)} non-empty document(s); need at least 2 for a train/validation split")
     n_val = min(len(ds) - 1, max(1, round(len(ds) * fraction)))
-    parts = ds.train_test_split(test_size=n_val, seed=seed, shuffle=True)
-    return parts["train"], parts["test"]
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(ds))
+    return ds.select(order[n_val:], keep_in_memory=True), ds.select(order[:n_val], keep_in_memory=True)
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -255,11 +258,14 @@ def text_token_batches(docs, column: str, tokenizer, cfg: DataConfig, is_chat: b
 
 
 def _token_batches_multiprocess(docs, column, tokenizer, cfg, is_chat, progress):
+    """datasets.map over N processes; never reuses a cached result, so timings are honest."""
+
     def encode(batch: dict) -> dict:
         texts = [render_chat(tokenizer, m) for m in batch[column]] if is_chat else batch[column]
         return {"ids": [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]}
 
-    tokenized = docs.map(encode, batched=True, batch_size=cfg.batch_size, num_proc=cfg.num_proc, remove_columns=[column])
+    tokenized = docs.map(encode, batched=True, batch_size=cfg.batch_size, num_proc=cfg.num_proc, remove_columns=[column],
+                         load_from_cache_file=False, keep_in_memory=True)
     for batch in tokenized.iter(batch_size=cfg.batch_size):
         progress(len(batch["ids"]))
         yield batch["ids"]

@@ -54,26 +54,31 @@ def main() -> None:
                 tokens += sum(len(e.ids) for e in backend.encode_batch(texts[i:i + 1000], add_special_tokens=False))
             return time.perf_counter() - start, tokens
 
-        def ours(k: int) -> tuple[float, int]:
+        def ours(k: int, num_proc: int = 1) -> tuple[float, int]:
+            data = {**raw["data"], "num_proc": num_proc}
             recipe = resolve_paths(Recipe.model_validate({
-                **raw, "run_dir": str(tmp / f"run{k}"), "tokenizer": {"path": str(tok_dir)}}), ROOT / "recipes")
+                **raw, "data": data, "run_dir": str(tmp / f"run{k}-{num_proc}"), "tokenizer": {"path": str(tok_dir)}}),
+                ROOT / "recipes")
             run = prepare_run_dir(recipe)
             start = time.perf_counter()
             result = execute("preprocess", recipe, run)
             return time.perf_counter() - start, result.metrics["tokens"]
 
-        base_times, our_times = [], []
+        base_times, our_times, mp_times = [], [], []
         for k in range(args.repeats):
             base_times.append(baseline())
             our_times.append(ours(k))
+            mp_times.append(ours(k, num_proc=2))
         base_s, base_tokens = min(base_times)
         our_s, our_tokens = min(our_times)
+        mp_s, _ = min(mp_times)
     assert base_tokens == our_tokens, (base_tokens, our_tokens)
     result = {
         "documents": len(texts), "tokens": our_tokens,
         "encode_batch_tokens_per_s": round(base_tokens / base_s),
         "preprocess_tokens_per_s": round(our_tokens / our_s),
         "ratio": round(base_s / our_s, 3),
+        "preprocess_num_proc_2_tokens_per_s": round(our_tokens / mp_s),
     }
     print(json.dumps(result, indent=2))
 
