@@ -137,13 +137,31 @@ def export(
 
 @app.command()
 def serve(
-    target: str = typer.Argument(..., help="A run directory, a model directory, or a recipe."),
+    target: str = typer.Argument(..., help="A run directory, a recipe, or a model/ONNX directory."),
+    host: Optional[str] = typer.Option(None, "--host", help="Bind address (serve.host, default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", help="TCP port (serve.port, default 8000)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="torch or onnx."),
+    source: Optional[str] = typer.Option(None, "--source", help="With a run directory: model, onnx or an optimize variant."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="fcfs or skip-join-mlfq."),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Requests per iteration."),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens", help="Token budget per iteration."),
+    kv_cache_memory: Optional[str] = typer.Option(None, "--kv-cache-memory", help="KV-cache budget, e.g. 512MiB."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FASTSERVE_API_KEY", help="Require this bearer key."),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Waiting requests before 429."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Name clients send as `model`."),
     set_: Optional[list[str]] = SetOption,
 ) -> None:
-    """OpenAI-compatible HTTP server with continuous batching."""
-    from fastserve_cli.errors import StageNotBuilt
+    """OpenAI-compatible HTTP server with continuous batching (stops gracefully on SIGTERM)."""
+    from fastserve_cli.serve import resolve_target, serve as run_server, serve_config
 
-    raise StageNotBuilt("fastserve serve is not built yet (issue #6); nothing was started")
+    flags = dict(host=host, port=port, backend=backend, source=source, scheduler=scheduler, max_batch_size=max_batch_size,
+                 max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory, api_key=api_key,
+                 max_queue=max_queue, model_name=model_name)
+    path = Path(target)
+    is_model_dir = path.is_dir() and not (path / "recipe.yaml").is_file()
+    recipe = None if is_model_dir else load_target(target, set_)
+    cfg = serve_config(recipe, (set_ or []) if is_model_dir else [], flags)
+    run_server(resolve_target(path, cfg.backend if recipe is not None else backend, cfg.source, recipe), cfg)
 
 
 @app.command()
