@@ -83,49 +83,34 @@ def optimize_and_check(cfg: ExportConfig, model, out_dir: Path, unoptimized: dic
     return parity
 
 
-def validation_blocks(run: RunDir, count: int) -> np.ndarray | None:
-    """Up to `count` validation blocks (cut to a common length) as int64 [n, len]; None without data."""
-    if not run.data_dir.is_dir():
-        return None
-    from datasets import load_from_disk
-
-    splits = load_from_disk(str(run.data_dir))
-    if "validation" not in splits or len(splits["validation"]) == 0:
-        return None
-    rows = splits["validation"].select(range(min(count, len(splits["validation"]))))["input_ids"]
-    length = min(len(r) for r in rows)
-    return np.array([r[:length] for r in rows], dtype=np.int64) if length >= 2 else None
-
-
-def measure_graph(path: Path, recipe: Recipe, vocab_size: int, blocks: np.ndarray | None) -> dict[str, Any]:
-    """Size, validation perplexity and batch-1 decode latency of one graph (the report row's numbers)."""
+def measure_row(run: RunDir, recipe: Recipe, name: str, path: Path, parameters: int,
+                details: dict[str, Any]) -> dict[str, Any]:
+    """A report row for one graph, measured the way `fastserve_cli.report` measures PyTorch variants."""
     from fastserve_cli.onnx_model import OnnxCausalLM, onnx_size_bytes
-    from fastserve_cli.onnx_quant import decode_latency, perplexity
+    from fastserve_cli.onnx_quant import decode_ms_per_token, perplexity
+    from fastserve_cli.report import latency_prompt, make_row, validation_blocks
 
     session = OnnxCausalLM(path)
-    ppl = perplexity(session, blocks) if blocks is not None else None
-    if ppl is not None and not np.isfinite(ppl):
-        raise UserError(f"{path.name}: validation perplexity is not finite; the quantized graph is broken, "
-                        f"drop it from export.quantize")
-    latency = decode_latency(session, vocab_size, recipe.optimize.latency_prompt_tokens,
-                             recipe.optimize.latency_new_tokens)
-    return {"size_bytes": onnx_size_bytes(path), "perplexity": ppl, **latency}
+    ppl = perplexity(session, validation_blocks(run, recipe))
+    if not np.isfinite(ppl):
+        raise UserError(f"{path.name}: validation perplexity is not finite, the graph is broken; drop it from export.quantize")
+    prompt = np.array([latency_prompt(run, recipe)], np.int64)
+    ms = decode_ms_per_token(session, prompt, recipe.optimize.latency_new_tokens, recipe.optimize.latency_repeats)
+    method = "onnx_export" if name == "onnx_fp32" else name
+    return make_row(name, method, "onnx", run.rel(run.onnx_dir / path.name), parameters, onnx_size_bytes(path),
+                    ppl, ms, details)
 
 
-def build_variants(recipe: Recipe, run: RunDir, out: Path, config, parameters: int) -> tuple[list[dict], dict]:
-    """Quantize the fp32 graph per export.quantize; returns report rows and per-variant drift checks."""
+def quantize_variants(cfg: ExportConfig, run: RunDir, out: Path, vocab_size: int) -> dict[str, dict]:
+    """Write one quantized graph per export.quantize from the plain fp32 graph; returns their drift checks."""
     import logging
 
     from fastserve_cli.onnx_model import MODEL_FILE, OnnxCausalLM
     from fastserve_cli.onnx_quant import QUANTIZERS, VARIANT_FILES, greedy_agreement
+    from fastserve_cli.report import calibration_blocks
 
-    cfg = recipe.export
-    eval_blocks = validation_blocks(run, cfg.eval_blocks + cfg.calibration_blocks)
-    calibration = eval_blocks[cfg.eval_blocks:] if eval_blocks is not None else None
-    eval_blocks = eval_blocks[: cfg.eval_blocks] if eval_blocks is not None else None
+    calibration = [b["input_ids"] for b in calibration_blocks(run, cfg.calibration_blocks)]
     reference = OnnxCausalLM(out / MODEL_FILE)
-    rows = [{"name": "onnx_fp32", "method": "onnx_export", "backend": "onnx", "path": run.rel(run.onnx_dir / MODEL_FILE),
-             "parameters": parameters, **measure_graph(out / MODEL_FILE, recipe, config.vocab_size, eval_blocks)}]
     checks = {}
     root_logger = logging.getLogger()
     level = root_logger.level
@@ -136,21 +121,35 @@ def build_variants(recipe: Recipe, run: RunDir, out: Path, config, parameters: i
             QUANTIZERS[name](out / MODEL_FILE, target, calibration=calibration, block_size=cfg.int4_block_size)
         finally:
             root_logger.setLevel(level)
-        checks[target.name] = greedy_agreement(reference, OnnxCausalLM(target), config.vocab_size, cfg.parity_steps)
-        rows.append({"name": f"onnx_{name}", "method": f"onnx_{name}", "backend": "onnx",
-                     "path": run.rel(run.onnx_dir / target.name), "parameters": parameters,
-                     **measure_graph(target, recipe, config.vocab_size, eval_blocks)})
-    return rows, checks
+        checks[name] = greedy_agreement(reference, OnnxCausalLM(target), vocab_size, cfg.parity_steps)
+    return checks
 
 
-def record_rows(recipe: Recipe, run: RunDir, rows: list[dict]) -> str:
-    """Rows into the optimize report (ratios and gates are computed there) when that module exists."""
-    try:
-        from fastserve_cli.report import add_rows
-    except ImportError:
-        return run.rel(run.onnx_dir / "report.json")
-    add_rows(run, recipe, rows)
-    return run.rel(run.report_path)
+def measure_rows(recipe: Recipe, run: RunDir, out: Path, model, checks: dict[str, dict], optimized: bool) -> list[dict]:
+    """Report rows for model.onnx (as served: fused when export.optimize) and each quantized graph."""
+    from fastserve_cli.onnx_model import MODEL_FILE
+    from fastserve_cli.onnx_quant import VARIANT_FILES
+
+    parameters = sum(p.numel() for p in model.parameters())
+    rows = [measure_row(run, recipe, "onnx_fp32", out / MODEL_FILE, parameters, {"optimized": optimized})]
+    for name, drift in checks.items():
+        rows.append(measure_row(run, recipe, f"onnx_{name}", out / VARIANT_FILES[name], parameters, {"drift_vs_fp32": drift}))
+    return rows
+
+
+def record_rows(recipe: Recipe, run: RunDir, rows: list[dict]) -> list[str]:
+    """Put this export's rows in the optimize report and drop ONNX rows of graphs it no longer has.
+
+    Returns the gate failures of these rows (ratios and gates are computed by `report.add_rows`).
+    """
+    from fastserve_cli.onnx_quant import VARIANT_FILES
+    from fastserve_cli.report import add_rows, load_report
+
+    stale = {f"onnx_{n}" for n in ("fp32", *VARIANT_FILES)} - {r["name"] for r in rows}
+    existing = {r["name"] for r in (load_report(run) or {}).get("rows", [])}
+    if not rows and not stale & existing:
+        return []
+    return add_rows(run, recipe, rows, drop=stale & existing)
 
 
 def run_export(recipe: Recipe, run: RunDir) -> StageResult:
@@ -166,19 +165,17 @@ def run_export(recipe: Recipe, run: RunDir) -> StageResult:
         if not parity["passed"]:
             atomic_write_json(run.parity_failed_path, parity)
             raise UserError(parity_failure_message(parity, str(run.parity_failed_path)))
-        rows = []
-        if cfg.quantize:
-            parameters = sum(p.numel() for p in model.parameters())
-            rows, parity["variants"] = build_variants(recipe, run, out, model.config, parameters)
-            atomic_write_json(out / "report.json", {"rows": rows})
+        if cfg.quantize:  # from the plain graph, before fusions add contrib ops
+            parity["variants"] = quantize_variants(cfg, run, out, model.config.vocab_size)
         if cfg.optimize:
             parity = optimize_and_check(cfg, model, out, parity)
             if not parity["passed"]:
                 atomic_write_json(run.parity_failed_path, parity)
                 raise UserError(parity_failure_message(parity, str(run.parity_failed_path)))
+        rows = measure_rows(recipe, run, out, model, parity["variants"], cfg.optimize) if cfg.quantize else []
         atomic_write_json(out / run.parity_path.name, parity)
     run.parity_failed_path.unlink(missing_ok=True)
-    report = record_rows(recipe, run, rows) if rows else None
+    failures = record_rows(recipe, run, rows)
     outputs = sorted(run.rel(p) for p in run.onnx_dir.iterdir() if p.is_file())
     metrics = {"parity_max_abs_diff": parity["max_abs_diff"], "parity_passed": parity["passed"],
                "optimized": parity["optimized"], "size_bytes": onnx_size_bytes(run.onnx_dir / MODEL_FILE),
@@ -187,6 +184,6 @@ def run_export(recipe: Recipe, run: RunDir) -> StageResult:
         metrics[f"{row['name']}_size_bytes"] = row["size_bytes"]
         metrics[f"{row['name']}_perplexity"] = row["perplexity"]
         metrics[f"{row['name']}_decode_ms_per_token"] = row["decode_ms_per_token"]
-    if report:
-        metrics["report"] = report
-    return StageResult(outputs=outputs, metrics=metrics)
+    if failures:  # onnx/ stays (its fp32 graph is verified); the stage fails on the broken gates
+        raise UserError(f"export: {len(failures)} gate(s) broken: {'; '.join(failures)}")
+    return StageResult(outputs=[*outputs, run.rel(run.report_path)] if rows else outputs, metrics=metrics)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -41,12 +41,12 @@ def quantize_dynamic_int8(src: Path, dst: Path, **_: Any) -> None:
                      use_external_data_format=_needs_external_data(src))
 
 
-def calibration_feeds(src: Path, blocks: np.ndarray) -> list[dict[str, np.ndarray]]:
+def calibration_feeds(src: Path, blocks: list[list[int]]) -> list[dict[str, np.ndarray]]:
     """One feed per block: its second half as a decode step over the fp32 KV cache of its first half."""
     session = OnnxCausalLM(src)
     feeds = []
     for block in blocks:
-        ids = block[None, :].astype(np.int64)
+        ids = np.array([block], np.int64)
         half = ids.shape[1] // 2
         mask = np.ones_like(ids)
         _, past = session.step(ids[:, :half], mask[:, :half], position_ids_from_mask(mask[:, :half]))
@@ -56,14 +56,8 @@ def calibration_feeds(src: Path, blocks: np.ndarray) -> list[dict[str, np.ndarra
     return feeds
 
 
-def quantize_static_int8(src: Path, dst: Path, calibration: np.ndarray | None = None, **_: Any) -> None:
+def quantize_static_int8(src: Path, dst: Path, calibration: list[list[int]] | None = None, **_: Any) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    if calibration is None or len(calibration) == 0:
-        from fastserve_cli.errors import UserError
-
-        raise UserError("export.quantize static_int8: needs validation blocks to calibrate and the run has none; "
-                        "run `fastserve preprocess` or drop static_int8")
 
     class Reader(CalibrationDataReader):
         def __init__(self, feeds: list[dict[str, np.ndarray]]):
@@ -98,41 +92,43 @@ QUANTIZERS: dict[str, Callable[..., None]] = {
 # ------------------------------------------------------------------ measurements
 
 
-def perplexity(session: OnnxCausalLM, blocks: np.ndarray, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) over validation blocks, one prefill per batch (labels = input_ids)."""
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        ids = blocks[start: start + batch_size].astype(np.int64)
-        mask = np.ones_like(ids)
-        logits, _ = session.step(ids, mask, position_ids_from_mask(mask))
-        logits = logits[:, :-1].astype(np.float64)
-        targets = ids[:, 1:]
-        shifted = logits - logits.max(-1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-        total_nll -= np.take_along_axis(log_probs, targets[..., None], -1).sum()
-        total_tokens += targets.size
-    return float(np.exp(total_nll / max(total_tokens, 1)))
+def perplexity(session: OnnxCausalLM, blocks: list[dict[str, list[int]]]) -> float:
+    """Validation perplexity computed by `report.torch_perplexity` itself, so ONNX and PyTorch rows
+    share one definition (batching, label masking, NLL): the session is adapted to `model(...).logits`."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fastserve_cli.report import torch_perplexity
+
+    def forward(input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> SimpleNamespace:
+        mask = attention_mask.numpy()
+        logits, _ = session.step(input_ids.numpy(), mask, position_ids_from_mask(mask))
+        return SimpleNamespace(logits=torch.from_numpy(logits))
+
+    return torch_perplexity(forward, blocks)
 
 
-def decode_latency(session: OnnxCausalLM, vocab_size: int, prompt_tokens: int, new_tokens: int, batch: int = 1,
-                   repeats: int = 3, seed: int = 0) -> dict[str, float]:
-    """Greedy decode latency: median over `repeats` of (decode time / new tokens), prefill excluded."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab_size, size=(batch, prompt_tokens), dtype=np.int64)
-    session.generate_greedy(ids, np.ones_like(ids), 2)  # warm-up
-    per_token = []
-    for _ in range(repeats):
-        mask = np.ones_like(ids)
-        logits, past = session.step(ids, mask, position_ids_from_mask(mask))
+def decode_ms_per_token(session: OnnxCausalLM, prompt: np.ndarray, new_tokens: int, repeats: int = 3) -> float:
+    """Best mean ms per greedy decode step after the prefill (one warm-up run, then `repeats` timed ones).
+
+    `prompt` is [batch, len] with no padding; `fastserve_cli.report` measures PyTorch the same way at batch 1.
+    """
+    batch, length = prompt.shape
+    steps = max(1, new_tokens - 1)
+    best = float("inf")
+    for run in range(repeats + 1):
+        mask = np.ones_like(prompt)
+        logits, past = session.step(prompt, mask, position_ids_from_mask(mask))
         token = logits[:, -1].argmax(-1)[:, None]
         start = time.perf_counter()
-        for i in range(new_tokens):
-            mask = np.ones((batch, prompt_tokens + i + 1), np.int64)
-            logits, past = session.step(token, mask, np.full((batch, 1), prompt_tokens + i, np.int64), past)
+        for i in range(steps):
+            mask = np.ones((batch, length + i + 1), np.int64)
+            logits, past = session.step(token, mask, np.full((batch, 1), length + i, np.int64), past)
             token = logits[:, -1].argmax(-1)[:, None]
-        per_token.append((time.perf_counter() - start) / new_tokens)
-    ms = float(np.median(per_token) * 1000)
-    return {"decode_ms_per_token": ms, "tokens_per_s": batch * 1000.0 / ms}
+        if run:
+            best = min(best, (time.perf_counter() - start) / steps)
+    return best * 1000.0
 
 
 def greedy_agreement(reference: OnnxCausalLM, candidate: OnnxCausalLM, vocab_size: int, steps: int,
@@ -147,8 +143,3 @@ def greedy_agreement(reference: OnnxCausalLM, candidate: OnnxCausalLM, vocab_siz
     same = ref_tokens[0] == got_tokens[0]
     first_mismatch = int(np.argmin(same)) if not same.all() else steps
     return {"first_step_max_abs_diff": diff, "matching_prefix_tokens": first_mismatch, "steps": steps}
-
-
-def iter_variants(names: list[str]) -> Iterator[tuple[str, str]]:
-    for name in names:
-        yield name, VARIANT_FILES[name]

@@ -181,8 +181,7 @@ class ExportConfig(Section):
     fp16: bool = Field(False, description="fp16 export (GPU only).")
     parity_atol: float = Field(1e-3, gt=0, description="Max |Δlogits| allowed between ONNX and PyTorch (fp32 graph).")
     parity_steps: int = Field(32, ge=1, description="Greedy steps whose tokens must be identical.")
-    eval_blocks: int = Field(16, ge=1, description="Validation blocks for the perplexity of quantized graphs.")
-    calibration_blocks: int = Field(8, ge=1, description="Validation blocks that calibrate static int8.")
+    calibration_blocks: int = Field(8, ge=1, description="Validation blocks (the last N) that calibrate static int8; perplexity uses optimize.eval_blocks.")
     int4_block_size: int = Field(32, ge=16, description="MatMulNBits block size (a power of two).")
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_model
+from fastserve_cli.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -220,22 +221,25 @@ def test_quantized_variants_rows_and_drift(tmp_path, tiny_tokenizer_dir):
     from fastserve_cli.onnx_model import OnnxCausalLM
     from fastserve_cli.pipeline import execute
 
-    export = {"quantize": ["dynamic_int8", "static_int8", "int4"], "parity_steps": 8, "eval_blocks": 4,
-              "calibration_blocks": 2}
+    export = {"quantize": ["dynamic_int8", "static_int8", "int4"], "parity_steps": 8, "calibration_blocks": 2}
     recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "llama", export=export, data=True)
-    recipe.optimize.latency_prompt_tokens, recipe.optimize.latency_new_tokens = 8, 4
+    recipe.optimize.eval_blocks, recipe.optimize.latency_prompt_tokens = 4, 8
+    recipe.optimize.latency_new_tokens, recipe.optimize.latency_repeats = 4, 1
+    recipe.gates.max_perplexity_increase = 0.05
     result = execute("export", recipe, run)
-    rows = {r["name"]: r for r in json.loads((run.onnx_dir / "report.json").read_text())["rows"]}
-    assert set(rows) == {"onnx_fp32", "onnx_dynamic_int8", "onnx_static_int8", "onnx_int4"}
+    report = json.loads(run.report_path.read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {"baseline", "onnx_fp32", "onnx_dynamic_int8", "onnx_static_int8", "onnx_int4"}
     fp32 = rows["onnx_fp32"]
+    assert abs(fp32["ratios"]["perplexity"] - 1) < 1e-4  # same weights as the PyTorch baseline, same blocks
     fp32_inputs = [i.name for i in onnx.load(str(run.onnx_dir / "model.onnx")).graph.input]
     for name, file in [("dynamic_int8", "model_dynamic_int8.onnx"), ("static_int8", "model_static_int8.onnx"),
                        ("int4", "model_int4.onnx")]:
         row = rows[f"onnx_{name}"]
         assert row["backend"] == "onnx" and row["method"] == f"onnx_{name}" and row["path"] == f"onnx/{file}"
-        assert row["size_bytes"] < fp32["size_bytes"]
+        assert row["size_bytes"] < fp32["size_bytes"] and row["ratios"]["size"] < 1
         assert abs(row["perplexity"] / fp32["perplexity"] - 1) < 0.05, (name, row["perplexity"], fp32["perplexity"])
-        assert row["decode_ms_per_token"] > 0 and row["tokens_per_s"] > 0
+        assert row["gates"]["passed"] and row["decode_ms_per_token"] > 0 and row["tokens_per_s"] > 0
         graph = onnx.load(str(run.onnx_dir / file)).graph
         assert [i.name for i in graph.input] == fp32_inputs
         tokens, _ = OnnxCausalLM(run.onnx_dir / file).generate_greedy(np.array([[4, 5, 6]]), np.ones((1, 3)), 3)
@@ -245,6 +249,16 @@ def test_quantized_variants_rows_and_drift(tmp_path, tiny_tokenizer_dir):
     ops = {n.op_type for n in onnx.load(str(run.onnx_dir / "model_static_int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     parity = json.loads(run.parity_path.read_text())
-    assert parity["passed"] and set(parity["variants"]) == {"model_dynamic_int8.onnx", "model_static_int8.onnx",
-                                                            "model_int4.onnx"}
+    assert parity["passed"] and set(parity["variants"]) == {"dynamic_int8", "static_int8", "int4"}
     assert result.metrics["onnx_int4_size_bytes"] == rows["onnx_int4"]["size_bytes"]
+
+    # A broken gate fails the stage but keeps the verified onnx/ and the measured rows.
+    recipe.export.quantize = ["dynamic_int8"]
+    recipe.gates.max_size_ratio = 0.01
+    with pytest.raises(UserError, match="gates.max_size_ratio"):
+        execute("export", recipe, run)
+    assert run.stage("export")["status"] == "failed"
+    assert (run.onnx_dir / "model_dynamic_int8.onnx").is_file() and not (run.onnx_dir / "model_int4.onnx").exists()
+    rows = {r["name"]: r for r in json.loads(run.report_path.read_text())["rows"]}
+    assert not rows["onnx_dynamic_int8"]["gates"]["passed"]
+    assert "onnx_int4" not in rows and "onnx_static_int8" not in rows  # their graphs are gone
