@@ -116,3 +116,106 @@ def test_fcfs_and_mlfq_agree_without_memory_pressure(tiny_gpt2_dir):
     mlfq = make_engine(tiny_gpt2_dir, "skip-join-mlfq", 10_000, 0)
     assert run_to_completion(mlfq, prompts) == fcfs
     assert mlfq.kv.offloads == 0 and mlfq.scheduler.stats.preemptions > 0
+
+
+# ---------------------------------------------------------------- through the HTTP server
+
+
+@pytest.fixture(scope="module")
+def mlfq_server(tiny_gpt2_dir, tmp_path_factory):
+    """A real `fastserve serve` process: skip-join-mlfq, one request per iteration, KV room for 128 tokens."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "fastserve_cli", "serve", str(tiny_gpt2_dir), "--port", str(port),
+           "--scheduler", "skip-join-mlfq", "--max-batch-size", "1", "--kv-cache-memory", "128KiB",
+           "--set", "serve.base_quantum_s=0.0005", "--model-name", "tiny"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(240):
+                assert proc.poll() is None, log_path.read_text()
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            else:
+                raise AssertionError(f"server not ready: {log_path.read_text()}")
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_server_late_short_request_overtakes_long_one(mlfq_server):
+    """With one slot, FCFS would make the short request wait for all 120 tokens of the long one.
+
+    The long request's cache (~125 tokens) fills the KV budget, so it is offloaded to let the short one in.
+    """
+    import threading
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=mlfq_server + "/v1", api_key="none")
+    done: list[str] = []
+    stream = client.completions.create(model="tiny", prompt="def parse(text):", max_tokens=120, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    for _ in range(5):  # the long request is running
+        next(chunks)
+
+    def drain() -> None:
+        sum(1 for _ in chunks)
+        done.append("long")
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    short = client.completions.create(model="tiny", prompt="x = 1", max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    done.append("short")
+    reader.join()
+    assert short.usage.completion_tokens == 4
+    assert done == ["short", "long"]
+
+
+@pytest.mark.slow
+def test_server_greedy_outputs_survive_preemption_and_offload(mlfq_server, tiny_gpt2_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    prompts = ["import os\n", "class Parser:\n", "def main(argv):\n    ", "for i in range(10):", "x = {'a': 1,"]
+    expected = reference_greedy(tiny_gpt2_dir, [tokenizer.encode(p) for p in prompts], 40)
+    client = OpenAI(base_url=mlfq_server + "/v1", api_key="none")
+    before = prometheus_values(httpx.get(mlfq_server + "/metrics").text)
+
+    def complete(prompt: str) -> str:
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        return out.choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        texts = list(pool.map(complete, prompts))
+    assert texts == [tokenizer.decode(ids) for ids in expected]
+    after = prometheus_values(httpx.get(mlfq_server + "/metrics").text)
+    gained = {k: after[k] - before.get(k, 0.0) for k in after if k.endswith("_total")}
+    assert gained["fastserve:scheduler_preemptions_total"] > 0 and gained["fastserve:scheduler_demotions_total"] > 0
+    assert gained["fastserve:kv_cache_offloads_total"] > 0 and gained["fastserve:kv_cache_reloads_total"] > 0
+    assert gained["fastserve:kv_cache_offloaded_bytes_total"] > 0
