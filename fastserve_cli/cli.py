@@ -111,9 +111,33 @@ def preprocess(target: str = TargetArgument, set_: Optional[list[str]] = SetOpti
 
 
 @app.command()
-def train(target: str = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption) -> None:
-    """Train the model on the preprocessed data (resumes from the newest checkpoint)."""
-    run_stage_command("train", target, set_, as_json)
+def train(
+    target: str = TargetArgument,
+    num_processes: Optional[int] = typer.Option(
+        None, "--num-processes", min=1,
+        help="Data-parallel processes (real DDP: gloo on CPU, NCCL on GPUs), relaunched under torchrun; sets train.num_processes.",
+    ),
+    set_: Optional[list[str]] = SetOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Train the model on the preprocessed data (resumes from the newest checkpoint).
+
+    Multi-GPU / multi-node: `accelerate launch [--multi_gpu --num_machines ...] -m fastserve_cli train RECIPE`
+    (or torchrun / deepspeed); only rank 0 records the stage in the manifest.
+    """
+    overrides = [*(set_ or []), *([f"train.num_processes={num_processes}"] if num_processes else [])]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        from fastserve_cli.rundir import RunDir
+        from fastserve_cli.train import run_train
+
+        recipe = load_target(target, overrides)  # a worker rank of an external launcher: rank 0 keeps the manifest
+        run_train(recipe, RunDir(recipe.run_dir or f"runs/{recipe.name}"))
+        return
+    try:
+        run_stage_command("train", target, overrides, as_json)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: a checkpoint was saved; exit 130 (click would return 0 here)
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
 
 
 @app.command()
@@ -256,9 +280,9 @@ def main(argv: list[str] | None = None) -> None:
         command = err.ctx.command_path if err.ctx else "fastserve"
         sys.stderr.write(f"error: {err.format_message()} (see `{command} --help`)\n")
         sys.exit(2)
-    except click_exceptions.Exit as err:
+    except typer.Exit as err:  # typer >= 0.20's vendored click has no exceptions.Exit
         sys.exit(err.exit_code)
-    except click_exceptions.Abort:
+    except typer.Abort:
         sys.stderr.write("aborted\n")
         sys.exit(130)
     except KeyboardInterrupt:

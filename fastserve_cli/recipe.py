@@ -69,7 +69,8 @@ class ModelConfig(Section):
     """Model architecture (random init) or a local pretrained directory."""
 
     architecture: Literal["gpt2", "llama"] = "gpt2"
-    size: Literal["tiny", "mini", "small", "medium"] = "tiny"
+    size: Literal["tiny", "mini", "small", "base", "medium"] = Field(
+        "tiny", description="layers/width/heads: tiny 2/128/4, mini 4/256/4, small 6/384/6, base 12/768/12 (GPT-2 124M), medium 24/1024/16.")
     pretrained: str | None = Field(None, description="Local directory loadable by AutoModelForCausalLM; overrides architecture/size.")
     config: dict[str, Any] = Field(default_factory=dict, description="Overrides of the transformers config (e.g. n_layer: 4).")
     trust_remote_code: bool = False
@@ -112,6 +113,7 @@ class TrainConfig(Section):
     save_steps: int = Field(50, ge=1)
     save_total_limit: int = Field(2, ge=1)
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; all cores when unset.")
+    num_processes: int = Field(1, ge=1, description="Data-parallel processes launched with torchrun (gloo DDP on CPU, NCCL on GPUs); `--num-processes` sets it.")
     lora: LoraConfig | None = None
     deepspeed: DeepSpeedConfig | None = None
 

@@ -1,0 +1,691 @@
+"""The train stage: an accelerate loop with exact resume, LoRA, DeepSpeed and CPU/GPU multi-process.
+
+`run_train` either trains in this process or, when `train.num_processes > 1` and no launcher started
+us, relaunches itself under torchrun (`Accelerator(cpu=True)` there is real gloo DDP on CPU; see
+stack-notes: `accelerate launch --cpu` silently runs one process). External launches
+(`accelerate launch`, `torchrun`, `deepspeed`) are detected from WORLD_SIZE and train directly.
+
+Rank and world size come from the launcher's environment rather than from accelerate because
+accelerate 1.15 reports a single process for DeepSpeed on a GPU-less machine even when
+torch.distributed has two; collectives therefore go through torch.distributed directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from fastserve_cli import checkpoint as ckpt
+from fastserve_cli.batches import IGNORE_INDEX, BatchStream, DataPosition, eval_batches, load_splits
+from fastserve_cli.errors import UserError
+from fastserve_cli.recipe import Recipe
+from fastserve_cli.rundir import RunDir, StageResult, atomic_write_json, atomic_write_text, fingerprint, staged_dir
+
+LAUNCH_FILE = ".train-launch.json"
+RESULT_FILE = ".train-result.json"
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def run_train(recipe: Recipe, run: RunDir) -> StageResult:
+    """Train on the run's preprocessed data and write `model/`; resumes from the newest checkpoint."""
+    check_inputs(recipe, run)
+    if not cuda_available():  # DeepSpeed's accelerator auto-detection warns on stdout (it breaks --json)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if recipe.train.num_processes > 1 and world_size() == 1:
+        return launch_processes(recipe, run)
+    return Trainer(recipe, run).fit()
+
+
+def check_inputs(recipe: Recipe, run: RunDir) -> None:
+    """Fail before any heavy import when the recipe or the run directory cannot work."""
+    cfg = recipe.train
+    if not run.is_done("preprocess") or not run.data_dir.is_dir() or not run.tokenizer_dir.is_dir():
+        raise UserError(f"{run.root}: no preprocessed data here; run `fastserve preprocess` first")
+    if cfg.lora and not recipe.model.pretrained:
+        raise UserError("train.lora: LoRA fine-tunes a pretrained model; set model.pretrained to a local model directory or remove train.lora")
+    if cfg.mixed_precision == "fp16" and not cuda_available():
+        raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 (CPU autocast) or no")
+    if cfg.deepspeed:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise UserError("train.deepspeed needs the deepspeed package; pip install 'fastserve[deepspeed]' or remove train.deepspeed") from None
+        if cfg.torch_compile:
+            raise UserError("train.torch_compile with train.deepspeed is not supported; turn one of them off")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+# ------------------------------------------------------------------ multi-process launch
+
+
+def launch_processes(recipe: Recipe, run: RunDir) -> StageResult:
+    """Run N copies of this module under torchrun; rank 0 hands back the StageResult in a file."""
+    import subprocess
+
+    n = recipe.train.num_processes
+    launch, result = run.root / LAUNCH_FILE, run.root / RESULT_FILE
+    atomic_write_json(launch, recipe.model_dump(mode="json"))
+    result.unlink(missing_ok=True)
+    env = dict(os.environ)
+    if not cuda_available():
+        threads = recipe.train.num_threads or max(1, (os.cpu_count() or 1) // n)
+        env["OMP_NUM_THREADS"] = str(threads)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               "-m", "fastserve_cli.train", str(launch), str(result)]
+    proc = subprocess.Popen(command, env=env, stdout=sys.stderr)  # our stdout is for the result (--json)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # the workers got the signal too: they checkpoint and stop
+        proc.wait(timeout=120)
+        raise
+    finally:
+        launch.unlink(missing_ok=True)
+    if code != 0 or not result.is_file():
+        raise UserError(f"train: {n} worker processes failed (exit {code}); the error is printed above")
+    payload = json.loads(result.read_text(encoding="utf-8"))
+    result.unlink()
+    return StageResult(outputs=payload["outputs"], metrics=payload["metrics"])
+
+
+def worker_main(argv: list[str]) -> int:
+    """torchrun entry point: `python -m fastserve_cli.train LAUNCH.json RESULT.json`."""
+    launch, result = Path(argv[0]), Path(argv[1])
+    recipe = Recipe.model_validate(json.loads(launch.read_text(encoding="utf-8")))
+    run = RunDir(recipe.run_dir or launch.parent)
+    try:
+        outcome = Trainer(recipe, run).fit()
+    except UserError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    if rank() == 0:
+        atomic_write_json(result, {"outputs": outcome.outputs, "metrics": outcome.metrics})
+    return 0
+
+
+# ------------------------------------------------------------------ distributed helpers
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum floats over all processes (a no-op with one); float64 so token counts stay exact."""
+    if world_size() == 1:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    device = "cuda" if cuda_available() and dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    if world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    if world_size() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def ensure_single_process_env() -> None:
+    """DeepSpeed initialises torch.distributed even alone; give it a rendezvous on a free port."""
+    import socket
+
+    if "MASTER_ADDR" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+
+
+# ------------------------------------------------------------------ stop on SIGTERM / Ctrl-C
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and stops."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator["StopFlag"]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self.signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            self.signal = signal.Signals(signum).name
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+# ------------------------------------------------------------------ the loop
+
+
+@dataclass
+class LoopState:
+    """Everything besides tensors that a checkpoint must restore."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
+    last_eval: dict[str, float] = field(default_factory=dict)
+    resumed_from: int | None = None
+    early_stopped: bool = False
+
+
+class Trainer:
+    """One training run of one recipe on one run directory (one instance per process)."""
+
+    def __init__(self, recipe: Recipe, run: RunDir):
+        self.recipe, self.run, self.cfg = recipe, run, recipe.train
+        self.rank, self.world = rank(), world_size()
+        self.is_main = self.rank == 0
+        self.state = LoopState()
+        self.deepspeed = self.cfg.deepspeed is not None
+
+    # -- setup ---------------------------------------------------------------
+    def setup(self) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        from fastserve_cli.modeling import apply_lora, build_model
+
+        from accelerate.utils import set_seed
+
+        if self.cfg.num_threads:
+            torch.set_num_threads(self.cfg.num_threads)
+        set_seed(self.recipe.seed)
+        self.accelerator = self.make_accelerator()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.run.tokenizer_dir)
+        self.train_data, self.val_data = load_splits(self.run.data_dir)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.stream = BatchStream(self.train_data, self.cfg.per_device_train_batch_size, self.recipe.seed,
+                                  self.rank, self.world, pad_id)
+        self.pad_id = pad_id
+        model = build_model(self.recipe.model, self.tokenizer, self.recipe.data.block_size, self.recipe.seed)
+        if self.cfg.lora:
+            model = apply_lora(model, self.cfg.lora)
+        self.raw_model = model
+        self.optimizer = make_optimizer(model, self.cfg, fused=not self.deepspeed)
+        self.scheduler = make_scheduler(self.optimizer, self.cfg)
+        self.model, self.prepared_optimizer = self.accelerator.prepare(model, self.optimizer)
+        if self.cfg.torch_compile:
+            self.model = torch.compile(self.model)
+
+    def make_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin
+
+        cfg = self.cfg
+        if self.world == 1:
+            # accelerate keeps its state in process-wide singletons; a second run in one process
+            # (tests, notebooks) must not inherit the first one's device, precision or DeepSpeed setting.
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+        kwargs: dict[str, Any] = dict(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+        if self.deepspeed:
+            if self.world == 1:
+                ensure_single_process_env()
+            # cpu=True would drop the plugin; DeepSpeed runs on CPU (gloo) by itself when there is no GPU.
+            return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=self.deepspeed_config()), **kwargs)
+        return Accelerator(cpu=not cuda_available(), **kwargs)
+
+    def deepspeed_config(self) -> dict[str, Any]:
+        """An explicit DeepSpeed config: accelerate's "auto" values assume one process on a GPU-less machine."""
+        cfg, ds = self.cfg, self.cfg.deepspeed
+        zero: dict[str, Any] = {"stage": ds.stage}
+        if ds.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if ds.offload_params:
+            zero["offload_param"] = {"device": "cpu"}
+        micro = cfg.per_device_train_batch_size
+        return {
+            "train_batch_size": micro * cfg.gradient_accumulation_steps * self.world,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "gradient_clipping": cfg.max_grad_norm,
+            "zero_optimization": zero,
+            "zero_force_ds_cpu_optimizer": False,
+            "bf16": {"enabled": cfg.mixed_precision == "bf16"},
+            "fp16": {"enabled": cfg.mixed_precision == "fp16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def resume_key(self) -> str:
+        """Checkpoints resume only into the same model, data and batch geometry."""
+        preprocess = (self.run.stage("preprocess") or {}).get("run_id")
+        return fingerprint({"model": self.recipe.model.model_dump(mode="json"), "seed": self.recipe.seed,
+                            "data": preprocess, "rows_per_step": self.stream.rows_per_step,
+                            "lora": self.cfg.lora.model_dump() if self.cfg.lora else None,
+                            "deepspeed": self.cfg.deepspeed.model_dump() if self.cfg.deepspeed else None})
+
+    # -- main ------------------------------------------------------------------
+    def fit(self) -> StageResult:
+        from fastserve_cli.modeling import memory_error
+
+        self.setup()
+        self.restore()
+        started, start_step = time.time(), self.state.step
+        stop = StopFlag()
+        with stop.installed(), self.progress() as advance:
+            while self.state.step < self.cfg.max_steps:
+                try:
+                    loss, grad_norm, tokens = self.train_step()
+                except RuntimeError as err:
+                    raise memory_error(err, f"training step {self.state.step + 1}") from None
+                self.state.step += 1
+                self.state.tokens_seen += tokens
+                stopping = all_reduce_sum([1.0 if stop.signal else 0.0])[0] > 0
+                self.after_step(loss, grad_norm, tokens)
+                advance(self.state.step, loss)
+                if self.state.early_stopped:
+                    break
+                if stopping:
+                    self.save_checkpoint()
+                    self.say(f"training stopped by {stop.signal or 'a signal'} at step {self.state.step}; "
+                             f"checkpoint saved, run `fastserve train` again to resume")
+                    raise KeyboardInterrupt
+        if self.state.step % self.cfg.eval_steps != 0 or not self.state.last_eval:
+            self.evaluate()
+        if not ckpt.list_checkpoints(self.run.checkpoints_dir) or ckpt.list_checkpoints(self.run.checkpoints_dir)[-1][0] != self.state.step:
+            self.save_checkpoint()
+        self.save_model()
+        elapsed = time.time() - started
+        return self.result(elapsed, self.state.step - start_step)
+
+    def train_step(self) -> tuple[float, float | None, int]:
+        """One optimizer step over gradient_accumulation_steps micro-batches; loss is the exact
+        token-weighted mean over every process and micro-batch (so 1 and N processes agree)."""
+        import torch.nn.functional as F
+
+        micro_batches = [self.stream.next() for _ in range(self.cfg.gradient_accumulation_steps)]
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        total_tokens = all_reduce_sum([float(local_tokens)])[0]
+        # accelerate divides by the accumulation steps and DDP averages over processes: undo both.
+        scale = self.world * self.cfg.gradient_accumulation_steps / max(total_tokens, 1.0)
+        self.model.train()
+        loss_sum, grad_norm = 0.0, None
+        for batch in micro_batches:
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            with self.accelerator.accumulate(self.model):
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                token_loss = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                    ignore_index=IGNORE_INDEX, reduction="sum",
+                )
+                self.accelerator.backward(token_loss * scale)
+                loss_sum += float(token_loss.detach())
+                if self.accelerator.sync_gradients:
+                    grad_norm = self.clip_gradients()
+                self.prepared_optimizer.step()
+                self.prepared_optimizer.zero_grad(set_to_none=True)
+        self._lr_used = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        total_loss = all_reduce_sum([loss_sum])[0]
+        return total_loss / max(total_tokens, 1.0), grad_norm, int(total_tokens)
+
+    def clip_gradients(self) -> float | None:
+        if self.deepspeed:
+            return None  # DeepSpeed clips inside its step; the norm is read afterwards
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or float("inf"))
+        return float(norm) if norm is not None else None
+
+    def after_step(self, loss: float, grad_norm: float | None, tokens: int) -> None:
+        step = self.state.step
+        if self.deepspeed:
+            norm = self.model.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else None
+        if step % self.cfg.logging_steps == 0 or step == 1:
+            self.log_train(loss, grad_norm, tokens)
+        if step % self.cfg.eval_steps == 0:
+            self.evaluate()
+        if step % self.cfg.save_steps == 0 and step < self.cfg.max_steps:
+            self.save_checkpoint()
+
+    # -- metrics -----------------------------------------------------------------
+    def log_train(self, loss: float, grad_norm: float | None, tokens: int) -> None:
+        now = time.time()
+        since = getattr(self, "_last_log", None)
+        self._tokens_since_log = getattr(self, "_tokens_since_log", 0) + tokens
+        record: dict[str, Any] = {
+            "step": self.state.step, "loss": loss, "lr": self.current_lr(), "grad_norm": grad_norm,
+            "epoch": round(self.stream.position.epoch + self.stream.position.index / self.stream.batches_per_epoch, 4),
+            "tokens": self.state.tokens_seen,
+        }
+        if since is not None:
+            record["tokens_per_s"] = self._tokens_since_log / max(now - since, 1e-9)
+        self._last_log, self._tokens_since_log = now, 0
+        self.append_metrics(record)
+
+    def current_lr(self) -> float:
+        """The learning rate the step just taken used (the scheduler has already moved on)."""
+        return float(getattr(self, "_lr_used", self.scheduler.get_last_lr()[0]))
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with open(self.run.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted validation loss and perplexity; every process evaluates the same batches,
+        which keeps DeepSpeed ZeRO-3 in lock-step and the number identical for any process count."""
+        import torch
+        import torch.nn.functional as F
+
+        self.model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in eval_batches(self.val_data, self.cfg.per_device_eval_batch_size, self.pad_id, self.cfg.eval_max_batches):
+                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+                with self.accelerator.autocast():
+                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                               ignore_index=IGNORE_INDEX, reduction="sum"))
+                count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        loss = total / max(count, 1)
+        result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        self.state.last_eval = result
+        self.append_metrics({"step": self.state.step, **result})
+        self.track_early_stopping(loss)
+        return result
+
+    def track_early_stopping(self, loss: float) -> None:
+        best = self.state.best_eval_loss
+        if best is None or loss < best:
+            self.state.best_eval_loss, self.state.evals_without_improvement = loss, 0
+            return
+        self.state.evals_without_improvement += 1
+        patience = self.cfg.early_stopping_patience
+        if patience is not None and self.state.evals_without_improvement >= patience:
+            self.state.early_stopped = True
+            self.say(f"early stopping at step {self.state.step}: validation loss has not improved for {patience} evaluations")
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            from fastserve_cli.console import err_console
+
+            err_console().print(message, highlight=False, soft_wrap=True)
+
+    @contextmanager
+    def progress(self):
+        """A rich progress bar with live loss and throughput (main process only)."""
+        if not self.is_main:
+            yield lambda step, loss: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from fastserve_cli.console import err_console
+
+        columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                   TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn())
+        with Progress(*columns, console=err_console(), transient=False) as bar:
+            task = bar.add_task("train", total=self.cfg.max_steps, completed=self.state.step, loss="-", tps="-")
+            t0, s0 = time.time(), self.state.tokens_seen
+
+            def advance(step: int, loss: float) -> None:
+                tps = (self.state.tokens_seen - s0) / max(time.time() - t0, 1e-9)
+                bar.update(task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
+
+            yield advance
+
+    # -- checkpoints -------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """Full state into checkpoints/step-N, atomically (staged dir renamed by the main process)."""
+        import torch
+
+        rng = {f"cpu_rank{self.rank}": torch.get_rng_state()}
+        if cuda_available():
+            rng[f"cuda_rank{self.rank}"] = torch.cuda.get_rng_state()
+        rng_states = {k: v for part in gather_objects(rng) for k, v in part.items()}
+        final = ckpt.step_dir(self.run.checkpoints_dir, self.state.step)
+        if self.is_main:
+            with staged_dir(final) as tmp:
+                broadcast_object(str(tmp))
+                self.write_checkpoint(tmp, rng_states)
+        else:
+            self.write_checkpoint(Path(broadcast_object(None)), rng_states)
+        barrier()
+        if self.is_main:
+            ckpt.prune(self.run.checkpoints_dir, self.cfg.save_total_limit)
+
+    def write_checkpoint(self, tmp: Path, rng_states: dict[str, Any]) -> None:
+        if self.deepspeed:
+            self.model.save_checkpoint(str(tmp / "deepspeed"), tag="ds")
+            barrier()
+        if not self.is_main:
+            return
+        if self.deepspeed:
+            (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()), encoding="utf-8")
+        else:
+            ckpt.write_model_state(tmp, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler)
+        ckpt.write_rng(tmp, rng_states)
+        state = {
+            "step": self.state.step, "position": self.stream.position.to_dict(), "tokens_seen": self.state.tokens_seen,
+            "best_eval_loss": self.state.best_eval_loss, "evals_without_improvement": self.state.evals_without_improvement,
+            "last_eval": self.state.last_eval, "world_size": self.world, "resume_key": self.resume_key(),
+        }
+        ckpt.seal(tmp, state)
+
+    def restore(self) -> None:
+        """Continue from the newest good checkpoint, or start fresh (clearing stale metrics)."""
+        found = ckpt.newest_valid(self.run.checkpoints_dir, self.say)
+        if found is not None and found[1].get("resume_key") != self.resume_key():
+            self.say(f"checkpoints in {self.run.checkpoints_dir} are from a different model, data or batch size; starting fresh")
+            if self.is_main:
+                shutil.rmtree(self.run.checkpoints_dir, ignore_errors=True)
+            found = None
+        barrier()
+        if found is None:
+            if self.is_main:
+                self.run.metrics_path.unlink(missing_ok=True)
+            return
+        path, saved = found
+        self.load_checkpoint(path, saved)
+        self.state.resumed_from = saved["step"]
+        if self.is_main:
+            truncate_metrics(self.run.metrics_path, saved["step"])
+        self.say(f"resuming from {path} (step {saved['step']})")
+
+    def load_checkpoint(self, path: Path, saved: dict[str, Any]) -> None:
+        import torch
+
+        if self.deepspeed:
+            self.model.load_checkpoint(str(path / "deepspeed"), tag="ds")
+            self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text(encoding="utf-8")))
+        else:
+            ckpt.load_model_state(path, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler)
+        rng = ckpt.read_rng(path)
+        if f"cpu_rank{self.rank}" in rng:
+            torch.set_rng_state(rng[f"cpu_rank{self.rank}"])
+        if cuda_available() and f"cuda_rank{self.rank}" in rng:
+            torch.cuda.set_rng_state(rng[f"cuda_rank{self.rank}"])
+        self.state.step = saved["step"]
+        self.stream.position = DataPosition(**saved["position"])
+        self.state.tokens_seen = saved.get("tokens_seen", 0)
+        self.state.best_eval_loss = saved.get("best_eval_loss")
+        self.state.evals_without_improvement = saved.get("evals_without_improvement", 0)
+        self.state.last_eval = saved.get("last_eval") or {}
+
+    # -- final model -------------------------------------------------------------
+    def save_model(self) -> None:
+        """save_pretrained (safetensors) + tokenizer + generation config into model/, atomically."""
+        from fastserve_cli.modeling import merge_lora, special_token_ids
+
+        state_dict = self.accelerator.get_state_dict(self.model) if self.deepspeed else None
+        if self.is_main:
+            model = merge_lora(self.accelerator.unwrap_model(self.model))
+            if state_dict is not None and self.cfg.lora is None:
+                model.load_state_dict(state_dict, strict=False)
+            for key, value in special_token_ids(self.tokenizer).items():
+                setattr(model.generation_config, key, value)
+            with staged_dir(self.run.model_dir) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+            write_loss_plot(self.run.metrics_path, self.run.loss_plot_path)
+        barrier()
+
+    def result(self, elapsed: float, steps_run: int) -> StageResult:
+        from fastserve_cli.modeling import parameter_counts
+
+        metrics: dict[str, Any] = {"steps": self.state.step, "steps_this_run": steps_run}
+        last_loss = last_metric(self.run.metrics_path, "loss") if self.is_main else None
+        if last_loss is not None:
+            metrics["train_loss"] = last_loss
+        metrics.update(self.state.last_eval)
+        metrics["tokens"] = self.state.tokens_seen
+        metrics["train_seconds"] = round(elapsed, 3)
+        if steps_run:
+            tokens_this_run = steps_run * self.stream.rows_per_step * self.cfg.gradient_accumulation_steps * self.recipe.data.block_size
+            metrics["tokens_per_s"] = round(tokens_this_run / max(elapsed, 1e-9), 1)
+        metrics.update(parameter_counts(self.raw_model))
+        metrics["processes"] = self.world
+        if self.state.resumed_from is not None:
+            metrics["resumed_from_step"] = self.state.resumed_from
+        if self.state.early_stopped:
+            metrics["early_stopped"] = True
+        outputs = [self.run.rel(p) for p in (self.run.model_dir, self.run.checkpoints_dir, self.run.metrics_path, self.run.loss_plot_path) if p.exists()]
+        return StageResult(outputs=outputs, metrics=metrics)
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def make_optimizer(model, cfg, fused: bool = True):
+    """AdamW with weight decay on matrices only (biases and norm gains are not decayed)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    unique = list({id(p): p for p in params}.values())
+    groups = [
+        {"params": [p for p in unique if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in unique if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    try:
+        return torch.optim.AdamW(groups, fused=fused, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def make_scheduler(optimizer, cfg):
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type
+    return get_scheduler(name, optimizer, num_warmup_steps=min(cfg.warmup_steps, cfg.max_steps),
+                         num_training_steps=cfg.max_steps)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by SIGKILL
+    return records
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past the resumed checkpoint so the file reads like one uninterrupted run."""
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def last_metric(path: Path, key: str) -> float | None:
+    values = [r[key] for r in read_metrics(path) if key in r]
+    return values[-1] if values else None
+
+
+def write_loss_plot(metrics_path: Path, out: Path) -> None:
+    """Training and validation loss against step, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))
