@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +71,9 @@ class DynamicInt8Linear(_QuantLinear):
         self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("weight_scale", scale, persistent=False)
         zero = torch.zeros(weight.shape[0], dtype=torch.long)
-        qweight = torch._make_per_channel_quantized_tensor(weight, scale.double(), zero, 0)
+        with warnings.catch_warnings():  # qint8 tensors are deprecated, but fbgemm's dynamic linear still takes them
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(weight, scale.double(), zero, 0)
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
 
     def forward(self, x: "torch.Tensor") -> "torch.Tensor":

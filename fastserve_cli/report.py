@@ -10,8 +10,9 @@ Measurement definitions, so any backend can reproduce them:
   exp(total NLL / number of predicted tokens) over all blocks (`nll_sum` on the logits).
 - decode latency: batch 1, greedy, KV cache. The prompt is the first `optimize.latency_prompt_tokens`
   tokens of the validation split (`latency_prompt`); after the prefill, `optimize.latency_new_tokens - 1`
-  single-token decode steps are timed (EOS ignored). decode_ms_per_token is the best mean step time
-  of `optimize.latency_repeats` runs after one warm-up run; tokens_per_s = 1000 / decode_ms_per_token.
+  single-token decode steps are timed one by one (EOS ignored). decode_ms_per_token is the lowest, over
+  `optimize.latency_repeats` runs after one warm-up run, of a run's median step time (the median keeps
+  a shared CPU's scheduling hiccups out); tokens_per_s = 1000 / decode_ms_per_token.
 - size_bytes: bytes of the weight files of the variant (*.safetensors, *.onnx, external data); the
   tokenizer and configs are the same for every variant and are not counted.
 - ratios: variant / baseline for size and perplexity, baseline ms / variant ms for speedup.
@@ -35,6 +36,10 @@ if TYPE_CHECKING:  # pragma: no cover
 REPORT_VERSION = 1
 BASELINE = "baseline"
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".data", ".bin")
+
+
+class GateFailure(UserError):
+    """One or more variants broke a recipe gate; the report is already written."""
 
 
 # ------------------------------------------------------------------ measurement inputs
@@ -115,24 +120,40 @@ def torch_perplexity(model: "nn.Module", blocks: list[dict[str, list[int]]], bat
     return math.exp(min(total / count, 700.0))
 
 
+def cache_keyword(model: "nn.Module") -> str:
+    """transformers 5.2x renames forward's `past_key_values` to `cache`; use whichever this one takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 def torch_decode_ms(model: "nn.Module", prompt: list[int], new_tokens: int, repeats: int = 3) -> float:
-    """Best mean ms per greedy decode step at batch 1 (after prefill, KV cache, one warm-up run)."""
+    """ms per greedy decode step at batch 1 after the prefill (KV cache): the best over `repeats` runs
+    (after one warm-up) of each run's median step time; medians keep a shared CPU's hiccups out."""
+    import statistics
+
     import torch
 
     if not prompt:
         raise UserError("optimize: no validation tokens for the latency prompt; check the preprocess output")
-    steps = max(1, new_tokens - 1)
+    cache_arg = cache_keyword(model)
     best = math.inf
     with torch.inference_mode():
         for run in range(repeats + 1):
             out = model(input_ids=torch.tensor([prompt]), use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            start = time.perf_counter()
-            for _ in range(steps):
-                out = model(input_ids=token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+            steps = []
+            for _ in range(max(1, new_tokens - 1)):
+                start = time.perf_counter()
+                out = model(input_ids=token, use_cache=True, **{cache_arg: past})
+                past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+                steps.append(time.perf_counter() - start)
             if run:
-                best = min(best, (time.perf_counter() - start) / steps)
+                best = min(best, statistics.median(steps))
     return best * 1000.0
 
 
@@ -263,30 +284,32 @@ def ratios(row: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]
     return out
 
 
+# gate -> (ratio it bounds, broken(value, bound), "value vs bound" text, measured-value text)
+GATES: dict[str, tuple[str, Any, Any, Any]] = {
+    "max_perplexity_increase": ("perplexity", lambda v, b: v - 1.0 > b,
+                                lambda v, b: f"perplexity +{v - 1:.2%} > bound +{b:.2%}",
+                                lambda row: f"measured {row['perplexity']:.4g}"),
+    "min_speedup": ("speedup", lambda v, b: v < b,
+                    lambda v, b: f"speedup {v:.3g}x < bound {b:g}x",
+                    lambda row: f"measured {row['tokens_per_s']:.4g} tokens/s"),
+    "max_size_ratio": ("size", lambda v, b: v > b,
+                       lambda v, b: f"size ratio {v:.3g} > bound {b:g}",
+                       lambda row: f"measured {row['size_bytes']} bytes"),
+}
+
+
 def gate_failures(row: dict[str, Any], gates: GatesConfig) -> list[str]:
     """One message per broken gate: the gate, its bound and the measured value."""
-    r, name, failures = row["ratios"], row["name"], []
-    if gates.max_perplexity_increase is not None:
-        value = r.get("perplexity")
+    failures = []
+    for gate, (ratio, broken, compare, measured) in GATES.items():
+        bound = getattr(gates, gate)
+        if bound is None:
+            continue
+        value = row["ratios"].get(ratio)
         if value is None:
-            failures.append(f"{name}: gates.max_perplexity_increase: perplexity was not measured")
-        elif value - 1.0 > gates.max_perplexity_increase:
-            failures.append(f"{name}: gates.max_perplexity_increase: perplexity +{value - 1:.2%} > bound +{gates.max_perplexity_increase:.2%} "
-                            f"(measured {row['perplexity']:.4g})")
-    if gates.min_speedup is not None:
-        value = r.get("speedup")
-        if value is None:
-            failures.append(f"{name}: gates.min_speedup: decode latency was not measured")
-        elif value < gates.min_speedup:
-            failures.append(f"{name}: gates.min_speedup: speedup {value:.3g}x < bound {gates.min_speedup:g}x "
-                            f"(measured {row['tokens_per_s']:.4g} tokens/s)")
-    if gates.max_size_ratio is not None:
-        value = r.get("size")
-        if value is None:
-            failures.append(f"{name}: gates.max_size_ratio: size was not measured")
-        elif value > gates.max_size_ratio:
-            failures.append(f"{name}: gates.max_size_ratio: size ratio {value:.3g} > bound {gates.max_size_ratio:g} "
-                            f"(measured {row['size_bytes']} bytes)")
+            failures.append(f"{row['name']}: gates.{gate}: {ratio} was not measured")
+        elif broken(value, bound):
+            failures.append(f"{row['name']}: gates.{gate}: {compare(value, bound)} ({measured(row)})")
     return failures
 
 
@@ -333,22 +356,25 @@ def _fmt(value: Any, spec: str) -> str:
 
 def print_report(report: dict[str, Any]) -> None:
     """The report as a rich table on stdout."""
+    from rich import box
     from rich.table import Table
 
     from fastserve_cli.console import out_console
 
-    table = Table(title="optimize report (ratios vs baseline)", header_style="bold")
-    for column in ("variant", "method", "backend", "params", "size MB", "ppl", "ms/token", "tok/s",
-                   "size x", "ppl x", "speedup", "gates"):
-        table.add_column(column, justify="left" if column in ("variant", "method", "backend", "gates") else "right")
+    table = Table(title="optimize report (x = ratio to baseline)", header_style="bold", box=box.SIMPLE_HEAD, show_edge=False,
+                  padding=0, pad_edge=False, collapse_padding=True)
+    for column in ("variant", "method", "params", "MB", "ppl", "tok/s", "size x", "ppl x", "speed x", "gates"):
+        left = column in ("variant", "method", "gates")
+        table.add_column(column, justify="left" if left else "right", no_wrap=True)
     for row in report.get("rows", []):
         r = row.get("ratios", {})
         gate = "[green]pass[/green]" if row["gates"]["passed"] else "[red]FAIL[/red]"
-        size = row.get("size_bytes")
+        size, params = row.get("size_bytes"), row.get("parameters")
+        method = row["method"] if row["backend"] == "torch" else f"{row['method']} (onnx)"
         table.add_row(
-            row["name"], row["method"], row["backend"], _fmt(row.get("parameters"), ","),
-            _fmt(size / 1e6 if size is not None else None, ".2f"), _fmt(row.get("perplexity"), ".4g"),
-            _fmt(row.get("decode_ms_per_token"), ".3g"), _fmt(row.get("tokens_per_s"), ".4g"),
+            row["name"], method, _fmt(params / 1e6 if params is not None else None, ".3g") + "M",
+            _fmt(size / 1e6 if size is not None else None, ".3g"), _fmt(row.get("perplexity"), ".4g"),
+            _fmt(row.get("tokens_per_s"), ".4g"),
             _fmt(r.get("size"), ".3f"), _fmt(r.get("perplexity"), ".4f"), _fmt(r.get("speedup"), ".2f"), gate,
         )
     out_console().print(table)
