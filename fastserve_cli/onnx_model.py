@@ -351,10 +351,10 @@ def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
         if src.is_file():
             shutil.copy2(src, out_dir / name)
             copied.append(name)
-    if not (out_dir / "generation_config.json").exists():
-        from transformers import GenerationConfig
+    if not (out_dir / "generation_config.json").exists():  # older checkpoints: derive it from config.json
+        from transformers import AutoConfig, GenerationConfig
 
-        GenerationConfig.from_pretrained(model_dir).save_pretrained(out_dir)
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(out_dir)
         copied.append("generation_config.json")
     return copied
 

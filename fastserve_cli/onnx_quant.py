@@ -109,7 +109,8 @@ def perplexity(session: OnnxCausalLM, blocks: list[dict[str, list[int]]]) -> flo
     return torch_perplexity(forward, blocks)
 
 
-def decode_ms_per_token(session: OnnxCausalLM, prompt: np.ndarray, new_tokens: int, repeats: int = 3) -> float:
+def decode_ms_per_token(session: OnnxCausalLM, prompt: np.ndarray, new_tokens: int, repeats: int = 3,
+                        warmup: bool = True) -> float:
     """Best mean ms per greedy decode step after the prefill (one warm-up run, then `repeats` timed ones).
 
     `prompt` is [batch, len] with no padding; `fastserve_cli.report` measures PyTorch the same way at batch 1.
@@ -117,7 +118,7 @@ def decode_ms_per_token(session: OnnxCausalLM, prompt: np.ndarray, new_tokens: i
     batch, length = prompt.shape
     steps = max(1, new_tokens - 1)
     best = float("inf")
-    for run in range(repeats + 1):
+    for run in range(0 if warmup else 1, repeats + 1):
         mask = np.ones_like(prompt)
         logits, past = session.step(prompt, mask, position_ids_from_mask(mask))
         token = logits[:, -1].argmax(-1)[:, None]

@@ -1,0 +1,139 @@
+"""Decode latency of the exported ONNX graph (onnxruntime) vs PyTorch eager, same model, same prompts, one run.
+
+    .venv/bin/python scripts/bench_export.py                 # GPT-2-small shape (124M, random weights)
+    .venv/bin/python scripts/bench_export.py --tiny          # 2 layers x 64 wide: a quick smoke run
+    .venv/bin/python scripts/bench_export.py --quantize dynamic_int8 int4   # add ORT quantized graphs
+
+The model is built from a config (nothing is downloaded), exported with `fastserve_cli.onnx_model.export_onnx`
+(parity enforced), then both backends decode greedily with a KV cache from the same random prompts: after
+the prefill, `--new-tokens - 1` single-token steps are timed; the best mean step time of `--repeats` runs
+(after one warm-up) is reported; the backends take turns in every round. PyTorch runs the HF model in eager mode (default attention, no compile).
+Target (issue #5): ORT <= 0.7x PyTorch latency at batch 1 for the GPT-2-small shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build_model(out: Path, tiny: bool, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    shape = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, bos_token_id=0, eos_token_id=0) if tiny else dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_positions=1024, **shape))
+    model.save_pretrained(out)
+    return out
+
+
+def torch_decode_ms(model, prompt: np.ndarray, new_tokens: int, repeats: int, warmup: bool = True) -> float:
+    """Best mean ms per greedy decode step after the prefill (the ORT side uses onnx_quant.decode_ms_per_token)."""
+    import torch
+    from transformers import DynamicCache
+
+    ids = torch.from_numpy(prompt)
+    steps = max(1, new_tokens - 1)
+    best = float("inf")
+    with torch.inference_mode():
+        for run in range(0 if warmup else 1, repeats + 1):
+            out = model(input_ids=ids, cache=DynamicCache(), use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = model(input_ids=token, cache=out.cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+            if run:
+                best = min(best, (time.perf_counter() - start) / steps)
+    return best * 1000.0
+
+
+TORCH = "pytorch eager fp32"
+
+
+def interleaved(model, sessions: dict, prompt: np.ndarray, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Best ms/step per backend, the backends taking turns in every round so a load change on a shared
+    machine hits all of them alike (one warm-up round first)."""
+    from fastserve_cli.onnx_quant import decode_ms_per_token
+
+    runners = {TORCH: lambda warm: torch_decode_ms(model, prompt, new_tokens, 1, warm)}
+    runners.update({label: (lambda warm, s=s: decode_ms_per_token(s, prompt, new_tokens, 1, warm))
+                    for label, s in sessions.items()})
+    best = {label: float("inf") for label in runners}
+    for round_ in range(repeats):
+        for label, run in runners.items():
+            best[label] = min(best[label], run(round_ == 0))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="2 layers x 64 wide instead of the GPT-2-small shape")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quantize", nargs="*", default=[], choices=["dynamic_int8", "int4"],
+                        help="also time these onnxruntime quantized graphs")
+    parser.add_argument("--threads", type=int, help="intra-op threads for both backends (default: each library's own)")
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    args = parser.parse_args()
+
+    import onnxruntime
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastserve_cli.onnx_model import OnnxCausalLM, export_onnx, onnx_size_bytes
+    from fastserve_cli.onnx_quant import QUANTIZERS, VARIANT_FILES
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = build_model(tmp / "model", args.tiny)
+        start = time.perf_counter()
+        parity = export_onnx(model_dir, tmp / "onnx", parity_steps=32)
+        export_s = time.perf_counter() - start
+        if not parity["passed"]:
+            raise SystemExit(f"parity failed: {json.dumps(parity)}")
+        graphs = {"onnxruntime fp32": tmp / "onnx" / "model.onnx"}
+        for name in args.quantize:
+            graphs[f"onnxruntime {name}"] = tmp / "onnx" / VARIANT_FILES[name]
+            logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice on the root logger
+            QUANTIZERS[name](graphs["onnxruntime fp32"], graphs[f"onnxruntime {name}"])
+        size_mb = onnx_size_bytes(graphs["onnxruntime fp32"]) / 1e6
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        sessions = {label: OnnxCausalLM(path, threads=args.threads) for label, path in graphs.items()}
+        rng = np.random.default_rng(0)
+        results = []
+        for batch in args.batches:
+            prompt = rng.integers(0, model.config.vocab_size, (batch, args.prompt_tokens), dtype=np.int64)
+            best = interleaved(model, sessions, prompt, args.new_tokens, args.repeats)
+            for label, ms in best.items():
+                results.append({"backend": label, "batch": batch, "ms_per_step": ms, "ratio": ms / best[TORCH]})
+
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: GPT-2 {'tiny' if args.tiny else 'small shape'}, {params / 1e6:.1f}M params; export {export_s:.1f}s, "
+          f"parity max|Δlogits| {parity['max_abs_diff']:.2e}, greedy 32 steps identical; "
+          f"fp32 graph {size_mb:.1f} MB")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"onnxruntime {onnxruntime.__version__} ({args.threads or 'default'} threads); load average {os.getloadavg()[0]:.1f}; prompt {args.prompt_tokens}, {args.new_tokens - 1} timed steps, best of {args.repeats}")
+    print(f"{'backend':<26}{'batch':>6}{'ms/step':>10}{'tokens/s':>10}{'latency vs PyTorch':>20}")
+    for r in results:
+        print(f"{r['backend']:<26}{r['batch']:>6}{r['ms_per_step']:>10.2f}{r['batch'] * 1000 / r['ms_per_step']:>10.1f}"
+              f"{r['ratio']:>19.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"parity": parity, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
