@@ -52,6 +52,7 @@ class KVCacheManager:
         self.offloads = 0
         self.reloads = 0
         self.offloaded_bytes = 0
+        self.prefetches = 0  # reloads ahead of a request's turn (counted in `reloads` too)
         self.recompute_preemptions = 0
 
     # -- accounting ---------------------------------------------------------------------------
@@ -72,6 +73,7 @@ class KVCacheManager:
     def make_room(self, batch: list[Request], order: Callable[[], list[Request]]) -> list[Request]:
         """Return the prefix of `batch` that can run this iteration, after offloading/reloading as needed."""
         live = order()
+        moved_out = self.offloads + self.recompute_preemptions
         runnable: list[Request] = []
         for req in batch:
             after = (req.kv_tokens + 1 if req.is_prefilled else req.total_len) * self.bytes_per_token
@@ -85,7 +87,27 @@ class KVCacheManager:
                 self.backend.to_device(req)
                 self.reloads += 1
             runnable.append(req)
+        if self.offloads + self.recompute_preemptions == moved_out:  # never reload what was just pushed out
+            self._prefetch(live, runnable)
         return runnable
+
+    def _prefetch(self, live: list[Request], runnable: list[Request]) -> None:
+        """Reload host-resident caches from the head of the priority order while the device has room.
+
+        Room is what stays free after this iteration's growth; the requests that will run soonest then
+        find their cache on the device (on a GPU the copy overlaps the current iteration's compute).
+        """
+        growth = sum(1 if r.is_prefilled else r.total_len for r in runnable) * self.bytes_per_token
+        free = self.device_budget - self.used(live, "device") - growth
+        for req in live:
+            if req.kv_location != "host":
+                continue
+            if self.bytes_of(req) > free:
+                break
+            self.backend.to_device(req)
+            free -= self.bytes_of(req)
+            self.reloads += 1
+            self.prefetches += 1
 
     def _evict(self, need: int, live: list[Request], protected: set[int]) -> bool:
         """Free `need` device bytes from the tail of the priority order; False if impossible."""
