@@ -262,3 +262,57 @@ def test_quantized_variants_rows_and_drift(tmp_path, tiny_tokenizer_dir):
     rows = {r["name"]: r for r in json.loads(run.report_path.read_text())["rows"]}
     assert not rows["onnx_dynamic_int8"]["gates"]["passed"]
     assert "onnx_int4" not in rows and "onnx_static_int8" not in rows  # their graphs are gone
+
+
+# ---------------------------------------------------------------- other sources and families
+
+
+def test_head_pruned_variant_source(tmp_path, tiny_tokenizer_dir):
+    """export.source = a structured (head-pruned) GPT-2 variant: KV shapes follow the pruned model, parity holds."""
+    from fastserve_cli.pipeline import execute
+    from fastserve_cli.pruning import plan_structured, prune_structured, weight_importance
+    from fastserve_cli.quantization import load_causal_lm
+
+    recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "gpt2", export={"source": "heads", "parity_steps": 8})
+    recipe.optimize.variants = [{"name": "heads", "method": "structured", "heads_fraction": 0.25}]
+    model = load_causal_lm(run.model_dir)
+    heads, neurons = weight_importance(model)
+    prune_structured(model, plan_structured(model, 0.25, None, None), heads, neurons)
+    model.save_pretrained(run.variant_dir("heads"))
+    run.update_stage("optimize", status="done", run_id="o")
+    execute("export", recipe, run)
+    parity = json.loads(run.parity_path.read_text())
+    assert parity["passed"] and parity["source"] == "heads"
+    from fastserve_cli.onnx_model import OnnxCausalLM
+
+    assert OnnxCausalLM(run.onnx_dir).num_kv_heads == 3  # 4 heads, a quarter removed
+
+
+def test_torch_quantized_variant_is_refused(tmp_path, tiny_tokenizer_dir):
+    from fastserve_cli.pipeline import execute
+
+    recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "gpt2", export={"source": "int8"})
+    recipe.optimize.variants = [{"name": "int8", "method": "dynamic_int8"}]
+    run.variant_dir("int8").mkdir(parents=True)
+    config = json.loads((run.model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fastserve", "scheme": "dynamic_int8", "modules": []}
+    (run.variant_dir("int8") / "config.json").write_text(json.dumps(config))
+    run.update_stage("optimize", status="done", run_id="o")
+    with pytest.raises(UserError, match="quantized PyTorch model cannot be exported"):
+        execute("export", recipe, run)
+    assert not run.onnx_dir.exists()
+
+
+def test_qwen2_export_parity(tmp_path):
+    """The Llama-family wrapper covers qwen2 (q/k/v biases) as well."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from fastserve_cli.onnx_model import export_onnx
+
+    config = Qwen2Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    parity = export_onnx(tmp_path / "model", tmp_path / "onnx", parity_steps=16)
+    assert parity["passed"] and parity["max_abs_diff"] < 1e-4, parity
