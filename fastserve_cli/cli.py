@@ -193,6 +193,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FASTSERVE_API_KEY", help="Require this bearer key."),
     max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Waiting requests before 429."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Name clients send as `model`."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads; all cores when unset."),
     set_: Optional[list[str]] = SetOption,
 ) -> None:
     """OpenAI-compatible HTTP server with continuous batching (stops gracefully on SIGTERM)."""
@@ -200,7 +201,7 @@ def serve(
 
     flags = dict(host=host, port=port, backend=backend, source=source, scheduler=scheduler, max_batch_size=max_batch_size,
                  max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory, api_key=api_key,
-                 max_queue=max_queue, model_name=model_name)
+                 max_queue=max_queue, model_name=model_name, num_threads=threads)
     path = Path(target)
     is_model_dir = path.is_dir() and not (path / "recipe.yaml").is_file()
     recipe = None if is_model_dir else load_target(target, set_)

@@ -67,7 +67,11 @@ def build_engine(target: ServeTarget, cfg) -> "object":
     from fastserve_cli.serve.scheduler import make_scheduler
     from fastserve_cli.tokenizer import load_tokenizer
 
-    backend = load_backend(target.backend, target.model_dir)
+    if cfg.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.num_threads)
+    backend = load_backend(target.backend, target.model_dir, cfg.num_threads)
     tokenizer = load_tokenizer(target.model_dir)
     budget = parse_bytes(cfg.kv_cache_memory)
     kv = KVCacheManager(backend, budget, parse_bytes(cfg.kv_offload_memory, "--kv-offload-memory"))

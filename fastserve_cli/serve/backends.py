@@ -203,19 +203,61 @@ class TorchBackend(Backend):
         super().__init__(model_dir, read_config(model_dir))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = _load_torch_model(self.model_dir, self.device)
+        self._cache, self._present = None, None
         param = next(self.model.parameters())
         self.kv_dtype_bytes = 2 if param.dtype in (torch.float16, torch.bfloat16) else 4
 
     def forward(self, input_ids, attention_mask, position_ids, past):
+        """Reuses the cache object of the previous call when `past` is what that call returned, so a
+        steady decode batch appends in place instead of concatenating the whole cache every step."""
         import torch
-        from transformers import DynamicCache
 
-        cache = DynamicCache(ddp_cache_data=past) if past is not None else DynamicCache()
+        cache = self._cache if past is not None and past is self._present else _growable_cache(past)
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, use_cache=True, logits_to_keep=1)
         present = [(layer.keys, layer.values) for layer in out.cache.layers]
+        if past is not None:  # prefills (past None) do not disturb the decode batch's cache
+            self._cache, self._present = out.cache, present
         return out.logits[:, -1, :].float(), present
+
+
+def _growable_cache(past):
+    """A transformers DynamicCache whose layers append into preallocated buffers (amortized O(1) per token)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowableLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            import torch
+
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self._kbuf = self._vbuf = None
+                self._len = 0
+            new_len = self._len + key_states.shape[-2]
+            if self._kbuf is None or new_len > self._kbuf.shape[-2]:
+                shape = list(key_states.shape)
+                shape[-2] = new_len + max(32, new_len // 2)
+                kbuf = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
+                vbuf = torch.empty(shape, dtype=value_states.dtype, device=value_states.device)
+                if self._len:
+                    kbuf[..., :self._len, :] = self._kbuf[..., :self._len, :]
+                    vbuf[..., :self._len, :] = self._vbuf[..., :self._len, :]
+                self._kbuf, self._vbuf = kbuf, vbuf
+            self._kbuf[..., self._len:new_len, :] = key_states
+            self._vbuf[..., self._len:new_len, :] = value_states
+            self._len = new_len
+            self.keys, self.values = self._kbuf[..., :new_len, :], self._vbuf[..., :new_len, :]
+            return self.keys, self.values
+
+    if past is None:
+        return DynamicCache()
+    cache = DynamicCache()
+    cache.layers = [GrowableLayer() for _ in past]
+    for layer, (k, v) in zip(cache.layers, past):
+        layer.update(k, v)
+    return cache
 
 
 def _load_torch_model(model_dir: Path, device: str):
@@ -259,9 +301,9 @@ class OnnxBackend(Backend):
         return torch.from_numpy(np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)), layers
 
 
-def load_backend(kind: str, model_dir: Path) -> Backend:
+def load_backend(kind: str, model_dir: Path, threads: int | None = None) -> Backend:
     if kind == "torch":
         return TorchBackend(model_dir)
     if kind == "onnx":
-        return OnnxBackend(model_dir)
+        return OnnxBackend(model_dir, threads=threads)
     raise UserError(f"--backend {kind}: unknown backend; choose torch or onnx")

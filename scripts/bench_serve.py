@@ -1,0 +1,333 @@
+"""Serving benchmark: `fastserve serve` against HF generate() and `transformers serve --continuous-batching`.
+
+One seeded workload -- Poisson arrivals, prompts of 16-256 tokens cut from stdlib sources, heavy-tailed
+(Pareto) output lengths fixed by max_tokens + ignore_eos -- is replayed against:
+  1. fastserve serve (torch backend, and onnx when --onnx-dir is given), a real process, async HTTP client;
+  2. HF `generate()` one request at a time (in this process; a virtual clock queues the requests);
+  3. HF `generate()` in static left-padded batches of up to 8 (same virtual-clock queue);
+  4. `transformers serve --continuous-batching` (a real process, same HTTP client).
+Reported per system: throughput (generated tokens / makespan), time to first token, inter-token latency,
+P50/mean/P99 job completion time, and throughput ratios. Also batch-1 decode speed vs the memory-bandwidth
+bound (model bytes / measured read bandwidth).
+
+    .venv/bin/python scripts/bench_serve.py --model-dir /tmp/bench/gpt2-124m --requests 48 --rate 4
+
+The model (GPT-2-small shape, 124M, random init, fp32) and its tokenizer are built on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fastserve_cli.serve.launch import free_port, running_server, wait_ready  # noqa: E402
+
+
+# ------------------------------------------------------------------ model and workload
+
+
+def ensure_model(model_dir: Path) -> Path:
+    """GPT-2-small shape (12 layers, 768 wide, vocab 50257), random init, fp32, with a stdlib BPE tokenizer."""
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from fastserve_cli.tokenizer import train_bpe
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(encoding="utf-8", errors="ignore") for p in sorted(stdlib.rglob("*.py"))]
+    tokenizer = train_bpe(texts, vocab_size=50257, min_frequency=2, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                          extra_special_tokens=["<|im_start|>", "<|im_end|>"])
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    model.generation_config.save_pretrained(model_dir)
+    return model_dir
+
+
+@dataclass
+class Job:
+    arrival: float  # seconds after the start of the replay
+    prompt: str
+    prompt_len: int
+    max_tokens: int
+
+
+def make_workload(tokenizer, n: int, rate: float, seed: int, max_out: int) -> list[Job]:
+    """Poisson arrivals at `rate`/s; prompts of 16-256 tokens; Pareto(1.5) output lengths from 16, capped."""
+    rng = random.Random(seed)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = tokenizer("\n".join((stdlib / m).read_text(encoding="utf-8") for m in
+                                 ("textwrap.py", "argparse.py", "json/decoder.py")))["input_ids"]
+    jobs, t = [], 0.0
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        length = rng.randint(16, 256)
+        start = rng.randrange(0, len(corpus) - length)
+        prompt = tokenizer.decode(corpus[start:start + length])
+        out = min(max_out, int(16 * (1 - rng.random()) ** (-1 / 1.5)))
+        jobs.append(Job(t, prompt, len(tokenizer(prompt)["input_ids"]), out))
+    return jobs
+
+
+# ------------------------------------------------------------------ results
+
+
+@dataclass
+class Trace:
+    arrival: float
+    first_token: float | None = None
+    end: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+
+def summarize(name: str, traces: list[Trace]) -> dict:
+    ok = [t for t in traces if t.error is None and t.end is not None]
+    makespan = max(t.end for t in ok) - min(t.arrival for t in traces)
+    jct = sorted(t.end - t.arrival for t in ok)
+    ttft = sorted(t.first_token - t.arrival for t in ok if t.first_token is not None)
+    itl = [b - a for t in ok for a, b in zip(t.token_times, t.token_times[1:])]
+
+    def pct(values, q):
+        return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+    return {"system": name, "requests": len(traces), "errors": len(traces) - len(ok),
+            "generated_tokens": sum(t.tokens for t in ok), "makespan_s": makespan,
+            "throughput_tok_s": sum(t.tokens for t in ok) / makespan,
+            "ttft_mean_s": statistics.fmean(ttft) if ttft else None, "ttft_p99_s": pct(ttft, 0.99),
+            "itl_mean_s": statistics.fmean(itl) if itl else None,
+            "jct_p50_s": pct(jct, 0.5), "jct_mean_s": statistics.fmean(jct), "jct_p99_s": pct(jct, 0.99)}
+
+
+# ------------------------------------------------------------------ HTTP replay (our server, transformers serve)
+
+
+async def replay_http(url: str, model: str, jobs: list[Job], extra: dict) -> list[Trace]:
+    """Send each job at its arrival time as a streaming completion; record token timings."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600), limits=httpx.Limits(max_connections=1000)) as http:
+        start = time.perf_counter()
+
+        async def one(job: Job) -> Trace:
+            await asyncio.sleep(max(0.0, job.arrival - (time.perf_counter() - start)))
+            trace = Trace(arrival=time.perf_counter() - start)
+            body = {"model": model, "prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}, **extra}
+            try:
+                async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+                    if response.status_code != 200:
+                        trace.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                        return trace
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        now = time.perf_counter() - start
+                        if chunk.get("usage"):
+                            trace.tokens = chunk["usage"]["completion_tokens"]
+                        if chunk.get("choices") and chunk["choices"][0].get("text"):
+                            trace.first_token = trace.first_token or now
+                            trace.token_times.append(now)
+                trace.end = time.perf_counter() - start
+                trace.tokens = trace.tokens or len(trace.token_times)
+            except httpx.HTTPError as err:
+                trace.error = repr(err)
+            return trace
+
+        return await asyncio.gather(*[one(j) for j in jobs])
+
+
+def bench_fastserve(model_dir: Path, jobs: list[Job], backend: str, args) -> dict:
+    log = Path(args.out).with_suffix(f".{backend}.log")
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    with running_server(model_dir, "--backend", backend, "--model-name", "bench", *threads,
+                        "--max-batch-size", str(args.max_batch_size), "--max-queue", "100000",
+                        "--kv-cache-memory", "4GiB", log_path=log) as (url, _):
+        asyncio.run(replay_http(url, "bench", jobs[:2], {"ignore_eos": True}))  # warm-up
+        traces = asyncio.run(replay_http(url, "bench", jobs, {"ignore_eos": True}))
+        single = asyncio.run(replay_http(url, "bench", [Job(0.0, jobs[0].prompt, jobs[0].prompt_len, 128)],
+                                         {"ignore_eos": True}))[0]
+    result = summarize(f"fastserve ({backend})", traces)
+    result["batch1_decode_tok_s"] = (len(single.token_times) - 1) / (single.token_times[-1] - single.token_times[0])
+    return result
+
+
+def bench_transformers_serve(model_dir: Path, jobs: list[Job], args) -> dict:
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir), "--continuous-batching",
+           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32"]
+    log = open(Path(args.out).with_suffix(".transformers-serve.log"), "w")
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, timeout=300)
+        asyncio.run(replay_http(url, str(model_dir), jobs[:2], {}))
+        traces = asyncio.run(replay_http(url, str(model_dir), jobs, {}))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    return summarize("transformers serve --continuous-batching", traces)
+
+
+# ------------------------------------------------------------------ HF generate baselines (virtual clock)
+
+
+class TimingStreamer:
+    """generate() calls put() with the prompt first, then once per step with the new tokens."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_generate(model, tokenizer, batch: list[Job]):
+    """One generate() over a left-padded batch; returns (duration, per-step offsets from the start)."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    enc = tokenizer([j.prompt for j in batch], return_tensors="pt", padding=True)
+    streamer = TimingStreamer()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(**enc, max_new_tokens=max(j.max_tokens for j in batch), min_new_tokens=max(j.max_tokens for j in batch),
+                       do_sample=False, streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+    return time.perf_counter() - t0, [t - t0 for t in streamer.times[1:]]
+
+
+def bench_hf(model, tokenizer, jobs: list[Job], batch_size: int) -> dict:
+    """Requests queue in arrival order; each generate() takes up to `batch_size` requests already arrived."""
+    clock, i, traces = 0.0, 0, []
+    while i < len(jobs):
+        clock = max(clock, jobs[i].arrival)
+        batch = [jobs[i]]
+        while len(batch) < batch_size and i + len(batch) < len(jobs) and jobs[i + len(batch)].arrival <= clock:
+            batch.append(jobs[i + len(batch)])
+        duration, steps = hf_generate(model, tokenizer, batch)
+        for job in batch:
+            mine = steps[:job.max_tokens]
+            traces.append(Trace(arrival=job.arrival, first_token=clock + mine[0], end=clock + duration,
+                                token_times=[clock + s for s in mine], tokens=job.max_tokens))
+        clock += duration
+        i += len(batch)
+    label = "HF generate, one at a time" if batch_size == 1 else f"HF generate, static batches of {batch_size}"
+    return summarize(label, traces)
+
+
+def read_bandwidth_gbs() -> float:
+    import torch
+
+    x = torch.ones(256 * 2**20, dtype=torch.float32)  # 1 GiB
+    x.sum()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        x.sum()
+    return 5 * x.numel() * 4 / (time.perf_counter() - t0) / 1e9
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/bench/gpt2-124m"))
+    parser.add_argument("--onnx-dir", type=Path, default=None, help="Also benchmark --backend onnx on this export.")
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate (requests/s).")
+    parser.add_argument("--max-out", type=int, default=256)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="Intra-op threads for every system (all cores when unset).")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["hf1", "hf8", "tserve", "torch"])
+    parser.add_argument("--out", default="bench_serve.json")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = ensure_model(args.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    jobs = make_workload(tokenizer, args.requests, args.rate, args.seed, args.max_out)
+    print(f"workload: {len(jobs)} requests over {jobs[-1].arrival:.1f} s, prompts "
+          f"{min(j.prompt_len for j in jobs)}-{max(j.prompt_len for j in jobs)} tokens, outputs "
+          f"mean {statistics.fmean(j.max_tokens for j in jobs):.0f} max {max(j.max_tokens for j in jobs)} tokens",
+          flush=True)
+    results = []
+    if "torch" not in args.skip:
+        results.append(bench_fastserve(model_dir, jobs, "torch", args))
+        print(json.dumps(results[-1]), flush=True)
+    if args.onnx_dir:
+        results.append(bench_fastserve(args.onnx_dir, jobs, "onnx", args))
+        print(json.dumps(results[-1]), flush=True)
+    if "tserve" not in args.skip:
+        results.append(bench_transformers_serve(model_dir, jobs, args))
+        print(json.dumps(results[-1]), flush=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for size, key in ((8, "hf8"), (1, "hf1")):
+        if key not in args.skip:
+            results.append(bench_hf(model, tokenizer, jobs, size))
+            print(json.dumps(results[-1]), flush=True)
+    bandwidth = read_bandwidth_gbs()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bound = bandwidth * 1e9 / model_bytes
+    report = {"workload": {"requests": len(jobs), "rate": args.rate, "seed": args.seed},
+              "read_bandwidth_gb_s": bandwidth, "model_bytes": model_bytes, "batch1_bound_tok_s": bound,
+              "results": results}
+    atomic_dump(Path(args.out), report)
+    print_table(report)
+
+
+def atomic_dump(path: Path, obj) -> None:
+    from fastserve_cli.rundir import atomic_write_json
+
+    atomic_write_json(path, obj)
+
+
+def print_table(report: dict) -> None:
+    rows = report["results"]
+    base = {r["system"]: r["throughput_tok_s"] for r in rows}
+    print(f"\n{'system':44s} {'tok/s':>8s} {'TTFT':>7s} {'ITL':>7s} {'JCT p50':>8s} {'mean':>7s} {'p99':>7s} err")
+    for r in rows:
+        itl = f"{r['itl_mean_s']:7.3f}" if r["itl_mean_s"] is not None else "      -"
+        print(f"{r['system']:44s} {r['throughput_tok_s']:8.1f} {r['ttft_mean_s']:7.2f} {itl} {r['jct_p50_s']:8.2f} "
+              f"{r['jct_mean_s']:7.2f} {r['jct_p99_s']:7.2f} {r['errors']}")
+    for ours in (r for r in rows if r["system"].startswith("fastserve")):
+        ratios = ", ".join(f"{ours['throughput_tok_s'] / v:.2f}x {k}" for k, v in base.items() if not k.startswith("fastserve"))
+        print(f"{ours['system']}: {ratios}; batch-1 decode {ours['batch1_decode_tok_s']:.1f} tok/s = "
+              f"{ours['batch1_decode_tok_s'] / report['batch1_bound_tok_s']:.0%} of the bandwidth bound "
+              f"({report['batch1_bound_tok_s']:.0f} tok/s at {report['read_bandwidth_gb_s']:.0f} GB/s)")
+
+
+if __name__ == "__main__":
+    main()
