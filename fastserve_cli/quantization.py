@@ -122,17 +122,20 @@ class WeightOnlyInt4Linear(_QuantLinear):
         self.register_buffer("weight_scale", scale, persistent=False)
         self.register_buffer("weight_zero", zero, persistent=False)
         q = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(self.out_features, self.in_features)
+        # The kernel wants a multiple of 16 output rows (a 50257-word lm_head is not): pad with zero rows.
+        pad = -self.out_features % 16
+        q, scale_k, zero_k = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, scale, zero))
         self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         # The kernel dequantizes as (q - 8) * scale + zero'; ours is q * scale + zero.
-        zero_shifted = zero + 8 * scale
-        self._scales_zeros = torch.stack([scale.T, zero_shifted.T], dim=-1).contiguous().to(torch.bfloat16)
+        zero_shifted = zero_k + 8 * scale_k
+        self._scales_zeros = torch.stack([scale_k.T, zero_shifted.T], dim=-1).contiguous().to(torch.bfloat16)
 
     def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         import torch
 
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._kernel_weight, self.group_size, self._scales_zeros)
-        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        out = out[:, : self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out + self.bias if self.bias is not None else out
 
     def saved_tensors(self) -> dict[str, "torch.Tensor"]:
@@ -201,7 +204,7 @@ def quantize_module(module: "nn.Module", scheme: str, group_size: int = 128) -> 
         return WeightOnlyInt8Linear(*quantize_int8_per_channel(weight), bias)
     if scheme == "weight_only_int4":
         size = int4_group_size(weight.shape[1], group_size)
-        if size is None or weight.shape[0] % 8:
+        if size is None:
             return None
         return WeightOnlyInt4Linear(*quantize_int4_grouped(weight, size), bias, size)
     raise UserError(f"quantization scheme {scheme!r}: unknown; use one of {', '.join(SCHEMES)}")
@@ -285,7 +288,7 @@ def _owned(tensor: "torch.Tensor | None") -> "torch.Tensor | None":
     return None if tensor is None else tensor.contiguous().clone()
 
 
-def _build_module(scheme: str, tensors: dict[str, "torch.Tensor"], name: str, group_size: int | None) -> _QuantLinear:
+def _build_module(scheme: str, tensors: dict[str, "torch.Tensor"], name: str) -> _QuantLinear:
     bias = _owned(tensors.pop(f"{name}.bias", None))
     weight, scale = _owned(tensors.pop(f"{name}.weight")), _owned(tensors.pop(f"{name}.weight_scale"))
     if scheme == "dynamic_int8":
@@ -293,7 +296,8 @@ def _build_module(scheme: str, tensors: dict[str, "torch.Tensor"], name: str, gr
     if scheme == "weight_only_int8":
         return WeightOnlyInt8Linear(weight, scale, bias)
     zero = _owned(tensors.pop(f"{name}.weight_zero"))
-    return WeightOnlyInt4Linear(weight, scale, zero, bias, group_size or (weight.shape[1] * 2) // scale.shape[1])
+    # Per module: a layer whose width the preferred group size does not divide was quantized with a smaller one.
+    return WeightOnlyInt4Linear(weight, scale, zero, bias, (weight.shape[1] * 2) // scale.shape[1])
 
 
 def _load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Module":
@@ -314,7 +318,7 @@ def _load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Mod
     model = apply_pruned_heads(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
     tensors = load_file(str(path / WEIGHT_FILE))
     for name in section["modules"]:
-        model.set_submodule(name, _build_module(scheme, tensors, name, section.get("group_size")))
+        model.set_submodule(name, _build_module(scheme, tensors, name))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or [k for k in missing if k.rsplit(".", 1)[0] not in set(section["modules"])]:
         raise UserError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]}); re-run `fastserve optimize`")

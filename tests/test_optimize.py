@@ -16,7 +16,7 @@ from optimize_helpers import make_trained_run
 VARIANTS = [
     {"name": "int8", "method": "dynamic_int8"},
     {"name": "sparse50", "method": "magnitude", "sparsity": 0.5, "recovery_steps": 2},
-    {"name": "heads-mlp", "method": "structured", "heads_per_layer": 1, "neurons_fraction": 0.25, "importance": "activation",
+    {"name": "heads-mlp", "method": "structured", "heads_per_layer": 1, "neurons_fraction": 0.25, "importance": "activation", "recovery_steps": 1,
      "calibration_blocks": 2},
 ]
 
