@@ -97,13 +97,15 @@ def check_structured(variant: VariantConfig, config: Any) -> None:
 
 
 def build_variant(recipe: Recipe, run: RunDir, variant: VariantConfig) -> dict[str, Any]:
-    """Write optimized/<name>/ for one variant; returns the details for its report row."""
+    """Write optimized/<name>/ for one variant (from the trained model or its `source` variant); returns
+    the details for its report row."""
     from fastserve_cli.quantization import load_causal_lm
 
-    model = load_causal_lm(run.model_dir)
+    src = run.variant_dir(variant.source) if variant.source else run.model_dir
+    model = load_causal_lm(src)
     with staged_dir(run.variant_dir(variant.name)) as out:
         if variant.method in QUANTIZATION:
-            return quantize_variant(model, variant, run.model_dir, out)
+            return quantize_variant(model, variant, src, out)
         if variant.method == "magnitude":
             return magnitude_variant(recipe, run, model, variant, out)
         if variant.method == "structured":
@@ -117,7 +119,7 @@ def quantize_variant(model: "nn.Module", variant: VariantConfig, src: Path, out:
     modules = quantize_model(model, variant.method, variant.group_size)
     extra = {"group_size": variant.group_size} if variant.method == "weight_only_int4" else {}
     save_quantized(model, variant.method, modules, src, out, extra)
-    return {"quantized_modules": len(modules), **extra}
+    return {"quantized_modules": len(modules), **extra, **({"source": variant.source} if variant.source else {})}
 
 
 def magnitude_variant(recipe: Recipe, run: RunDir, model: "nn.Module", variant: VariantConfig, out: Path) -> dict[str, Any]:

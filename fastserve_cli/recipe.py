@@ -133,6 +133,7 @@ class VariantConfig(Section):
     calibration_blocks: int = Field(16, ge=1, description="structured: validation blocks for activation/gradient importance.")
     recovery_steps: int = Field(0, ge=0, description="Fine-tune steps after pruning (the train stage's optimizer and schedule).")
     group_size: int = Field(128, ge=32, description="weight_only_int4: input channels per scale/zero group (power of two).")
+    source: str | None = Field(None, description="Start from this earlier (pruning) variant instead of the trained model, e.g. int8 of a pruned model.")
 
     @model_validator(mode="after")
     def _fields_fit_method(self) -> "VariantConfig":
@@ -169,6 +170,12 @@ class OptimizeConfig(Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"variant names must be unique, repeated: {', '.join(dupes)}")
+        for i, variant in enumerate(variants):
+            earlier = {v.name: v.method for v in variants[:i]}
+            if variant.source is not None and earlier.get(variant.source) not in ("magnitude", "structured"):
+                pruned = [n for n, m in earlier.items() if m in ("magnitude", "structured")]
+                raise ValueError(f"variant {variant.name}: source {variant.source!r} must name an earlier pruning variant"
+                                 f" ({', '.join(pruned) or 'none listed before it'})")
         return variants
 
 

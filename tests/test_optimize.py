@@ -18,6 +18,7 @@ VARIANTS = [
     {"name": "sparse50", "method": "magnitude", "sparsity": 0.5, "recovery_steps": 2},
     {"name": "heads-mlp", "method": "structured", "heads_per_layer": 1, "neurons_fraction": 0.25, "importance": "activation", "recovery_steps": 1,
      "calibration_blocks": 2},
+    {"name": "heads-mlp-int8", "method": "dynamic_int8", "source": "heads-mlp"},  # pruning and int8 compose
 ]
 
 
@@ -48,7 +49,7 @@ def check_report(run_root: Path, architecture: str) -> dict:
     run = RunDir(run_root)
     report = json.loads(run.report_path.read_text())
     rows = {row["name"]: row for row in report["rows"]}
-    assert list(rows) == ["baseline", "int8", "sparse50", "heads-mlp"]
+    assert list(rows) == ["baseline", "int8", "sparse50", "heads-mlp", "heads-mlp-int8"]
     base = rows["baseline"]
     assert base["ratios"]["size"] == 1.0 and base["path"] == "model" and base["backend"] == "torch"
     for row in rows.values():
@@ -63,6 +64,9 @@ def check_report(run_root: Path, architecture: str) -> dict:
     assert rows["sparse50"]["details"]["sparsity"] >= 0.5 and rows["sparse50"]["details"]["recovery_loss"] > 0
     assert rows["heads-mlp"]["parameters"] < base["parameters"] and rows["heads-mlp"]["ratios"]["size"] < 1
     assert rows["heads-mlp"]["details"]["heads_per_layer"] == (2 if architecture == "llama" else 3)  # llama: 1 per kv group
+    both = rows["heads-mlp-int8"]
+    assert both["details"]["source"] == "heads-mlp" and both["parameters"] < rows["int8"]["parameters"]
+    assert both["details"]["linear_weight_bytes"] < 0.3 * rows["heads-mlp"]["details"]["linear_weight_bytes"]
     stage = run.stage("optimize")
     assert stage["status"] == "done" and "int8.speedup" in stage["metrics"]
     return report
@@ -116,6 +120,7 @@ def test_optimize_before_train_writes_nothing(tmp_path, tiny_tokenizer_dir, caps
     ({"name": "x", "method": "magnitude", "sparsity": 0}, "optimize.variants.0.sparsity"),
     ({"name": "x", "method": "structured", "heads_per_layer": 4}, "only 4"),
     ({"name": "baseline", "method": "dynamic_int8"}, "reserved"),
+    ({"name": "x", "method": "dynamic_int8", "source": "int8"}, "must name an earlier pruning variant"),
 ])
 def test_bad_variants_fail_in_one_line_and_write_nothing(tmp_path, tiny_tokenizer_dir, capsys, variant, message):
     recipe = make_trained_run(tmp_path, "gpt2", tiny_tokenizer_dir, [variant])
