@@ -178,3 +178,45 @@ def test_sigterm_finishes_inflight_stream_and_exits_0(tiny_gpt2_dir):
             rest = [line for line in lines if line.startswith("data: ")]
         assert json.loads(first[6:])["choices"] and rest[-1] == "data: [DONE]"
         assert proc.wait(timeout=30) == 0
+
+
+def test_503_while_the_model_loads(tiny_gpt2_dir):
+    """A real uvicorn server whose (real) loader is held back: 503 in OpenAI's shape, then 200."""
+    import threading
+
+    import uvicorn
+
+    from fastserve_cli.recipe import ServeConfig
+    from fastserve_cli.serve import ServeTarget, build_engine
+    from fastserve_cli.serve.api import ServerState, create_app
+    from fastserve_cli.serve.launch import free_port, wait_ready
+
+    gate = threading.Event()
+
+    def loader():
+        gate.wait(60)
+        return build_engine(ServeTarget(tiny_gpt2_dir, "torch", "tiny"), ServeConfig(kv_cache_memory="64MiB"))
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(ServerState("tiny", None, loader)), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x"})
+                break
+            except httpx.TransportError:
+                asyncio.run(asyncio.sleep(0.05))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+        assert httpx.get(f"{url}/health").status_code == 503
+        gate.set()
+        wait_ready(url, timeout=60)
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(30)

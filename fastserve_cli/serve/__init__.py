@@ -15,6 +15,11 @@ from pathlib import Path
 from fastserve_cli.errors import UserError
 
 
+# Longer than clients' pool expiry (httpx: 5 s, uvicorn's default too): a server closing an idle connection
+# at the same moment a client reuses it shows up as a ReadError under load.
+KEEP_ALIVE_S = 65
+
+
 @dataclass
 class ServeTarget:
     """What to serve: the model directory, the backend for it, a default name, and the run dir if any."""
@@ -108,7 +113,8 @@ def serve(target: ServeTarget, cfg) -> None:
                         cfg.shutdown_timeout_s)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="info",
-                            timeout_graceful_shutdown=cfg.shutdown_timeout_s, access_log=False)
+                            timeout_graceful_shutdown=cfg.shutdown_timeout_s, access_log=False,
+                            timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
     state.on_load_error = lambda: setattr(server, "should_exit", True)
     server.run()
