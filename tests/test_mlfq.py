@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from fastserve_cli.errors import UserError
 from fastserve_cli.serve.mlfq import OracleSRPT, SkipJoinMLFQ
 from fastserve_cli.serve.profile import PrefillProfile, load_cached, measure_profile
 from fastserve_cli.serve.scheduler import FCFSScheduler, make_scheduler
@@ -194,6 +195,8 @@ def test_registered_and_built_from_a_profile(tmp_path):
     assert reloaded.prefill_s(200) == pytest.approx(profile.prefill_s(200))
     override = make_scheduler("skip-join-mlfq", profile_path=path, base_quantum_s=0.5)
     assert override.base_quantum_s == 0.5
+    with pytest.raises(UserError, match="serve.base_quantum_s"):
+        make_scheduler("skip-join-mlfq", profile_path=tmp_path / "missing.json", base_quantum_s=None)
 
 
 def test_heavy_tailed_load_skip_join_beats_fcfs_and_approaches_srpt():

@@ -112,7 +112,8 @@ class SkipJoinMLFQ(Scheduler):
             base_quantum_s = base_quantum_s or profile.base_quantum_s
         if base_quantum_s is None:
             raise UserError("--scheduler skip-join-mlfq: no base quantum and no prefill profile; "
-                            "pass --base-quantum-s or let the server profile the model at start-up")
+                            "set serve.base_quantum_s (e.g. --set serve.base_quantum_s=0.02) or let the server "
+                            "profile the model at start-up")
         if base_quantum_s <= 0 or ratio <= 1:
             raise UserError("skip-join-mlfq: the base quantum must be > 0 s and the level ratio > 1")
         self.base_quantum_s = base_quantum_s
