@@ -45,17 +45,16 @@ def check_writable(run: RunDir) -> None:
         raise UserError(f"{run.onnx_dir}: output directory is not writable; fix its permissions or choose another run_dir")
 
 
-def optimize_graph(out_dir: Path, model) -> dict[str, int]:
+def optimize_graph(src: Path, dst: Path, model) -> dict[str, int]:
     """onnxruntime's transformer optimizer (fusions only, portable across machines); returns fused op counts."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from fastserve_cli.onnx_model import MODEL_FILE, kv_shape, save_model
+    from fastserve_cli.onnx_model import kv_shape, save_model
 
     _, _, head_dim = kv_shape(model)
     heads = model.config.num_attention_heads
-    optimized = optimize_model(str(out_dir / MODEL_FILE), model_type="gpt2", num_heads=heads,
-                               hidden_size=heads * head_dim, opt_level=0)
-    save_model(optimized.model, out_dir / MODEL_FILE)
+    optimized = optimize_model(str(src), model_type="gpt2", num_heads=heads, hidden_size=heads * head_dim, opt_level=0)
+    save_model(optimized.model, dst)
     return {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
 
 
@@ -72,9 +71,9 @@ def build_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path):
 
 def optimize_and_check(cfg: ExportConfig, model, out_dir: Path, unoptimized: dict[str, Any]) -> dict[str, Any]:
     """Fuse model.onnx in place and check the fused graph's parity the same way as the plain one."""
-    from fastserve_cli.onnx_model import OnnxCausalLM, check_parity
+    from fastserve_cli.onnx_model import MODEL_FILE, OnnxCausalLM, check_parity
 
-    fused = optimize_graph(out_dir, model)
+    fused = optimize_graph(out_dir / MODEL_FILE, out_dir / MODEL_FILE, model)
     parity = check_parity(model, OnnxCausalLM(out_dir), steps=cfg.parity_steps, atol=cfg.parity_atol)
     keep = ("model", "opset", "dtype", "providers", "source", "model_type", "variants")
     parity.update({k: unoptimized[k] for k in keep if k in unoptimized})

@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quantize", nargs="*", default=[], choices=["dynamic_int8", "int4"],
                         help="also time these onnxruntime quantized graphs")
+    parser.add_argument("--optimize", action="store_true", help="also time the graph fused by onnxruntime's transformer optimizer")
     parser.add_argument("--threads", type=int, help="intra-op threads for both backends (default: each library's own)")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
@@ -92,6 +93,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from fastserve_cli.export import optimize_graph
     from fastserve_cli.onnx_model import OnnxCausalLM, export_onnx, onnx_size_bytes
     from fastserve_cli.onnx_quant import QUANTIZERS, VARIANT_FILES
 
@@ -104,12 +106,15 @@ def main() -> None:
         if not parity["passed"]:
             raise SystemExit(f"parity failed: {json.dumps(parity)}")
         graphs = {"onnxruntime fp32": tmp / "onnx" / "model.onnx"}
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        if args.optimize:
+            graphs["onnxruntime fp32 fused"] = tmp / "onnx" / "model_fused.onnx"
+            optimize_graph(graphs["onnxruntime fp32"], graphs["onnxruntime fp32 fused"], model)
         for name in args.quantize:
             graphs[f"onnxruntime {name}"] = tmp / "onnx" / VARIANT_FILES[name]
             logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice on the root logger
             QUANTIZERS[name](graphs["onnxruntime fp32"], graphs[f"onnxruntime {name}"])
         size_mb = onnx_size_bytes(graphs["onnxruntime fp32"]) / 1e6
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         if args.threads:
             torch.set_num_threads(args.threads)
         sessions = {label: OnnxCausalLM(path, threads=args.threads) for label, path in graphs.items()}
@@ -130,7 +135,7 @@ def main() -> None:
     print(f"{'backend':<26}{'batch':>6}{'ms/step':>10}{'tokens/s':>10}{'latency vs PyTorch':>20}")
     for r in results:
         print(f"{r['backend']:<26}{r['batch']:>6}{r['ms_per_step']:>10.2f}{r['batch'] * 1000 / r['ms_per_step']:>10.1f}"
-              f"{r['ratio']:>19.2f}x")
+              f"{r['ratio']:>19.3f}x")
     if args.json:
         args.json.write_text(json.dumps({"parity": parity, "results": results}, indent=2))
 
