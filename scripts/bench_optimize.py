@@ -30,6 +30,7 @@ VARIANTS = [
     {"name": "wo-int4", "method": "weight_only_int4", "group_size": 128},
     {"name": "pruned30", "method": "structured", "heads_fraction": 0.3, "neurons_fraction": 0.3, "importance": "weight"},
     {"name": "sparse50", "method": "magnitude", "sparsity": 0.5},
+    {"name": "pruned30-int8", "method": "dynamic_int8", "source": "pruned30"},
 ]
 
 

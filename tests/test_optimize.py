@@ -149,3 +149,12 @@ def test_export_can_add_rows_that_the_gates_judge(tmp_path, tiny_tokenizer_dir):
     assert rows["onnx-int8"]["ratios"]["speedup"] == pytest.approx(2.0) and rows["onnx-int8"]["gates"]["passed"]
     assert rows["onnx-int8"]["ratios"]["size"] == pytest.approx(0.25, abs=0.01)
     assert ensure_baseline(run, recipe) == rows["baseline"]  # not re-measured while model and settings are unchanged
+
+
+def test_no_variants_reports_the_baseline_alone(tmp_path, tiny_tokenizer_dir, capsys):
+    """`fastserve run` on a recipe without an optimize section still gets a report (the baseline row)."""
+    recipe = make_trained_run(tmp_path, "llama", tiny_tokenizer_dir, [])
+    code, out, _ = cli(capsys, "optimize", str(recipe), "--json")
+    assert code == 0
+    rows = json.loads(out[out.index("{"):])["report"]["rows"]
+    assert [r["name"] for r in rows] == ["baseline"] and rows[0]["perplexity"] > 1
