@@ -102,24 +102,16 @@ def measure_row(run: RunDir, recipe: Recipe, name: str, path: Path, parameters: 
 
 def quantize_variants(cfg: ExportConfig, run: RunDir, out: Path, vocab_size: int) -> dict[str, dict]:
     """Write one quantized graph per export.quantize from the plain fp32 graph; returns their drift checks."""
-    import logging
-
     from fastserve_cli.onnx_model import MODEL_FILE, OnnxCausalLM
-    from fastserve_cli.onnx_quant import QUANTIZERS, VARIANT_FILES, greedy_agreement
+    from fastserve_cli.onnx_quant import VARIANT_FILES, greedy_agreement, quantize
     from fastserve_cli.report import calibration_blocks
 
     calibration = [b["input_ids"] for b in calibration_blocks(run, cfg.calibration_blocks)]
     reference = OnnxCausalLM(out / MODEL_FILE)
     checks = {}
-    root_logger = logging.getLogger()
-    level = root_logger.level
     for name in cfg.quantize:
         target = out / VARIANT_FILES[name]
-        root_logger.setLevel(logging.ERROR)  # onnxruntime.quantization logs advice through the root logger
-        try:
-            QUANTIZERS[name](out / MODEL_FILE, target, calibration=calibration, block_size=cfg.int4_block_size)
-        finally:
-            root_logger.setLevel(level)
+        quantize(name, out / MODEL_FILE, target, calibration=calibration, block_size=cfg.int4_block_size)
         checks[name] = greedy_agreement(reference, OnnxCausalLM(target), vocab_size, cfg.parity_steps)
     return checks
 

@@ -152,7 +152,9 @@ def export_graph(model, path: Path, opset: int = 17, external_data: bool | None 
                           output_names=outputs, dynamic_axes=axes, opset_version=opset, dynamo=False,
                           do_constant_folding=True)
     model.eval()  # the legacy exporter can hand the module back in training mode
-    save_model(raw / MODEL_FILE, path, external_data)
+    import onnx
+
+    save_model(share_transposed_weights(onnx.load(str(raw / MODEL_FILE))), path, external_data)
     shutil.rmtree(raw, ignore_errors=True)
     return path
 
@@ -172,6 +174,47 @@ def save_model(src: Path | Any, dst: Path, external_data: bool | None = None) ->
         (dst.parent / data_name).unlink()
     onnx.save_model(proto, str(dst), save_as_external_data=bool(external_data), all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024)
+
+
+def share_transposed_weights(proto):
+    """Store a tied weight once: an initializer that is exactly another one transposed (GPT-2's lm_head
+    after constant folding) becomes a Transpose node of it. onnxruntime folds it back at load, so
+    speed is unchanged; the file loses one vocab x hidden copy (154 MB on GPT-2-small)."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for name, tensor in inits.items():
+        if len(tensor.dims) == 2:
+            by_shape.setdefault(tuple(tensor.dims), []).append(name)
+    weights = {n.input[1] for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits}
+    for name in sorted(weights):
+        dims = tuple(inits[name].dims)
+        value = numpy_helper.to_array(inits[name])
+        source = next((c for c in by_shape.get(dims[::-1], []) if c != name and c not in weights
+                       and np.array_equal(numpy_helper.to_array(inits[c]).T, value)), None)
+        if source is None:
+            continue
+        proto.graph.initializer.remove(inits.pop(name))
+        proto.graph.node.insert(0, onnx.helper.make_node("Transpose", [source], [name], perm=[1, 0],
+                                                         name=f"shared_transpose_{name}"))
+    return proto
+
+
+def materialize_shared_weights(src: Path, dst: Path) -> Path:
+    """The inverse of `share_transposed_weights` (quantizers only quantize weights stored as initializers)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    inits = {t.name: t for t in proto.graph.initializer}
+    for node in [n for n in proto.graph.node if n.name.startswith("shared_transpose_")]:
+        value = numpy_helper.to_array(inits[node.input[0]]).T.copy()
+        proto.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        proto.graph.node.remove(node)
+    save_model(proto, dst)
+    return dst
 
 
 # ------------------------------------------------------------------ running

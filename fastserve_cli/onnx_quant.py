@@ -89,6 +89,28 @@ QUANTIZERS: dict[str, Callable[..., None]] = {
 }
 
 
+def quantize(name: str, src: Path, dst: Path, **options: Any) -> None:
+    """Write the `name` variant of the fp32 graph `src` to `dst`.
+
+    Runs on a copy whose shared (tied) weights are materialized again, since the quantizers only touch
+    weights stored as initializers; onnxruntime.quantization's advice on the root logger is muted.
+    """
+    import logging
+    import tempfile
+
+    from fastserve_cli.onnx_model import materialize_shared_weights
+
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize-") as tmp:
+        plain = materialize_shared_weights(src, Path(tmp) / src.name)
+        root_logger.setLevel(logging.ERROR)
+        try:
+            QUANTIZERS[name](plain, dst, **options)
+        finally:
+            root_logger.setLevel(level)
+
+
 # ------------------------------------------------------------------ measurements
 
 

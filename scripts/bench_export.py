@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import tempfile
@@ -95,7 +94,7 @@ def main() -> None:
 
     from fastserve_cli.export import optimize_graph
     from fastserve_cli.onnx_model import OnnxCausalLM, export_onnx, onnx_size_bytes
-    from fastserve_cli.onnx_quant import QUANTIZERS, VARIANT_FILES
+    from fastserve_cli.onnx_quant import VARIANT_FILES, quantize
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -112,8 +111,7 @@ def main() -> None:
             optimize_graph(graphs["onnxruntime fp32"], graphs["onnxruntime fp32 fused"], model)
         for name in args.quantize:
             graphs[f"onnxruntime {name}"] = tmp / "onnx" / VARIANT_FILES[name]
-            logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice on the root logger
-            QUANTIZERS[name](graphs["onnxruntime fp32"], graphs[f"onnxruntime {name}"])
+            quantize(name, graphs["onnxruntime fp32"], graphs[f"onnxruntime {name}"])
         size_mb = onnx_size_bytes(graphs["onnxruntime fp32"]) / 1e6
         if args.threads:
             torch.set_num_threads(args.threads)

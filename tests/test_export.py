@@ -138,6 +138,7 @@ def test_onnx_greedy_matches_transformers_generate(tiny_gpt2_dir, tmp_path):
 # ---------------------------------------------------------------- the stage
 
 
+@pytest.mark.slow
 def test_export_stage_via_cli(tmp_path, tiny_tokenizer_dir):
     """`fastserve export RUN_DIR --set export.optimize=true`: manifest done, parity.json, fused graph."""
     recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "llama")
