@@ -28,7 +28,9 @@ def run_optimize(recipe: Recipe, run: RunDir) -> StageResult:
 
     With no variants the report holds the baseline row alone (the quickstart's `fastserve run` path).
     """
-    from fastserve_cli.report import BASELINE, GateFailure, add_rows, current_report, ensure_baseline, measure_torch_row
+    from fastserve_cli.report import (
+        BASELINE, GateFailure, add_rows, current_report, ensure_baseline, measure_torch_row, remeasure_latency,
+    )
 
     from transformers.utils import logging as hf_logging
 
@@ -38,7 +40,9 @@ def run_optimize(recipe: Recipe, run: RunDir) -> StageResult:
     rows = []
     for variant in recipe.optimize.variants:
         details = build_variant(recipe, run, variant)
-        rows.append(measure_torch_row(run, recipe, variant.name, variant.method, run.variant_dir(variant.name), details=details))
+        rows.append(measure_torch_row(run, recipe, variant.name, variant.method, run.variant_dir(variant.name),
+                                      details=details, latency=False))
+    remeasure_latency(run, recipe, [base, *rows])
     wanted = {v.name for v in recipe.optimize.variants} | {BASELINE}
     stale = {r["name"] for r in current_report(run, recipe)["rows"] if r["backend"] == "torch" and r["name"] not in wanted}
     failures = add_rows(run, recipe, [base, *rows], drop=stale)

@@ -186,7 +186,7 @@ def _head_features(heads: Iterable[int], head_dim: int, offset: int = 0) -> list
     return [offset + h * head_dim + i for h in heads for i in range(head_dim)]
 
 
-def _qkv_features(block: Block, heads: list[int], shape: Shape, kind: str) -> list[int]:
+def _qkv_features(heads: list[int], shape: Shape) -> list[int]:
     """GPT-2's c_attn output features of the given heads, for q, k and v."""
     width = shape.num_heads * shape.head_dim
     return [f for part in range(3) for f in _head_features(heads, shape.head_dim, part * width)]
@@ -335,7 +335,7 @@ def prune_structured(model: "nn.Module", plan: StructuredPlan, head_scores: list
         kept_heads, kept_kv = len(heads), len(kv_heads)
         if kept_heads < shape.num_heads:
             for name in block.heads_in:
-                features = _qkv_features(block, heads, shape, kind) if kind == "gpt2" else _head_features(heads, shape.head_dim)
+                features = _qkv_features(heads, shape) if kind == "gpt2" else _head_features(heads, shape.head_dim)
                 setattr(block.attn, name, keep_outputs(getattr(block.attn, name), torch.tensor(features)))
             for name in block.kv_in if kept_kv < shape.num_kv_heads else []:
                 setattr(block.attn, name, keep_outputs(getattr(block.attn, name), torch.tensor(_head_features(kv_heads, shape.head_dim))))

@@ -12,7 +12,9 @@ Measurement definitions, so any backend can reproduce them:
   tokens of the validation split (`latency_prompt`); after the prefill, `optimize.latency_new_tokens - 1`
   single-token decode steps are timed one by one (EOS ignored). decode_ms_per_token is the lowest, over
   `optimize.latency_repeats` runs after one warm-up run, of a run's median step time (the median keeps
-  a shared CPU's scheduling hiccups out); tokens_per_s = 1000 / decode_ms_per_token.
+  a shared CPU's scheduling hiccups out); tokens_per_s = 1000 / decode_ms_per_token. The optimize stage
+  times the baseline and all its variants in interleaved rounds (one run of each per round), so a load
+  change on a shared machine hits them alike.
 - size_bytes: bytes of the weight files of the variant (*.safetensors, *.onnx, external data); the
   tokenizer and configs are the same for every variant and are not counted.
 - ratios: variant / baseline for size and perplexity, baseline ms / variant ms for speedup.
@@ -131,9 +133,8 @@ def output_cache(out: Any) -> Any:
     return out["cache"] if "cache" in out else out.past_key_values
 
 
-def torch_decode_ms(model: "nn.Module", prompt: list[int], new_tokens: int, repeats: int = 3) -> float:
-    """ms per greedy decode step at batch 1 after the prefill (KV cache): the best over `repeats` runs
-    (after one warm-up) of each run's median step time; medians keep a shared CPU's hiccups out."""
+def decode_run_ms(model: "nn.Module", prompt: list[int], new_tokens: int) -> float:
+    """One greedy run at batch 1: prefill, then `new_tokens - 1` timed decode steps; the median step in ms."""
     import statistics
 
     import torch
@@ -141,20 +142,48 @@ def torch_decode_ms(model: "nn.Module", prompt: list[int], new_tokens: int, repe
     if not prompt:
         raise UserError("optimize: no validation tokens for the latency prompt; check the preprocess output")
     cache_arg = cache_keyword(model)
-    best = math.inf
+    steps = []
     with torch.inference_mode():
-        for run in range(repeats + 1):
-            out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+        for _ in range(max(1, new_tokens - 1)):
+            start = time.perf_counter()
+            out = model(input_ids=token, use_cache=True, **{cache_arg: past})
             past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
-            steps = []
-            for _ in range(max(1, new_tokens - 1)):
-                start = time.perf_counter()
-                out = model(input_ids=token, use_cache=True, **{cache_arg: past})
-                past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
-                steps.append(time.perf_counter() - start)
-            if run:
-                best = min(best, statistics.median(steps))
-    return best * 1000.0
+            steps.append(time.perf_counter() - start)
+    return statistics.median(steps) * 1000.0
+
+
+def torch_decode_ms(model: "nn.Module", prompt: list[int], new_tokens: int, repeats: int = 3) -> float:
+    """ms per greedy decode step at batch 1 after the prefill (KV cache): the best over `repeats` runs
+    (after one warm-up) of each run's median step time; medians keep a shared CPU's hiccups out."""
+    return interleaved_decode_ms({"model": model}, prompt, new_tokens, repeats)["model"]
+
+
+def interleaved_decode_ms(models: dict[str, "nn.Module"], prompt: list[int], new_tokens: int, repeats: int) -> dict[str, float]:
+    """`torch_decode_ms` of several models in rounds (one run of each per round, after a warm-up of each),
+    so a change of load on a shared CPU hits every model alike and the ratios stay fair."""
+    for model in models.values():
+        decode_run_ms(model, prompt, new_tokens)
+    best = {name: math.inf for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            best[name] = min(best[name], decode_run_ms(model, prompt, new_tokens))
+    return best
+
+
+def remeasure_latency(run: RunDir, recipe: Recipe, rows: list[dict[str, Any]]) -> None:
+    """Re-time the torch rows' models together with `interleaved_decode_ms` and update the rows in place."""
+    from fastserve_cli.quantization import load_causal_lm
+
+    models = {row["name"]: load_causal_lm(run.root / row["path"]) for row in rows if row["backend"] == "torch"}
+    opt = recipe.optimize
+    timings = interleaved_decode_ms(models, latency_prompt(run, recipe), opt.latency_new_tokens, opt.latency_repeats)
+    for row in rows:
+        if row["name"] in timings:
+            row["decode_ms_per_token"] = timings[row["name"]]
+            row["tokens_per_s"] = 1000.0 / timings[row["name"]]
+            row["details"]["latency"] = f"interleaved with {len(timings) - 1} other model(s)"
 
 
 # ------------------------------------------------------------------ sizes
@@ -206,13 +235,16 @@ def make_row(name: str, method: str, backend: str, path: str, parameters: int | 
 
 
 def measure_torch_row(run: RunDir, recipe: Recipe, name: str, method: str, path: Path,
-                      model: "nn.Module | None" = None, details: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load `path` with `load_causal_lm` (what serve does) unless a model is given, then measure it."""
+                      model: "nn.Module | None" = None, details: dict[str, Any] | None = None,
+                      latency: bool = True) -> dict[str, Any]:
+    """Load `path` with `load_causal_lm` (what serve does) unless a model is given, then measure it
+    (latency left None when `latency` is False: the caller times several models together)."""
     from fastserve_cli.quantization import load_causal_lm
 
     model = model if model is not None else load_causal_lm(path)
     perplexity = torch_perplexity(model, validation_blocks(run, recipe))
-    ms = torch_decode_ms(model, latency_prompt(run, recipe), recipe.optimize.latency_new_tokens, recipe.optimize.latency_repeats)
+    opt = recipe.optimize
+    ms = torch_decode_ms(model, latency_prompt(run, recipe), opt.latency_new_tokens, opt.latency_repeats) if latency else None
     extra = {"linear_weight_bytes": linear_weight_bytes(model), **(details or {})}
     return make_row(name, method, "torch", run.rel(path), parameter_count(model), weight_bytes(path), perplexity, ms, extra)
 
