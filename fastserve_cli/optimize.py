@@ -8,8 +8,9 @@ gate fails the stage after the report is written.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from fastserve_cli.errors import UserError
 from fastserve_cli.recipe import Recipe, VariantConfig
@@ -28,21 +29,11 @@ def run_optimize(recipe: Recipe, run: RunDir) -> StageResult:
 
     With no variants the report holds the baseline row alone (the quickstart's `fastserve run` path).
     """
-    from fastserve_cli.report import (
-        BASELINE, GateFailure, add_rows, current_report, ensure_baseline, measure_torch_row, remeasure_latency,
-    )
+    from fastserve_cli.report import BASELINE, GateFailure, add_rows, current_report
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per load would drown the report
     check_inputs(recipe, run)
-    base = ensure_baseline(run, recipe)
-    rows = []
-    for variant in recipe.optimize.variants:
-        details = build_variant(recipe, run, variant)
-        rows.append(measure_torch_row(run, recipe, variant.name, variant.method, run.variant_dir(variant.name),
-                                      details=details, latency=False))
-    remeasure_latency(run, recipe, [base, *rows])
+    with quiet_loading():
+        base, rows = measure_all(recipe, run)
     wanted = {v.name for v in recipe.optimize.variants} | {BASELINE}
     stale = {r["name"] for r in current_report(run, recipe)["rows"] if r["backend"] == "torch" and r["name"] not in wanted}
     failures = add_rows(run, recipe, [base, *rows], drop=stale)
@@ -52,6 +43,34 @@ def run_optimize(recipe: Recipe, run: RunDir) -> StageResult:
         outputs=[run.rel(run.report_path)] + [run.rel(run.variant_dir(v.name)) for v in recipe.optimize.variants],
         metrics=summary_metrics(rows),
     )
+
+
+def measure_all(recipe: Recipe, run: RunDir) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The baseline row and one row per variant (built here), with latencies timed together at the end."""
+    from fastserve_cli.report import ensure_baseline, measure_torch_row, remeasure_latency
+
+    base = ensure_baseline(run, recipe)
+    rows = []
+    for variant in recipe.optimize.variants:
+        details = build_variant(recipe, run, variant)
+        rows.append(measure_torch_row(run, recipe, variant.name, variant.method, run.variant_dir(variant.name),
+                                      details=details, latency=False))
+    remeasure_latency(run, recipe, [base, *rows])
+    return base, rows
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No "Loading weights" bar per model load (there are several per variant); restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def summary_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
