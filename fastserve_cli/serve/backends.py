@@ -138,9 +138,7 @@ class Backend:
                     r.kv = [(k.clone(), v.clone()) for k, v in old.row_kv(i)]
         width = max(r.kv_tokens for r in reqs)
         first_k = (sources.get(id(reqs[0])) or reqs[0].kv)[0][0]
-        shape = (len(reqs), self.num_kv_heads, width, self.head_dim)
-        layers = [(torch.zeros(shape, dtype=first_k.dtype, device=self.device),
-                   torch.zeros(shape, dtype=first_k.dtype, device=self.device)) for _ in range(self.num_layers)]
+        layers = self._new_pack_layers((len(reqs), self.num_kv_heads, width, self.head_dim), first_k.dtype)
         mask = torch.zeros(len(reqs), width, dtype=torch.long, device=self.device)
         pads = []
         for row, r in enumerate(reqs):
@@ -153,6 +151,13 @@ class Backend:
             pads.append(pad)
             r.kv = IN_PACK
         self.packed = PackedBatch(list(reqs), layers, pads, mask)
+
+    def _new_pack_layers(self, shape: tuple[int, ...], dtype) -> list[tuple[Any, Any]]:
+        """Zeroed KV tensors for a new pack (pads must be finite: masked scores times NaN would still be NaN)."""
+        import torch
+
+        return [(torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+                for _ in range(self.num_layers)]
 
 
 def _same(a: list[Request], b: list[Request]) -> bool:
@@ -207,6 +212,18 @@ class TorchBackend(Backend):
         param = next(self.model.parameters())
         self.kv_dtype_bytes = 2 if param.dtype in (torch.float16, torch.bfloat16) else 4
 
+    def _new_pack_layers(self, shape, dtype):
+        """Buffers with room to grow, adopted by a growable cache: a repack costs exactly one copy."""
+        import torch
+
+        width = shape[2]
+        full = (*shape[:2], width + _headroom(width), shape[3])
+        buffers = [(torch.zeros(full, dtype=dtype, device=self.device), torch.zeros(full, dtype=dtype, device=self.device))
+                   for _ in range(self.num_layers)]
+        self._present = [(k[:, :, :width], v[:, :, :width]) for k, v in buffers]
+        self._cache = _growable_cache(buffers=buffers, length=width)
+        return self._present
+
     def forward(self, input_ids, attention_mask, position_ids, past):
         """Reuses the cache object of the previous call when `past` is what that call returned, so a
         steady decode batch appends in place instead of concatenating the whole cache every step."""
@@ -222,15 +239,49 @@ class TorchBackend(Backend):
         return out.logits[:, -1, :].float(), present
 
 
-def _growable_cache(past):
-    """A transformers DynamicCache whose layers append into preallocated buffers (amortized O(1) per token)."""
+def _headroom(length: int) -> int:
+    return max(32, length // 2)
+
+
+def _growable_cache(past=None, buffers=None, length: int = 0):
+    """A transformers DynamicCache whose layers append into preallocated buffers (amortized O(1) per token).
+
+    Built from `past` tensors (copied into new buffers) or adopting `buffers` whose first `length` positions
+    hold the cache already.
+    """
     from transformers import DynamicCache
+
+    cache = DynamicCache()
+    if past is None and buffers is None:
+        return cache
+    layer_class = _growable_layer_class()
+    cache.layers = [layer_class() for _ in (past if past is not None else buffers)]
+    if buffers is not None:
+        for layer, (kbuf, vbuf) in zip(cache.layers, buffers):
+            layer.adopt(kbuf, vbuf, length)
+    else:
+        for layer, (k, v) in zip(cache.layers, past):
+            layer.update(k, v)
+    return cache
+
+
+_GROWABLE = []
+
+
+def _growable_layer_class():
+    """Defined on first use so importing this module does not import transformers."""
+    if _GROWABLE:
+        return _GROWABLE[0]
+    import torch
     from transformers.cache_utils import DynamicLayer
 
     class GrowableLayer(DynamicLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
-            import torch
+        def adopt(self, kbuf, vbuf, length: int) -> None:
+            self.lazy_initialization(kbuf, vbuf)
+            self._kbuf, self._vbuf, self._len = kbuf, vbuf, length
+            self.keys, self.values = kbuf[..., :length, :], vbuf[..., :length, :]
 
+        def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
                 self._kbuf = self._vbuf = None
@@ -238,7 +289,7 @@ def _growable_cache(past):
             new_len = self._len + key_states.shape[-2]
             if self._kbuf is None or new_len > self._kbuf.shape[-2]:
                 shape = list(key_states.shape)
-                shape[-2] = new_len + max(32, new_len // 2)
+                shape[-2] = new_len + _headroom(new_len)
                 kbuf = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
                 vbuf = torch.empty(shape, dtype=value_states.dtype, device=value_states.device)
                 if self._len:
@@ -251,13 +302,8 @@ def _growable_cache(past):
             self.keys, self.values = self._kbuf[..., :new_len, :], self._vbuf[..., :new_len, :]
             return self.keys, self.values
 
-    if past is None:
-        return DynamicCache()
-    cache = DynamicCache()
-    cache.layers = [GrowableLayer() for _ in past]
-    for layer, (k, v) in zip(cache.layers, past):
-        layer.update(k, v)
-    return cache
+    _GROWABLE.append(GrowableLayer)
+    return GrowableLayer
 
 
 def _load_torch_model(model_dir: Path, device: str):
