@@ -199,3 +199,25 @@ def test_parse_bytes():
     assert parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("2GB") == 2 * 10**9 and parse_bytes("1024") == 1024
     with pytest.raises(UserError, match="--kv-cache-memory"):
         parse_bytes("lots")
+
+
+def test_torch_backend_serves_int8_variant(tiny_gpt2_dir, tmp_path):
+    """An optimize-stage dynamic int8 variant loads through quantization.load_causal_lm and decodes batched
+    exactly like its own generate()."""
+    import torch
+
+    from fastserve_cli.quantization import load_causal_lm, quantize_model, save_quantized
+
+    out = tmp_path / "int8"
+    out.mkdir()
+    model = load_causal_lm(tiny_gpt2_dir)
+    save_quantized(model, "dynamic_int8", quantize_model(model, "dynamic_int8"), tiny_gpt2_dir, out)
+    engine = build_engine(out)
+    reqs = greedy_requests(engine.tokenizer, [8, 12, 5])
+    run_all(engine, reqs)
+    reference = load_causal_lm(out)
+    for r in reqs:
+        ids = torch.tensor([r.prompt_ids])
+        ref = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.params.max_new_tokens,
+                                 do_sample=False, eos_token_id=None)
+        assert r.output_ids == ref[0, ids.shape[1]:].tolist()
