@@ -220,3 +220,31 @@ def test_503_while_the_model_loads(tiny_gpt2_dir):
         gate.set()
         server.should_exit = True
         thread.join(30)
+
+
+def test_targets_run_dir_recipe_and_user_errors(tiny_gpt2_dir, tmp_path):
+    """TARGET may be a recipe or a run directory (serve.source picks model/, onnx/ or a variant); mistakes
+    are one-line user errors with exit code 2 before anything starts."""
+    import shutil
+    import subprocess
+    import sys
+
+    from fastserve_cli.cli import load_target
+    from fastserve_cli.serve import resolve_target
+
+    run = tmp_path / "runs" / "demo"
+    shutil.copytree(tiny_gpt2_dir, run / "model")
+    recipe_path = tmp_path / "demo.yaml"
+    recipe_path.write_text(f"name: demo\nrun_dir: {run}\nserve:\n  model_name: served\n")
+    target = resolve_target(recipe_path, None, None, load_target(str(recipe_path), []))
+    assert (target.model_dir, target.backend, target.name) == (run / "model", "torch", "served")
+    (run / "recipe.yaml").write_text(recipe_path.read_text())
+    target = resolve_target(run, None, None, load_target(str(run), []))
+    assert target.model_dir == run / "model" and target.run_dir == run
+    cli = [sys.executable, "-m", "fastserve_cli", "serve"]
+    for args, message in [([str(run), "--source", "onnx"], "nothing to serve for source 'onnx'"),
+                          ([str(tmp_path / "nope")], "no such"),
+                          ([str(tiny_gpt2_dir), "--kv-cache-memory", "lots"], "--kv-cache-memory 'lots'"),
+                          ([str(tiny_gpt2_dir), "--backend", "onnx"], "needs model.onnx")]:
+        proc = subprocess.run(cli + args, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
