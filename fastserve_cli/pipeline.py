@@ -54,7 +54,7 @@ STAGES: dict[str, Stage] = {
         Stage("preprocess", ("seed", "data", "tokenizer"), (), 2),
         Stage("train", ("seed", "model", "train"), ("preprocess",), 3),
         Stage("optimize", ("optimize", "gates"), ("train",), 4),
-        Stage("export", ("export",), ("train",), 5),
+        Stage("export", ("export", "optimize", "gates"), ("train",), 5),
     )
 }
 STAGE_ORDER = list(STAGES)
