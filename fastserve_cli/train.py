@@ -12,6 +12,7 @@ torch.distributed has two; collectives therefore go through torch.distributed di
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,12 +40,13 @@ RESULT_FILE = ".train-result.json"
 
 def run_train(recipe: Recipe, run: RunDir) -> StageResult:
     """Train on the run's preprocessed data and write `model/`; resumes from the newest checkpoint."""
-    check_inputs(recipe, run)
     if not cuda_available():  # DeepSpeed's accelerator auto-detection warns on stdout (it breaks --json)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    check_inputs(recipe, run)
     if recipe.train.num_processes > 1 and world_size() == 1:
         return launch_processes(recipe, run)
-    return Trainer(recipe, run).fit()
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints to stdout; stdout is for results (--json)
+        return Trainer(recipe, run).fit()
 
 
 def check_inputs(recipe: Recipe, run: RunDir) -> None:
@@ -329,7 +331,7 @@ class Trainer:
         started, start_step = time.time(), self.state.step
         stop = StopFlag()
         with stop.installed(), self.progress() as advance:
-            while self.state.step < self.cfg.max_steps:
+            while self.state.step < self.cfg.max_steps and not self.state.early_stopped:
                 try:
                     loss, grad_norm, tokens = self.train_step()
                 except RuntimeError as err:
@@ -357,8 +359,6 @@ class Trainer:
     def train_step(self) -> tuple[float, float | None, int]:
         """One optimizer step over gradient_accumulation_steps micro-batches; loss is the exact
         token-weighted mean over every process and micro-batch (so 1 and N processes agree)."""
-        import torch.nn.functional as F
-
         micro_batches = [self.stream.next() for _ in range(self.cfg.gradient_accumulation_steps)]
         local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
         total_tokens = all_reduce_sum([float(local_tokens)])[0]
@@ -367,13 +367,10 @@ class Trainer:
         self.model.train()
         loss_sum, grad_norm = 0.0, None
         for batch in micro_batches:
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            batch = to_device(batch, self.accelerator.device)
             with self.accelerator.accumulate(self.model):
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                token_loss = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                    ignore_index=IGNORE_INDEX, reduction="sum",
-                )
+                token_loss = summed_token_loss(logits, batch["labels"])
                 self.accelerator.backward(token_loss * scale)
                 loss_sum += float(token_loss.detach())
                 if self.accelerator.sync_gradients:
@@ -393,25 +390,25 @@ class Trainer:
 
     def after_step(self, loss: float, grad_norm: float | None, tokens: int) -> None:
         step = self.state.step
+        self._tokens_since_log = getattr(self, "_tokens_since_log", 0) + tokens
         if self.deepspeed:
             norm = self.model.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else None
         if step % self.cfg.logging_steps == 0 or step == 1:
-            self.log_train(loss, grad_norm, tokens)
+            self.log_train(loss, grad_norm)
         if step % self.cfg.eval_steps == 0:
             self.evaluate()
         if step % self.cfg.save_steps == 0 and step < self.cfg.max_steps:
             self.save_checkpoint()
 
     # -- metrics -----------------------------------------------------------------
-    def log_train(self, loss: float, grad_norm: float | None, tokens: int) -> None:
+    def log_train(self, loss: float, grad_norm: float | None) -> None:
         now = time.time()
         since = getattr(self, "_last_log", None)
-        self._tokens_since_log = getattr(self, "_tokens_since_log", 0) + tokens
         record: dict[str, Any] = {
             "step": self.state.step, "loss": loss, "lr": self.current_lr(), "grad_norm": grad_norm,
             "epoch": round(self.stream.position.epoch + self.stream.position.index / self.stream.batches_per_epoch, 4),
-            "tokens": self.state.tokens_seen,
+            "tokens": self.state.tokens_seen, "time": round(now, 4),
         }
         if since is not None:
             record["tokens_per_s"] = self._tokens_since_log / max(now - since, 1e-9)
@@ -432,17 +429,15 @@ class Trainer:
         """Token-weighted validation loss and perplexity; every process evaluates the same batches,
         which keeps DeepSpeed ZeRO-3 in lock-step and the number identical for any process count."""
         import torch
-        import torch.nn.functional as F
 
         self.model.eval()
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in eval_batches(self.val_data, self.cfg.per_device_eval_batch_size, self.pad_id, self.cfg.eval_max_batches):
-                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+                batch = to_device(batch, self.accelerator.device)
                 with self.accelerator.autocast():
                     logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                               ignore_index=IGNORE_INDEX, reduction="sum"))
+                total += float(summed_token_loss(logits, batch["labels"]))
                 count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         loss = total / max(count, 1)
         result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
@@ -519,12 +514,13 @@ class Trainer:
         if self.deepspeed:
             (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()), encoding="utf-8")
         else:
-            ckpt.write_model_state(tmp, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler)
+            ckpt.write_model_state(tmp, self.raw_model, self.optimizer, self.scheduler)
         ckpt.write_rng(tmp, rng_states)
         state = {
             "step": self.state.step, "position": self.stream.position.to_dict(), "tokens_seen": self.state.tokens_seen,
             "best_eval_loss": self.state.best_eval_loss, "evals_without_improvement": self.state.evals_without_improvement,
-            "last_eval": self.state.last_eval, "world_size": self.world, "resume_key": self.resume_key(),
+            "last_eval": self.state.last_eval, "early_stopped": self.state.early_stopped,
+            "world_size": self.world, "resume_key": self.resume_key(),
         }
         ckpt.seal(tmp, state)
 
@@ -555,18 +551,29 @@ class Trainer:
             self.model.load_checkpoint(str(path / "deepspeed"), tag="ds")
             self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text(encoding="utf-8")))
         else:
-            ckpt.load_model_state(path, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler)
+            ckpt.load_model_state(path, self.raw_model, self.optimizer, self.scheduler)
         rng = ckpt.read_rng(path)
         if f"cpu_rank{self.rank}" in rng:
             torch.set_rng_state(rng[f"cpu_rank{self.rank}"])
         if cuda_available() and f"cuda_rank{self.rank}" in rng:
             torch.cuda.set_rng_state(rng[f"cuda_rank{self.rank}"])
+        self.realign_learning_rate()
         self.state.step = saved["step"]
         self.stream.position = DataPosition(**saved["position"])
         self.state.tokens_seen = saved.get("tokens_seen", 0)
         self.state.best_eval_loss = saved.get("best_eval_loss")
         self.state.evals_without_improvement = saved.get("evals_without_improvement", 0)
         self.state.last_eval = saved.get("last_eval") or {}
+        self.state.early_stopped = bool(saved.get("early_stopped"))
+
+    def realign_learning_rate(self) -> None:
+        """Set the optimizer's lr from the schedule at the restored step. The optimizer state holds
+        the lr of the old schedule, which is wrong when train.max_steps changed between runs."""
+        sched = self.scheduler
+        lrs = [base * factor(sched.last_epoch) for factor, base in zip(sched.lr_lambdas, sched.base_lrs)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
 
     # -- final model -------------------------------------------------------------
     def save_model(self) -> None:
@@ -575,7 +582,7 @@ class Trainer:
 
         state_dict = self.accelerator.get_state_dict(self.model) if self.deepspeed else None
         if self.is_main:
-            model = merge_lora(self.accelerator.unwrap_model(self.model))
+            model = merge_lora(self.raw_model if not self.deepspeed else self.accelerator.unwrap_model(self.model))
             if state_dict is not None and self.cfg.lora is None:
                 model.load_state_dict(state_dict, strict=False)
             for key, value in special_token_ids(self.tokenizer).items():
@@ -610,6 +617,23 @@ class Trainer:
 
 
 # ------------------------------------------------------------------ pieces
+
+
+def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    """Move a batch; an all-ones attention mask (packed data) becomes None, which lets SDPA take its
+    causal kernel directly and keeps torch.compile free of the data-dependent "is it padded?" check."""
+    mask = batch["attention_mask"]
+    return {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device),
+            "attention_mask": None if bool(mask.all()) else mask.to(device)}
+
+
+def summed_token_loss(logits, labels):
+    """Next-token cross-entropy summed over labelled tokens. The labels are shifted rather than the
+    logits sliced, which would copy the largest activation of the step (batch x seq x vocab)."""
+    import torch.nn.functional as F
+
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def make_optimizer(model, cfg, fused: bool = True):

@@ -137,6 +137,7 @@ def test_early_stopping_on_validation_loss(preprocessed, corpus_root):
 # ------------------------------------------------------------------ resume
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_reproduces_losses(preprocessed, corpus_root):
     """A run killed with SIGKILL mid-training and resumed logs the same per-step losses (1e-6)."""
     steps = 40
