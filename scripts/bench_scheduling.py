@@ -2,9 +2,10 @@
 """Scheduling benchmark: fcfs vs skip-join-mlfq vs oracle SRPT on the real server, same seeded traces.
 
 For each policy a real `fastserve serve` process is started on 127.0.0.1 and the same trace is replayed
-with an async HTTP client (streaming completions, `max_tokens` + `ignore_eos` fix each output length, as
-FastServe's own client does). Capacity is measured first, under fcfs, with a closed loop that keeps twice
-the batch size in flight; the traces then arrive as Poisson processes at rho x capacity. Output lengths are
+to all of them at once (see --together) with an async HTTP client (streaming completions, `max_tokens` +
+`ignore_eos` fix each output length, as FastServe's own client does). Before each load, capacity is measured
+with a closed loop that keeps twice the batch size in flight on every server; the trace then arrives as a
+Poisson process at rho x capacity. Output lengths are
 heavy-tailed: 85% in [8, 32] tokens, 15% in [256, 512]. Reported per policy and load: mean, P50 and P99
 job completion time (JCT), mean per-token latency (JCT / output tokens, the paper's metric), mean time to
 first token, throughput, and fcfs / policy ratios; plus a PNG of per-token latency against load.
@@ -219,6 +220,10 @@ async def measure_capacity(server: "Server", prompts: list[str], workload: list[
     return (tokens1 - tokens0) / elapsed
 
 
+async def gather(*aws):
+    return await asyncio.gather(*aws)
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -272,7 +277,7 @@ def plot(results: dict, loads: list[float], path: Path) -> None:
         ax.plot(loads[: len(ys)], ys, marker="o", label=policy)
     ax.set_xlabel("load (fraction of measured capacity)")
     ax.set_ylabel("mean per-token latency (ms) = JCT / output tokens")
-    ax.set_yscale("log")
+    ax.set_ylim(bottom=0)
     ax.set_title("fastserve scheduling: heavy-tailed outputs, Poisson arrivals")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -293,8 +298,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server process")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--capacity-seconds", type=float, default=30.0)
+    parser.add_argument("--capacity-seconds", type=float, default=20.0)
     parser.add_argument("--capacity", type=float, default=None, help="requests/s; skips the capacity measurement")
+    parser.add_argument("--together", action=argparse.BooleanOptionalAction, default=True,
+                        help="replay each trace to all policies' servers at once (default) or --no-together")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-scheduling")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -306,39 +313,53 @@ def main() -> None:
     print(f"model {model_dir.name}; {len(workload)} requests, mean output {mean_output:.1f} tokens, "
           f"{sum(1 for *_, n in workload if n >= 256)} long ones", flush=True)
 
-    capacity = args.capacity
-    if capacity is None:
-        server = Server(model_dir, "fcfs", args.batch_size, args.threads, args.out / "server-capacity.log")
-        try:
-            server.wait_ready()
-            token_rate = asyncio.run(measure_capacity(server, prompts, workload, 2 * args.batch_size,
-                                                      args.capacity_seconds))
-        finally:
-            server.stop()
-        capacity = token_rate / mean_output
-        print(f"capacity: {token_rate:.0f} output tokens/s at {2 * args.batch_size} in flight "
-              f"-> {capacity:.2f} requests/s", flush=True)
-
+    # One server per policy, all up from the start. By default (--together) the same trace is replayed to
+    # all of them at the same moments: on a shared machine whose speed drifts by 2x within minutes (other
+    # jobs), every policy then sees the same machine. Both policies do the same total work and are work
+    # conserving, so their busy periods - and their CPU shares - stay close. --no-together replays
+    # policy after policy within each load instead.
+    servers = {p: Server(model_dir, p, args.batch_size, args.threads, args.out / f"server-{p}.log") for p in args.policies}
     results: dict = {str(rho): {} for rho in args.loads}
-    counters: dict = {}
-    for policy in args.policies:
-        server = Server(model_dir, policy, args.batch_size, args.threads, args.out / f"server-{policy}.log")
-        try:
+    records: dict = {str(rho): {} for rho in args.loads}
+    try:
+        for server in servers.values():
             server.wait_ready()
-            for rho in args.loads:
+        def current_capacity() -> float:
+            """Requests/s one server sustains now (measured on all servers at once with --together)."""
+            if args.capacity is not None:
+                return args.capacity
+            probes = list(servers.values()) if args.together else [servers.get("fcfs") or next(iter(servers.values()))]
+            rates = asyncio.run(gather(*(measure_capacity(server, prompts, workload, 2 * args.batch_size,
+                                                          args.capacity_seconds) for server in probes)))
+            token_rate = sum(rates) / len(rates)
+            print(f"capacity: {token_rate:.0f} output tokens/s at {2 * args.batch_size} in flight per server "
+                  f"({len(probes)} measured at once: {', '.join(f'{r:.0f}' for r in rates)}) "
+                  f"-> {token_rate / mean_output:.2f} requests/s", flush=True)
+            return token_rate / mean_output
+
+        groups = [list(servers)] if args.together else [[policy] for policy in servers]
+        capacities = {}
+        for rho in args.loads:
+            # Re-measured before every load: the machine's speed drifts (other jobs), and rho is only
+            # meaningful against the capacity of the minutes it runs in.
+            capacities[str(rho)] = capacity = current_capacity()
+            for group in groups:
                 started = time.perf_counter()
-                records = asyncio.run(replay(server.url, prompts, workload, rho * capacity))
-                results[str(rho)][policy] = summarize(records)
-                print(f"rho={rho} {policy}: {time.perf_counter() - started:.0f} s, "
-                      f"mean JCT {results[str(rho)][policy]['mean_jct']:.2f} s, per-token "
-                      f"{1000 * results[str(rho)][policy]['mean_per_token_latency']:.1f} ms", flush=True)
-            counters[policy] = server.metrics()
-        finally:
+                runs = asyncio.run(gather(*(replay(servers[p].url, prompts, workload, rho * capacity) for p in group)))
+                for policy, rows in zip(group, runs):
+                    records[str(rho)][policy] = rows
+                    results[str(rho)][policy] = summary = summarize(rows)
+                    print(f"rho={rho} {policy}: {time.perf_counter() - started:.0f} s, mean JCT {summary['mean_jct']:.2f} s, "
+                          f"per-token {1000 * summary['mean_per_token_latency']:.1f} ms", flush=True)
+        counters = {policy: server.metrics() for policy, server in servers.items()}
+    finally:
+        for server in servers.values():
             server.stop()
 
     report = {"model": model_dir.name, "requests": args.requests, "seed": args.seed, "batch_size": args.batch_size,
-              "threads": args.threads, "capacity_rps": capacity, "mean_output_tokens": mean_output,
-              "results": results, "server_counters": counters}
+              "threads": args.threads, "together": args.together, "capacity_rps": capacities, "mean_output_tokens": mean_output,
+              "results": results, "server_counters": counters,
+              "records": {"columns": ["arrival_s", "first_token_s", "finish_s", "output_tokens"], **records}}
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
     print("\n" + table(results, args.loads))
     if "fcfs" in args.policies and "skip-join-mlfq" in args.policies:
