@@ -41,7 +41,7 @@ class DataConfig(Section):
     max_documents: int | None = Field(None, ge=1)
     on_decode_error: Literal["error", "skip"] = Field("error", description="What to do with a text file that is not valid UTF-8.")
     num_proc: int = Field(1, ge=1, description="Processes for tokenizing; 1 is fastest on 2 cores (tokenizers already uses both).")
-    batch_size: int = Field(1000, ge=1, description="Documents per tokenizer batch.")
+    batch_size: int = Field(256, ge=1, description="Documents per tokenizer batch (encoded by a worker thread while the previous one is packed).")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":

@@ -196,3 +196,21 @@ def test_invalid_utf8_can_be_skipped(tmp_path):
     (tmp_path / "good" / "zz.txt").write_bytes(b"\xff\xfe")
     run, result = preprocess(make_recipe(tmp_path, {"paths": ["good"], "on_decode_error": "skip"}))
     assert result.metrics["files_skipped_not_utf8"] == 1 and result.metrics["documents"] == len(DOCS)
+
+
+@pytest.mark.parametrize("pattern", ["**/*.py", "json/*.py", "**/json/*.py", "*/__init__.py", "email/**", "e*/[a-c]*.py"])
+def test_glob_expansion_matches_glob_and_prunes_excluded_trees(pattern):
+    import fnmatch
+    import glob
+    import os
+
+    from fastserve_cli.preprocess import expand_glob
+
+    from conftest import STDLIB
+
+    exclude = ["*/site-packages/*", "*/test/*", "*/tests/*"]
+    full = f"{STDLIB}/{pattern}"
+    ours = sorted({f for f in expand_glob(full, exclude) if not any(fnmatch.fnmatch(f, p) for p in exclude)})
+    reference = sorted(f for f in glob.glob(full, recursive=True)
+                       if os.path.isfile(f) and not any(fnmatch.fnmatch(f, p) for p in exclude))
+    assert ours == reference and ours
