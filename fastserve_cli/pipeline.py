@@ -7,7 +7,6 @@ fingerprint, outputs, metrics and library versions, and marks the stage failed o
 
 from __future__ import annotations
 
-import glob
 import importlib
 import importlib.util
 import os
@@ -60,18 +59,17 @@ STAGES: dict[str, Stage] = {
 STAGE_ORDER = list(STAGES)
 
 
-def input_files_digest(recipe: Recipe) -> list[tuple[str, int, int]]:
+def input_files_digest(recipe: Recipe) -> list[tuple[str, int, int]] | str:
     """(path, size, mtime) of the local data files, so edited data re-runs preprocess."""
-    files: list[tuple[str, int, int]] = []
-    for pattern in recipe.data.paths:
-        matches = [pattern] if os.path.isfile(pattern) else glob.glob(pattern, recursive=True)
-        if os.path.isdir(pattern):
-            matches = glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
-        for match in matches:
-            if os.path.isfile(match):
-                stat = os.stat(match)
-                files.append((match, stat.st_size, int(stat.st_mtime)))
-    return sorted(files)
+    from fastserve_cli.preprocess import find_files
+
+    if not recipe.data.paths:
+        return []
+    try:
+        files = find_files(recipe.data)
+    except UserError as err:  # the stage itself reports it; the fingerprint just has to differ
+        return f"unreadable: {err}"
+    return [(f, (st := os.stat(f)).st_size, int(st.st_mtime)) for f in files]
 
 
 def upstream_of(stage: Stage, recipe: Recipe) -> tuple[str, ...]:

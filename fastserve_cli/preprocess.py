@@ -12,6 +12,7 @@ import fnmatch
 import glob
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -148,8 +149,12 @@ def check_utf8(cfg: DataConfig, files: list[str]) -> tuple[list[str], list[str]]
 # ------------------------------------------------------------------ loading documents
 
 
-def load_documents(cfg: DataConfig) -> tuple[Any, dict[str, Any]]:
-    """A `datasets.Dataset` with a `text` (or messages) column, and facts about where it came from."""
+def load_documents(cfg: DataConfig, cache_dir: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """A `datasets.Dataset` with a `text` (or messages) column, and facts about where it came from.
+
+    Text files are copied into Arrow under `cache_dir` (a fresh temp dir when None); the caller
+    deletes it once the dataset is no longer needed.
+    """
     import datasets
 
     datasets.disable_progress_bars()
@@ -168,7 +173,7 @@ def load_documents(cfg: DataConfig) -> tuple[Any, dict[str, Any]]:
             files, skipped = check_utf8(cfg, files)
             info["files_skipped_not_utf8"] = len(skipped)
         info.update(files=len(files), format=fmt)
-        ds = _load_files(fmt, files)
+        ds = _load_files(fmt, files, cache_dir)
     column = cfg.messages_column or cfg.text_column
     if column not in ds.column_names:
         where = cfg.dataset or "the input files"
@@ -180,12 +185,32 @@ def load_documents(cfg: DataConfig) -> tuple[Any, dict[str, Any]]:
     return ds, info
 
 
-def _load_files(fmt: str, files: list[str]):
+def _read_text_files(files: list[str]) -> Iterator[dict[str, str]]:
+    for path in files:
+        with open(path, encoding="utf-8") as handle:
+            yield {"text": handle.read()}
+
+
+def _load_files(fmt: str, files: list[str], cache_dir: str | None):
+    """Documents as a memory-mapped Arrow dataset, written in batches (bounded memory).
+
+    Text files (one document each) go through `Dataset.from_generator` into a private temp cache:
+    `load_dataset("text", sample_by="document")` gives the same rows but resolves every file as a
+    pattern, which costs more than reading them. Structured formats use their `load_dataset` builder.
+    """
+    import tempfile
+    import uuid
+
     import datasets
 
-    kwargs = {"sample_by": "document"} if fmt == "text" else {}
     try:
-        return datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)
+        if fmt == "text":
+            features = datasets.Features({"text": datasets.Value("string")})
+            return datasets.Dataset.from_generator(
+                _read_text_files, gen_kwargs={"files": files}, features=features,
+                cache_dir=cache_dir or tempfile.mkdtemp(prefix="fastserve-docs-"), fingerprint=uuid.uuid4().hex,
+            )
+        return datasets.load_dataset(fmt, data_files=files, split="train")
     except Exception as err:
         cause = err.__cause__ or err
         reason = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
@@ -410,14 +435,18 @@ def build_split(docs, column: str, tokenizer, cfg: DataConfig, is_chat: bool, ou
 
 
 def run_preprocess(recipe: Recipe, run: RunDir) -> StageResult:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fastserve-docs-") as doc_cache:
+        return _preprocess(recipe, run, recipe.data, started, doc_cache)
+
+
+def _preprocess(recipe: Recipe, run: RunDir, cfg: DataConfig, started: float, doc_cache: str) -> StageResult:
     import datasets
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fastserve_cli.console import err_console
 
-    cfg = recipe.data
-    started = time.perf_counter()
-    docs, info = load_documents(cfg)
+    docs, info = load_documents(cfg, doc_cache)
     column = cfg.messages_column or cfg.text_column
     is_chat = cfg.messages_column is not None
     docs = drop_empty(docs, column, is_chat)

@@ -45,7 +45,7 @@ def main() -> None:
         execute("preprocess", first, prepare_run_dir(first))
         tok_dir = Path(first.run_dir) / "tokenizer"
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        texts = list(drop_empty(load_documents(first.data)[0], "text", False)["text"])
+        texts = list(drop_empty(load_documents(first.data, str(tmp / "docs"))[0], "text", False)["text"])
         backend = tokenizer.backend_tokenizer
 
         def baseline(batch: int) -> tuple[float, int]:
