@@ -97,8 +97,16 @@ def run_stage_command(stage: str, target: str, overrides: list[str] | None, as_j
     STAGES[stage].load()  # fail fast (exit 2) when the stage is not built yet
     recipe = load_target(target, overrides)
     run = prepare_run_dir(recipe)
-    result = execute(stage, recipe, run)
+    with json_safe_stdout(as_json):
+        result = execute(stage, recipe, run)
     print_result(stage, result, run, as_json)
+
+
+def json_safe_stdout(as_json: bool):
+    """With --json, stdout carries one JSON document: library chatter (deepspeed logs to stdout) goes to stderr."""
+    import contextlib
+
+    return contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------ stages
@@ -236,7 +244,8 @@ def run(
         }
         err_console().print(messages[event])
 
-    outcomes = run_pipeline(recipe, run_dir, forced, until, report)
+    with json_safe_stdout(as_json):
+        outcomes = run_pipeline(recipe, run_dir, forced, until, report)
     if as_json:
         stdout_json({"run_dir": str(run_dir.root), "stages": outcomes})
 
