@@ -296,8 +296,17 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user errors become one line on stderr and exit code 2."""
     debug = STATE["debug"] or "--debug" in (argv if argv is not None else sys.argv[1:])
     signal.signal(signal.SIGTERM, _terminate)
+    if debug:  # --debug also turns on debug logs (e.g. each request's MLFQ level history)
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.getLogger("fastserve").setLevel(logging.DEBUG)
+        logging.getLogger("fastserve_cli").setLevel(logging.DEBUG)
     try:
-        app(args=argv, prog_name="fastserve", standalone_mode=False)
+        code = app(args=argv, prog_name="fastserve", standalone_mode=False)
+        if isinstance(code, int) and code:  # non-standalone click returns 130 on Ctrl-C instead of raising
+            sys.stderr.write("interrupted\n")
+            sys.exit(code)
     except UserError as err:
         if debug:
             raise
