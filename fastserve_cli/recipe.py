@@ -114,6 +114,8 @@ class TrainConfig(Section):
     save_total_limit: int = Field(2, ge=1)
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; all cores when unset.")
     num_processes: int = Field(1, ge=1, description="Data-parallel processes launched with torchrun (gloo DDP on CPU, NCCL on GPUs); `--num-processes` sets it.")
+    sample_prompts: list[str] = Field(default_factory=lambda: ["import ", "def ", "class "], description="Greedy samples written to samples.txt after training (empty: none).")
+    sample_new_tokens: int = Field(64, ge=1, le=4096)
     lora: LoraConfig | None = None
     deepspeed: DeepSpeedConfig | None = None
 

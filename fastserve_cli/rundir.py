@@ -151,6 +151,11 @@ class RunDir:
         return self.root / "loss.png"
 
     @property
+    def samples_path(self) -> Path:
+        """Greedy samples of the trained model (train stage)."""
+        return self.root / "samples.txt"
+
+    @property
     def optimized_dir(self) -> Path:
         return self.root / "optimized"
 

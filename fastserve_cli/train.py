@@ -591,6 +591,7 @@ class Trainer:
                 model.save_pretrained(tmp, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
             write_loss_plot(self.run.metrics_path, self.run.loss_plot_path)
+            write_samples(model, self.tokenizer, self.cfg.sample_prompts, self.cfg.sample_new_tokens, self.run.samples_path)
         barrier()
 
     def result(self, elapsed: float, steps_run: int) -> StageResult:
@@ -612,7 +613,8 @@ class Trainer:
             metrics["resumed_from_step"] = self.state.resumed_from
         if self.state.early_stopped:
             metrics["early_stopped"] = True
-        outputs = [self.run.rel(p) for p in (self.run.model_dir, self.run.checkpoints_dir, self.run.metrics_path, self.run.loss_plot_path) if p.exists()]
+        outputs = [self.run.rel(p) for p in (self.run.model_dir, self.run.checkpoints_dir, self.run.metrics_path,
+                                             self.run.loss_plot_path, self.run.samples_path) if p.exists()]
         return StageResult(outputs=outputs, metrics=metrics)
 
 
@@ -683,6 +685,29 @@ def truncate_metrics(path: Path, step: int) -> None:
 def last_metric(path: Path, key: str) -> float | None:
     values = [r[key] for r in read_metrics(path) if key in r]
     return values[-1] if values else None
+
+
+def write_samples(model, tokenizer, prompts: list[str], new_tokens: int, out: Path) -> None:
+    """Greedy continuations of a few prompts, so a person can see what the model learned."""
+    import torch
+
+    if not prompts:
+        return
+    was_training = model.training
+    model.eval()
+    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1 << 30)
+    parts = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+            budget = min(new_tokens, context - ids.shape[1])
+            if budget < 1:
+                continue
+            out_ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            parts.append(f"### prompt: {prompt!r}\n{tokenizer.decode(out_ids[0], skip_special_tokens=False)}\n")
+    model.train(was_training)
+    atomic_write_text(out, "\n".join(parts))
 
 
 def write_loss_plot(metrics_path: Path, out: Path) -> None:
