@@ -217,7 +217,10 @@ def serve(
     is_model_dir = path.is_dir() and not (path / "recipe.yaml").is_file()
     recipe = None if is_model_dir else load_target(target, set_)
     cfg = serve_config(recipe, (set_ or []) if is_model_dir else [], flags)
-    run_server(resolve_target(path, cfg.backend if recipe is not None else backend, cfg.source, recipe), cfg)
+    try:
+        run_server(resolve_target(path, cfg.backend if recipe is not None else backend, cfg.source, recipe), cfg)
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGTERM/SIGINT it handled after a graceful shutdown
+        return
 
 
 @app.command()
