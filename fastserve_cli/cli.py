@@ -151,8 +151,6 @@ def train(
 @app.command()
 def optimize(target: str = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption) -> None:
     """Pruning and quantization variants, with a quality/size/speed report and gates (exit 2 when one breaks)."""
-    import contextlib
-
     from fastserve_cli.pipeline import STAGES, execute, prepare_run_dir
     from fastserve_cli.report import GateFailure, load_report, print_report
 
@@ -165,8 +163,8 @@ def optimize(target: str = TargetArgument, set_: Optional[list[str]] = SetOption
         if report is not None:
             stdout_json({"stage": "optimize", "status": status, "run_dir": str(run.root), "report": report}) if as_json else print_report(report)
 
-    try:  # library chatter (deepspeed logs to stdout) must not corrupt the --json document
-        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+    try:
+        with json_safe_stdout(as_json):
             execute("optimize", recipe, run)
     except GateFailure:  # the table (or JSON) first, then the one-line error naming gate, bound and value
         show("failed")
