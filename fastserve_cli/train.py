@@ -28,6 +28,7 @@ from typing import Any, Iterator
 from fastserve_cli import checkpoint as ckpt
 from fastserve_cli.batches import IGNORE_INDEX, BatchStream, DataPosition, eval_batches, load_splits
 from fastserve_cli.errors import UserError
+from fastserve_cli.kernels import fuse_activations, head_bypassed, linear_cross_entropy, supports_fused_loss
 from fastserve_cli.recipe import Recipe
 from fastserve_cli.rundir import RunDir, StageResult, atomic_write_json, atomic_write_text, fingerprint, staged_dir
 
@@ -266,11 +267,30 @@ class Trainer:
         if self.cfg.lora:
             model = apply_lora(model, self.cfg.lora)
         self.raw_model = model
+        self.fused_loss = self.use_fused_loss(model)
+        if self.cfg.fused_kernels:
+            fuse_activations(model)
         self.optimizer = make_optimizer(model, self.cfg, fused=not self.deepspeed)
         self.scheduler = make_scheduler(self.optimizer, self.cfg)
         self.model, self.prepared_optimizer = self.accelerator.prepare(model, self.optimizer)
         if self.cfg.torch_compile:
             self.model = torch.compile(self.model)
+
+    def use_fused_loss(self, model) -> bool:
+        """The chunked loss bypasses the head inside the forward: only for plain fp32 models that the
+        wrappers (peft, DeepSpeed's partitioning, torch.compile's graph guards) do not own."""
+        cfg = self.cfg
+        return (cfg.fused_kernels and not cfg.lora and not self.deepspeed and not cfg.torch_compile
+                and cfg.mixed_precision == "no" and supports_fused_loss(model))
+
+    def forward_loss(self, batch: dict[str, Any]):
+        """Summed next-token loss of one micro-batch."""
+        if self.fused_loss:
+            with head_bypassed(self.raw_model) as head:
+                hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return linear_cross_entropy(hidden, head.weight, batch["labels"])
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return summed_token_loss(logits, batch["labels"])
 
     def make_accelerator(self):
         from accelerate import Accelerator
@@ -369,8 +389,7 @@ class Trainer:
         for batch in micro_batches:
             batch = to_device(batch, self.accelerator.device)
             with self.accelerator.accumulate(self.model):
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                token_loss = summed_token_loss(logits, batch["labels"])
+                token_loss = self.forward_loss(batch)
                 self.accelerator.backward(token_loss * scale)
                 loss_sum += float(token_loss.detach())
                 if self.accelerator.sync_gradients:

@@ -112,7 +112,7 @@ def test_train_writes_model_transformers_loads(preprocessed, corpus_root, archit
     assert run.loss_plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = run.samples_path.read_text()
     assert [line for line in samples.splitlines() if line.startswith("### prompt")] == [
-        "### prompt: 'import '", "### prompt: 'def '", "### prompt: 'class '"]
+        "### prompt: 'import'", "### prompt: 'def'", "### prompt: 'class'"]
     assert "samples.txt" in result.outputs
     assert [p.name for p in sorted(run.checkpoints_dir.iterdir())] == ["step-8"]  # save_total_limit=1
     assert result.metrics["steps"] == 8 and result.metrics["eval_perplexity"] == pytest.approx(evals[-1]["eval_perplexity"])

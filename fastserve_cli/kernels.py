@@ -1,0 +1,130 @@
+"""Training-time kernel swaps (the idea behind Liger kernels): the same math in fewer memory passes.
+
+On a CPU the matmuls of a small model already run near peak; what is left is elementwise traffic over
+the two largest activations of a step:
+- GPT-2's `gelu_new` is written out in Python (pow, mul, add, tanh: ~7 forward and ~10 backward passes
+  over batch x seq x 4*width). `F.gelu(approximate="tanh")` is the same function in one pass each way.
+- The loss materializes batch x seq x vocab logits, then log-softmax, then a dense gradient of the same
+  size. `linear_cross_entropy` computes logits, loss and both gradients chunk by chunk, so a chunk's
+  logits stay in cache and are never stored for the backward.
+
+Neither changes the model's parameters, config or saved files; `train.fused_kernels: false` turns both off.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from fastserve_cli.batches import IGNORE_INDEX
+
+# Model types whose logits are exactly lm_head(final hidden state): no soft-capping or logit scaling.
+LINEAR_HEAD_MODEL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
+
+# Elements of one chunk's logits (16 MB of fp32): about half of this CPU's L3.
+CHUNK_ELEMENTS = 4 * 2**20
+
+
+def fuse_activations(model) -> int:
+    """Replace Python-composed tanh-GELUs with torch's fused one; returns how many were replaced."""
+    import torch
+    from transformers.activations import NewGELUActivation
+
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+                replaced += 1
+    return replaced
+
+
+def supports_fused_loss(model) -> bool:
+    """True for plain (not peft-wrapped) models whose head is a bias-free Linear applied to the last hidden state."""
+    import torch
+
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return (config is not None and getattr(config, "model_type", None) in LINEAR_HEAD_MODEL_TYPES
+            and isinstance(head, torch.nn.Linear) and head.bias is None
+            and not getattr(config, "final_logit_softcapping", None))
+
+
+@contextmanager
+def head_bypassed(model) -> Iterator[Any]:
+    """Within the block the model's forward returns final hidden states as `logits`; yields the real head."""
+    import torch
+
+    head = model.get_output_embeddings()
+
+    class Bypass(torch.nn.Module):
+        def forward(self, hidden):
+            return hidden
+
+    model.set_output_embeddings(Bypass())
+    try:
+        yield head
+    finally:
+        model.set_output_embeddings(head)
+
+
+class _LinearCrossEntropy:
+    """autograd.Function built on first use (keeps `import fastserve_cli.kernels` free of torch)."""
+
+    fn = None
+
+    @classmethod
+    def get(cls):
+        if cls.fn is None:
+            cls.fn = _build_function()
+        return cls.fn
+
+
+def _build_function():
+    import torch
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, chunk: int):
+            rows = hidden.shape[0]
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros_like(weight)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, rows, chunk):
+                h, t = hidden[start:start + chunk], targets[start:start + chunk]
+                logits = (h @ weight.t()).float()
+                valid = t != IGNORE_INDEX
+                safe = torch.where(valid, t, torch.zeros_like(t))
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, safe[:, None]).squeeze(1)
+                total += ((lse - picked) * valid).sum()
+                # d(loss)/d(logits) = softmax - onehot, zero on ignored rows; computed in place.
+                grad = logits.sub_(lse[:, None]).clamp_(min=-80.0).exp_()  # no denormals (slow on CPUs)
+                grad.scatter_add_(1, safe[:, None], torch.full_like(picked[:, None], -1.0))
+                grad.mul_(valid[:, None].to(grad.dtype))
+                grad = grad.to(hidden.dtype)
+                grad_hidden[start:start + chunk] = grad @ weight
+                grad_weight.addmm_(grad.t(), h)
+            ctx.save_for_backward(grad_hidden, grad_weight)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            grad_hidden, grad_weight = ctx.saved_tensors
+            return grad_hidden * grad_output, grad_weight * grad_output, None, None
+
+    return LinearCrossEntropy
+
+
+def linear_cross_entropy(hidden, weight, labels, chunk_rows: int | None = None):
+    """Summed next-token cross-entropy of `hidden @ weight.T` against `labels` shifted by one.
+
+    hidden: [batch, seq, width]; weight: [vocab, width]; labels: [batch, seq] with -100 = ignored.
+    Equals `summed_token_loss(hidden @ weight.T, labels)`, value and gradients, without storing the logits.
+    """
+    import torch.nn.functional as F
+
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    flat = hidden.flatten(0, 1)
+    chunk = chunk_rows or max(64, CHUNK_ELEMENTS // weight.shape[0])
+    return _LinearCrossEntropy.get().apply(flat, weight, targets, chunk)

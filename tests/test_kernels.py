@@ -1,0 +1,86 @@
+"""The training kernel swaps compute the same function and gradients as the code they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from fastserve_cli.kernels import fuse_activations, head_bypassed, linear_cross_entropy, supports_fused_loss
+from fastserve_cli.train import summed_token_loss
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=96,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, None])
+def test_linear_cross_entropy_matches_reference(chunk_rows):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 21, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (3, 21))
+    labels[0, 4:9] = -100  # ignored tokens inside a row
+    labels[2] = -100  # and a whole row
+    ref = summed_token_loss(hidden @ weight.t(), labels)
+    ref.backward(torch.tensor(0.25))
+    ref_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    out = linear_cross_entropy(hidden, weight, labels, chunk_rows=chunk_rows)
+    out.backward(torch.tensor(0.25))
+    assert out.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(hidden.grad, ref_grads[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad, ref_grads[1], rtol=1e-4, atol=1e-5)
+
+
+def test_peaked_logits_stay_finite():
+    """Confident predictions push exp() toward denormals; the loss and gradients must stay exact."""
+    hidden = torch.full((1, 4, 8), 30.0, requires_grad=True)
+    weight = torch.eye(8)[:, :8].repeat(2, 1).requires_grad_()
+    labels = torch.tensor([[0, 1, 2, 3]])
+    out = linear_cross_entropy(hidden, weight, labels)
+    out.backward()
+    ref = summed_token_loss(hidden.detach() @ weight.detach().t(), labels)
+    assert torch.isfinite(out) and out.item() == pytest.approx(ref.item(), abs=1e-4)
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+
+
+def test_fused_model_step_matches_plain_model():
+    """Fused GELU + bypassed head + chunked loss: same loss and parameter gradients as the plain model."""
+    plain, fused = tiny_gpt2(), tiny_gpt2()
+    assert fuse_activations(fused) == 2
+    ids = torch.randint(0, 96, (2, 32))
+    loss_plain = summed_token_loss(plain(input_ids=ids).logits, ids)
+    loss_plain.backward()
+    with head_bypassed(fused) as head:
+        hidden = fused(input_ids=ids).logits
+    assert hidden.shape == (2, 32, 64)
+    loss_fused = linear_cross_entropy(hidden, head.weight, ids, chunk_rows=16)
+    loss_fused.backward()
+    assert fused.get_output_embeddings() is head  # restored after the forward
+    assert loss_fused.item() == pytest.approx(loss_plain.item(), rel=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fused_activations_leave_saved_model_unchanged(tmp_path):
+    model = tiny_gpt2()
+    fuse_activations(model)
+    model.save_pretrained(tmp_path)
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert reloaded.config.activation_function == "gelu_new"
+    ids = torch.randint(0, 96, (1, 16))
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_supported_models():
+    assert supports_fused_loss(tiny_gpt2())
+    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                         num_attention_heads=4, vocab_size=50))
+    assert supports_fused_loss(llama)
+    gemma_like = tiny_gpt2()
+    gemma_like.config.model_type = "gemma2"  # soft-capped logits: not a plain linear head
+    assert not supports_fused_loss(gemma_like)
