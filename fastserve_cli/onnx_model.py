@@ -29,6 +29,10 @@ from fastserve_cli.errors import UserError
 SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2")
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's 2 GB limit
 MODEL_FILE = "model.onnx"
+# Ops that can compute the logits from the last hidden state (plain, int8 and int4 exports).
+HEAD_MATMULS = ("MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits")
+# Per-element ops a quantizer puts after the head's matmul (rescale, cast, fake-quant); row-independent.
+HEAD_ELEMENTWISE = ("Cast", "Mul", "QuantizeLinear", "DequantizeLinear")
 DATA_FILE = "model.onnx.data"
 # Files copied beside the graph so the directory alone is enough to serve.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -217,6 +221,37 @@ def materialize_shared_weights(src: Path, dst: Path) -> Path:
     return dst
 
 
+def logits_for_last_position(proto) -> bool:
+    """Make the graph compute logits for the last position only (a server never reads the others).
+
+    The head's matmul over every prompt position is ~30% of a GPT-2-small prefill. Its input is sliced to
+    [:, -1:, :] right before the matmul, after any dynamic quantization of that input, so the last row's
+    numbers are unchanged. Returns False (graph untouched) when the head is not a recognisable matmul.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    node = producers.get("logits")
+    while node is not None and node.op_type in HEAD_ELEMENTWISE:
+        node = producers.get(node.input[0])  # the data path; scales and zero points are initializers
+    if node is None or node.op_type not in HEAD_MATMULS:
+        return False
+    sliced = f"{node.input[0]}/last_position"
+    constants = {"last_position_starts": [-1], "last_position_ends": [2**63 - 1], "last_position_axes": [1]}
+    for name, value in constants.items():
+        graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+    index = list(graph.node).index(node)
+    graph.node.insert(index, onnx.helper.make_node("Slice", [node.input[0], *constants], [sliced], name="last_position_slice"))
+    node.input[0] = sliced
+    for output in graph.output:
+        if output.name == "logits" and len(output.type.tensor_type.shape.dim) == 3:
+            output.type.tensor_type.shape.dim[1].Clear()
+            output.type.tensor_type.shape.dim[1].dim_value = 1
+    return True
+
+
 # ------------------------------------------------------------------ running
 
 
@@ -246,7 +281,9 @@ class OnnxCausalLM:
     reference decoding loop used by the parity check, the benchmark and the tests.
     """
 
-    def __init__(self, path: str | Path, providers_: list[str] | None = None, threads: int | None = None):
+    def __init__(self, path: str | Path, providers_: list[str] | None = None, threads: int | None = None,
+                 last_logits_only: bool = False):
+        """`last_logits_only`: step() returns logits [b, 1, vocab] (see `logits_for_last_position`)."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -256,7 +293,16 @@ class OnnxCausalLM:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers_ or providers())
+        model: str | bytes = str(self.path)
+        self.last_logits_only = False
+        if last_logits_only and not (self.path.parent / DATA_FILE).exists():  # bytes cannot carry external data
+            import onnx
+
+            proto = onnx.load(str(self.path))
+            if logits_for_last_position(proto):
+                model, self.last_logits_only = proto.SerializeToString(), True
+            del proto
+        self.session = ort.InferenceSession(model, options, providers=providers_ or providers())
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.num_layers = len(self.past_names) // 2

@@ -97,6 +97,13 @@ def test_export_onnx_contract(tiny_model_dir, tmp_path):
     logits2, present2 = session.step(np.array([[3]]), np.ones((1, 6)), np.array([[5]]), present)
     assert logits2.shape == (1, 1, config.vocab_size) and present2[0].shape[2] == 6
 
+    last = OnnxCausalLM(out, last_logits_only=True)  # what the server runs: the head on the last position only
+    assert last.last_logits_only
+    last_logits, last_present = last.step(ids, np.ones_like(ids), np.arange(5)[None])
+    assert last_logits.shape == (1, 1, config.vocab_size)
+    np.testing.assert_allclose(last_logits[:, 0], logits[:, -1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(last_present[0], present[0], rtol=1e-6, atol=1e-6)
+
     tokenizer = AutoTokenizer.from_pretrained(out)  # tokenizer and configs travel with the graph
     assert tokenizer.eos_token == "<|endoftext|>"
     assert (out / "generation_config.json").is_file()
@@ -245,6 +252,11 @@ def test_quantized_variants_rows_and_drift(tmp_path, tiny_tokenizer_dir):
         assert [i.name for i in graph.input] == fp32_inputs
         tokens, _ = OnnxCausalLM(run.onnx_dir / file).generate_greedy(np.array([[4, 5, 6]]), np.ones((1, 3)), 3)
         assert tokens.shape == (1, 3)
+        full, _ = OnnxCausalLM(run.onnx_dir / file).step(np.array([[4, 5, 6]]), np.ones((1, 3)), np.arange(3)[None])
+        sliced = OnnxCausalLM(run.onnx_dir / file, last_logits_only=True)
+        assert sliced.last_logits_only, name  # the quantized heads are recognised too
+        last, _ = sliced.step(np.array([[4, 5, 6]]), np.ones((1, 3)), np.arange(3)[None])
+        np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-4, atol=1e-4)
     ops = {n.op_type for n in onnx.load(str(run.onnx_dir / "model_int4.onnx")).graph.node}
     assert "MatMulNBits" in ops
     ops = {n.op_type for n in onnx.load(str(run.onnx_dir / "model_static_int8.onnx")).graph.node}
