@@ -330,7 +330,7 @@ class OnnxBackend(Backend):
         from fastserve_cli.onnx_model import OnnxCausalLM
 
         super().__init__(onnx_dir, read_config(onnx_dir))
-        self.session = OnnxCausalLM(onnx_dir, threads=threads, last_logits_only=True)
+        self.session = OnnxCausalLM(onnx_dir, threads=threads, last_logits_only=True, spin=False)
         self.num_layers = self.session.num_layers
         self.num_kv_heads, self.head_dim = self.session.num_kv_heads, self.session.head_dim
         self.kv_dtype_bytes = np.dtype(self.session.kv_dtype).itemsize
