@@ -10,7 +10,7 @@ heavy-tailed: 85% in [8, 32] tokens, 15% in [256, 512]. Reported per policy and 
 job completion time (JCT), mean per-token latency (JCT / output tokens, the paper's metric), mean time to
 first token, throughput, and fcfs / policy ratios; plus a PNG of per-token latency against load.
 
-    .venv/bin/python scripts/bench_scheduling.py [--requests 150] [--loads 0.5 0.8 0.9] [--out runs/bench-scheduling]
+    .venv/bin/python scripts/bench_scheduling.py [--requests 400] [--loads 0.5 0.8 0.9] [--out runs/bench-scheduling]
 
 The model is a random-init GPT-2 shape (default 4 layers, 256 wide) with a BPE trained on stdlib sources,
 built into the output directory. Server processes run torch with one thread (--threads), so timings on a
@@ -290,7 +290,7 @@ def plot(results: dict, loads: list[float], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=150, help="requests per trace")
+    parser.add_argument("--requests", type=int, default=400, help="requests per trace (150 was too few to reach steady state)")
     parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8, 0.9])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--seed", type=int, default=0)
