@@ -13,6 +13,7 @@ Neither changes the model's parameters, config or saved files; `train.fused_kern
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -56,31 +57,16 @@ def head_bypassed(model) -> Iterator[Any]:
     import torch
 
     head = model.get_output_embeddings()
-
-    class Bypass(torch.nn.Module):
-        def forward(self, hidden):
-            return hidden
-
-    model.set_output_embeddings(Bypass())
+    model.set_output_embeddings(torch.nn.Identity())
     try:
         yield head
     finally:
         model.set_output_embeddings(head)
 
 
-class _LinearCrossEntropy:
-    """autograd.Function built on first use (keeps `import fastserve_cli.kernels` free of torch)."""
-
-    fn = None
-
-    @classmethod
-    def get(cls):
-        if cls.fn is None:
-            cls.fn = _build_function()
-        return cls.fn
-
-
-def _build_function():
+@functools.cache
+def _linear_cross_entropy_function():
+    """The autograd.Function, defined on first use (keeps `import fastserve_cli.kernels` free of torch)."""
     import torch
 
     class LinearCrossEntropy(torch.autograd.Function):
@@ -127,4 +113,4 @@ def linear_cross_entropy(hidden, weight, labels, chunk_rows: int | None = None):
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
     flat = hidden.flatten(0, 1)
     chunk = chunk_rows or max(64, CHUNK_ELEMENTS // weight.shape[0])
-    return _LinearCrossEntropy.get().apply(flat, weight, targets, chunk)
+    return _linear_cross_entropy_function().apply(flat, weight, targets, chunk)

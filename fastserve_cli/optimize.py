@@ -49,7 +49,7 @@ def measure_all(recipe: Recipe, run: RunDir) -> tuple[dict[str, Any], list[dict[
     """The baseline row and one row per variant (built here), with latencies timed together at the end."""
     from fastserve_cli.report import ensure_baseline, measure_torch_row, remeasure_latency
 
-    base = ensure_baseline(run, recipe)
+    base = ensure_baseline(run, recipe, latency=False)
     rows = []
     for variant in recipe.optimize.variants:
         details = build_variant(recipe, run, variant)

@@ -149,11 +149,11 @@ def check_utf8(cfg: DataConfig, files: list[str]) -> tuple[list[str], list[str]]
 # ------------------------------------------------------------------ loading documents
 
 
-def load_documents(cfg: DataConfig, cache_dir: str | None = None) -> tuple[Any, dict[str, Any]]:
+def load_documents(cfg: DataConfig, cache_dir: str) -> tuple[Any, dict[str, Any]]:
     """A `datasets.Dataset` with a `text` (or messages) column, and facts about where it came from.
 
-    Text files are copied into Arrow under `cache_dir` (a fresh temp dir when None); the caller
-    deletes it once the dataset is no longer needed.
+    Text files are copied into Arrow under `cache_dir`; the caller owns it and deletes it once the
+    dataset is no longer needed.
     """
     import datasets
 
@@ -191,14 +191,13 @@ def _read_text_files(files: list[str]) -> Iterator[dict[str, str]]:
             yield {"text": handle.read()}
 
 
-def _load_files(fmt: str, files: list[str], cache_dir: str | None):
+def _load_files(fmt: str, files: list[str], cache_dir: str):
     """Documents as a memory-mapped Arrow dataset, written in batches (bounded memory).
 
     Text files (one document each) go through `Dataset.from_generator` into a private temp cache:
     `load_dataset("text", sample_by="document")` gives the same rows but resolves every file as a
     pattern, which costs more than reading them. Structured formats use their `load_dataset` builder.
     """
-    import tempfile
     import uuid
 
     import datasets
@@ -208,7 +207,7 @@ def _load_files(fmt: str, files: list[str], cache_dir: str | None):
             features = datasets.Features({"text": datasets.Value("string")})
             return datasets.Dataset.from_generator(
                 _read_text_files, gen_kwargs={"files": files}, features=features,
-                cache_dir=cache_dir or tempfile.mkdtemp(prefix="fastserve-docs-"), fingerprint=uuid.uuid4().hex,
+                cache_dir=cache_dir, fingerprint=uuid.uuid4().hex,
             )
         return datasets.load_dataset(fmt, data_files=files, split="train")
     except Exception as err:

@@ -289,17 +289,22 @@ def find_row(report: dict[str, Any], name: str) -> dict[str, Any] | None:
     return next((row for row in report["rows"] if row["name"] == name), None)
 
 
-def ensure_baseline(run: RunDir, recipe: Recipe) -> dict[str, Any]:
-    """The baseline row (the trained model), measured and written unless a current report has it."""
+def ensure_baseline(run: RunDir, recipe: Recipe, latency: bool = True) -> dict[str, Any]:
+    """The baseline row (the trained model), measured and written unless a current report has it.
+
+    `latency=False`: the caller times the baseline itself (optimize, interleaved with its variants) and
+    writes the row; timing it here too would be thrown away.
+    """
     report = current_report(run, recipe)
     row = find_row(report, BASELINE)
     if row is not None:
         return row
     if not (run.model_dir / "config.json").is_file():
         raise UserError(f"{run.model_dir}: no trained model here; run `fastserve train` first")
-    row = measure_torch_row(run, recipe, BASELINE, "none", run.model_dir)
-    report["rows"] = [row] + [r for r in report["rows"] if r["name"] != BASELINE]
-    _finish(run, recipe, report)
+    row = measure_torch_row(run, recipe, BASELINE, "none", run.model_dir, latency=latency)
+    if latency:
+        report["rows"] = [row] + [r for r in report["rows"] if r["name"] != BASELINE]
+        _finish(run, recipe, report)
     return row
 
 

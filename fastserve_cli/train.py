@@ -12,7 +12,6 @@ torch.distributed has two; collectives therefore go through torch.distributed di
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -46,8 +45,7 @@ def run_train(recipe: Recipe, run: RunDir) -> StageResult:
     check_inputs(recipe, run)
     if recipe.train.num_processes > 1 and world_size() == 1:
         return launch_processes(recipe, run)
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints to stdout; stdout is for results (--json)
-        return Trainer(recipe, run).fit()
+    return Trainer(recipe, run).fit()
 
 
 def check_inputs(recipe: Recipe, run: RunDir) -> None:

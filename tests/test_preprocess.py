@@ -75,7 +75,7 @@ def test_manifest_records_the_stage(text_run):
     assert (run.root / "recipe.yaml").is_file()
 
 
-def test_packing_loses_and_duplicates_nothing(text_run):
+def test_packing_loses_and_duplicates_nothing(text_run, tmp_path):
     """The real tokens of all blocks, in order, are exactly the split's documents, each followed by EOS."""
     from transformers import AutoTokenizer
 
@@ -83,7 +83,7 @@ def test_packing_loses_and_duplicates_nothing(text_run):
 
     recipe, run, _ = text_run
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
-    docs, _ = load_documents(recipe.data)
+    docs, _ = load_documents(recipe.data, str(tmp_path / "docs"))
     train_docs, val_docs = split_documents(drop_empty(docs, "text", False), recipe.data.validation_fraction, recipe.seed)
     splits = load_splits(run)
     for docs_split, blocks in ((train_docs, splits["train"]), (val_docs, splits["validation"])):
