@@ -1,16 +1,18 @@
 #!/usr/bin/env python
 """Scheduling benchmark: fcfs vs skip-join-mlfq vs oracle SRPT on the real server, same seeded traces.
 
-For each policy a real `fastserve serve` process is started on 127.0.0.1 and the same trace is replayed
-to all of them at once (see --together) with an async HTTP client (streaming completions, `max_tokens` +
-`ignore_eos` fix each output length, as FastServe's own client does). Before each load, capacity is measured
-with a closed loop that keeps twice the batch size in flight on every server; the trace then arrives as a
-Poisson process at rho x capacity. Output lengths are
-heavy-tailed: 85% in [8, 32] tokens, 15% in [256, 512]. Reported per policy and load: mean, P50 and P99
-job completion time (JCT), mean per-token latency (JCT / output tokens, the paper's metric), mean time to
-first token, throughput, and fcfs / policy ratios; plus a PNG of per-token latency against load.
+For each policy a real `fastserve serve` process is started on 127.0.0.1 and the same trace is replayed to
+each, policy after policy within each load (or to all at once with --together), with an async HTTP client
+(streaming completions, `max_tokens` + `ignore_eos` fix each output length, as FastServe's own client does).
+Capacity is measured once, before the loads: the median of --capacity-windows closed-loop windows that keep
+twice the batch size in flight (the batch stays full); every load is then a Poisson process at rho x that
+capacity, so the loads of one run are comparable. Output lengths are heavy-tailed: 85% in [8, 32] tokens,
+15% in [256, 512]. Reported per policy and load: mean, P50 and P99 job completion time (JCT), mean per-token
+latency (JCT / output tokens, the paper's metric), mean time to first token, throughput, fcfs / policy
+ratios, and the fraction of the fcfs run during which its batch was full; plus a PNG of per-token latency
+against load.
 
-    .venv/bin/python scripts/bench_scheduling.py [--requests 400] [--loads 0.5 0.8 0.9] [--out runs/bench-scheduling]
+    .venv/bin/python scripts/bench_scheduling.py [--requests 1000] [--loads 0.5 0.8 0.9] [--seed 0]
 
 The model is a random-init GPT-2 shape (default 4 layers, 256 wide) with a BPE trained on stdlib sources,
 built into the output directory. Server processes run torch with one thread (--threads), so timings on a
@@ -26,6 +28,7 @@ import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -220,6 +223,21 @@ async def measure_capacity(server: "Server", prompts: list[str], workload: list[
     return (tokens1 - tokens0) / elapsed
 
 
+def batch_full_fraction(rows: list[tuple[float, float, float, int]], batch_size: int) -> float:
+    """Fraction of the replay (first arrival to last finish) with at least `batch_size` requests between
+    their first token and their finish: how loaded the run really was, whatever its label."""
+    events = sorted([(first, 1) for _, first, _, _ in rows] + [(finish, -1) for _, _, finish, _ in rows])
+    start, end = min(r[0] for r in rows), max(r[2] for r in rows)
+    running, full, since = 0, 0.0, None
+    for t, step in events:
+        running += step
+        if running >= batch_size and since is None:
+            since = t
+        elif running < batch_size and since is not None:
+            full, since = full + t - since, None
+    return full / (end - start) if end > start else 0.0
+
+
 async def gather(*aws):
     return await asyncio.gather(*aws)
 
@@ -290,7 +308,8 @@ def plot(results: dict, loads: list[float], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=400, help="requests per trace (150 was too few to reach steady state)")
+    parser.add_argument("--requests", type=int, default=1000,
+                        help="requests per trace; shorter traces do not reach steady state at rho=0.9 (heavy tail)")
     parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8, 0.9])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--seed", type=int, default=0)
@@ -298,10 +317,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server process")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--capacity-seconds", type=float, default=20.0)
+    parser.add_argument("--capacity-seconds", type=float, default=20.0, help="length of one capacity window")
+    parser.add_argument("--capacity-windows", type=int, default=3, help="capacity = the median of this many windows")
     parser.add_argument("--capacity", type=float, default=None, help="requests/s; skips the capacity measurement")
-    parser.add_argument("--together", action=argparse.BooleanOptionalAction, default=True,
-                        help="replay each trace to all policies' servers at once (default) or --no-together")
+    parser.add_argument("--together", action=argparse.BooleanOptionalAction, default=False,
+                        help="replay each trace to all policies' servers at once (for a machine shared with other "
+                             "jobs: every policy sees the same slowdowns) instead of policy after policy")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-scheduling")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -313,51 +334,49 @@ def main() -> None:
     print(f"model {model_dir.name}; {len(workload)} requests, mean output {mean_output:.1f} tokens, "
           f"{sum(1 for *_, n in workload if n >= 256)} long ones", flush=True)
 
-    # One server per policy, all up from the start. By default (--together) the same trace is replayed to
-    # all of them at the same moments: on a shared machine whose speed drifts by 2x within minutes (other
-    # jobs), every policy then sees the same machine. Both policies do the same total work and are work
-    # conserving, so their busy periods - and their CPU shares - stay close. --no-together replays
-    # policy after policy within each load instead.
+    # One server per policy, all up from the start. --together replays the same trace to all of them at the
+    # same moments: on a machine whose speed drifts with other jobs, every policy then sees the same machine.
+    # The default replays policy after policy within each load (a quiet machine gives each one all of it).
     servers = {p: Server(model_dir, p, args.batch_size, args.threads, args.out / f"server-{p}.log") for p in args.policies}
     results: dict = {str(rho): {} for rho in args.loads}
     records: dict = {str(rho): {} for rho in args.loads}
     try:
         for server in servers.values():
             server.wait_ready()
-        def current_capacity() -> float:
-            """Requests/s one server sustains now (measured on all servers at once with --together)."""
-            if args.capacity is not None:
-                return args.capacity
+        capacity, windows = args.capacity, []
+        if capacity is None:
+            # Measured once, so that every load of the run is a fraction of the same number (re-measuring
+            # per load let a drift of a few percent reorder the loads' queueing).
             probes = list(servers.values()) if args.together else [servers.get("fcfs") or next(iter(servers.values()))]
-            rates = asyncio.run(gather(*(measure_capacity(server, prompts, workload, 2 * args.batch_size,
-                                                          args.capacity_seconds) for server in probes)))
-            token_rate = sum(rates) / len(rates)
-            print(f"capacity: {token_rate:.0f} output tokens/s at {2 * args.batch_size} in flight per server "
-                  f"({len(probes)} measured at once: {', '.join(f'{r:.0f}' for r in rates)}) "
-                  f"-> {token_rate / mean_output:.2f} requests/s", flush=True)
-            return token_rate / mean_output
+            for _ in range(args.capacity_windows):
+                rates = asyncio.run(gather(*(measure_capacity(server, prompts, workload, 2 * args.batch_size,
+                                                              args.capacity_seconds) for server in probes)))
+                windows.append(sum(rates) / len(rates))
+                print(f"capacity window: {windows[-1]:.0f} output tokens/s at {2 * args.batch_size} in flight "
+                      f"({len(probes)} server(s) at once)", flush=True)
+            capacity = statistics.median(windows) / mean_output
+            print(f"capacity: {capacity * mean_output:.0f} output tokens/s (median) -> {capacity:.2f} requests/s", flush=True)
 
         groups = [list(servers)] if args.together else [[policy] for policy in servers]
-        capacities = {}
         for rho in args.loads:
-            # Re-measured before every load: the machine's speed drifts (other jobs), and rho is only
-            # meaningful against the capacity of the minutes it runs in.
-            capacities[str(rho)] = capacity = current_capacity()
             for group in groups:
                 started = time.perf_counter()
                 runs = asyncio.run(gather(*(replay(servers[p].url, prompts, workload, rho * capacity) for p in group)))
                 for policy, rows in zip(group, runs):
                     records[str(rho)][policy] = rows
                     results[str(rho)][policy] = summary = summarize(rows)
+                    summary["batch_full_fraction"] = batch_full_fraction(rows, args.batch_size)
                     print(f"rho={rho} {policy}: {time.perf_counter() - started:.0f} s, mean JCT {summary['mean_jct']:.2f} s, "
-                          f"per-token {1000 * summary['mean_per_token_latency']:.1f} ms", flush=True)
+                          f"per-token {1000 * summary['mean_per_token_latency']:.1f} ms, "
+                          f"batch full {100 * summary['batch_full_fraction']:.0f}% of the time", flush=True)
         counters = {policy: server.metrics() for policy, server in servers.items()}
     finally:
         for server in servers.values():
             server.stop()
 
     report = {"model": model_dir.name, "requests": args.requests, "seed": args.seed, "batch_size": args.batch_size,
-              "threads": args.threads, "together": args.together, "capacity_rps": capacities, "mean_output_tokens": mean_output,
+              "threads": args.threads, "together": args.together, "capacity_rps": capacity, "capacity_windows_tokens_s": windows,
+              "mean_output_tokens": mean_output,
               "results": results, "server_counters": counters,
               "records": {"columns": ["arrival_s", "first_token_s", "finish_s", "output_tokens"], **records}}
     (args.out / "results.json").write_text(json.dumps(report, indent=2))

@@ -1,4 +1,4 @@
-"""The training kernel swaps compute the same function and gradients as the code they replace."""
+"""The kernel swaps compute the same function (and, for training, gradients) as the code they replace."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from fastserve_cli.kernels import fuse_activations, head_bypassed, linear_cross_entropy, supports_fused_loss
+from fastserve_cli.kernels import fuse_activations, head_bypassed, linear_cross_entropy, onednn_linears, supports_fused_loss
 from fastserve_cli.train import summed_token_loss
 
 
@@ -84,3 +84,32 @@ def test_supported_models():
     gemma_like = tiny_gpt2()
     gemma_like.config.model_type = "gemma2"  # soft-capped logits: not a plain linear head
     assert not supports_fused_loss(gemma_like)
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=96, max_position_embeddings=64))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_onednn_linears_same_logits_and_greedy_tokens(make):
+    """Every Linear/Conv1D is swapped (GPT-2: 4 per block + the tied head); logits and greedy generation match."""
+    model, swapped_model = make().eval(), make().eval()
+    swapped = onednn_linears(swapped_model)
+    blocks = model.config.num_hidden_layers
+    assert swapped == blocks * (4 if model.config.model_type == "gpt2" else 7) + 1
+    assert not any(type(m) is torch.nn.Linear for m in swapped_model.modules())
+    ids = torch.randint(0, 96, (2, 19))
+    with torch.inference_mode():
+        torch.testing.assert_close(swapped_model(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+        want = model.generate(ids[:1], max_new_tokens=12, do_sample=False)
+        assert torch.equal(swapped_model.generate(ids[:1], max_new_tokens=12, do_sample=False), want)
+    assert swapped_model.get_input_embeddings().weight.layout == torch.strided  # the embedding keeps its dense weight
+
+
+def test_onednn_linears_leaves_quantized_layers_alone():
+    model = tiny_llama().eval()
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    assert onednn_linears(quantized) == 0

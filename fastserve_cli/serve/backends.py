@@ -202,12 +202,17 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, model_dir: Path, device: str | None = None) -> None:
+    def __init__(self, model_dir: Path, device: str | None = None, fast_kernels: bool = True) -> None:
         import torch
 
         super().__init__(model_dir, read_config(model_dir))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = _load_torch_model(self.model_dir, self.device)
+        self.fast_kernels = 0
+        if fast_kernels and self.device == "cpu":
+            from fastserve_cli.kernels import fuse_activations, onednn_linears
+
+            self.fast_kernels = onednn_linears(self.model) + fuse_activations(self.model)
         self._cache, self._present = None, None
         param = next(self.model.parameters())
         self.kv_dtype_bytes = 2 if param.dtype in (torch.float16, torch.bfloat16) else 4
@@ -347,9 +352,9 @@ class OnnxBackend(Backend):
         return torch.from_numpy(np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)), layers
 
 
-def load_backend(kind: str, model_dir: Path, threads: int | None = None) -> Backend:
+def load_backend(kind: str, model_dir: Path, threads: int | None = None, fast_kernels: bool = True) -> Backend:
     if kind == "torch":
-        return TorchBackend(model_dir)
+        return TorchBackend(model_dir, fast_kernels=fast_kernels)
     if kind == "onnx":
         return OnnxBackend(model_dir, threads=threads)
     raise UserError(f"--backend {kind}: unknown backend; choose torch or onnx")
