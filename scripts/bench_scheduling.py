@@ -2,7 +2,7 @@
 """Scheduling benchmark: fcfs vs skip-join-mlfq vs oracle SRPT on the real server, same seeded traces.
 
 For each policy a real `fastserve serve` process is started on 127.0.0.1 and the same trace is replayed to
-each, policy after policy within each load (or to all at once with --together), with an async HTTP client
+all of them at the same moments (or policy after policy with --no-together), with an async HTTP client
 (streaming completions, `max_tokens` + `ignore_eos` fix each output length, as FastServe's own client does).
 Capacity is measured once, before the loads: the median of --capacity-windows closed-loop windows that keep
 twice the batch size in flight (the batch stays full); every load is then a Poisson process at rho x that
@@ -320,9 +320,9 @@ def main() -> None:
     parser.add_argument("--capacity-seconds", type=float, default=20.0, help="length of one capacity window")
     parser.add_argument("--capacity-windows", type=int, default=3, help="capacity = the median of this many windows")
     parser.add_argument("--capacity", type=float, default=None, help="requests/s; skips the capacity measurement")
-    parser.add_argument("--together", action=argparse.BooleanOptionalAction, default=False,
-                        help="replay each trace to all policies' servers at once (for a machine shared with other "
-                             "jobs: every policy sees the same slowdowns) instead of policy after policy")
+    parser.add_argument("--together", action=argparse.BooleanOptionalAction, default=True,
+                        help="replay each trace to all policies' servers at once (default: every policy sees the "
+                             "same machine, drift included) or --no-together: policy after policy")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-scheduling")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -334,9 +334,9 @@ def main() -> None:
     print(f"model {model_dir.name}; {len(workload)} requests, mean output {mean_output:.1f} tokens, "
           f"{sum(1 for *_, n in workload if n >= 256)} long ones", flush=True)
 
-    # One server per policy, all up from the start. --together replays the same trace to all of them at the
-    # same moments: on a machine whose speed drifts with other jobs, every policy then sees the same machine.
-    # The default replays policy after policy within each load (a quiet machine gives each one all of it).
+    # One server per policy, all up from the start. --together (the default) replays the same trace to all of
+    # them at the same moments, so every policy sees the same machine: this VM's speed drifts by more within
+    # minutes than the policies differ at rho=0.9. --no-together replays policy after policy within each load.
     servers = {p: Server(model_dir, p, args.batch_size, args.threads, args.out / f"server-{p}.log") for p in args.policies}
     results: dict = {str(rho): {} for rho in args.loads}
     records: dict = {str(rho): {} for rho in args.loads}
