@@ -15,6 +15,10 @@ weight packed once at load (the ops inductor's CPU freezing uses). torch's defau
 which is slow for decode shapes (a few rows against a large weight): on this 2-core machine a
 768 x 3072 layer takes 955 us at 16 rows through MKL and 387 us packed; the 50257-wide head 28 vs 9 ms
 (`serve.fast_kernels: false` turns it off).
+oneDNN builds and caches one kernel (~0.65 MB) per distinct row count, in two caches of 1024 entries each
+by default: a server that saw every prompt length grew by ~250 MB on a 2-layer model in its first minute.
+So the packed layers pad their rows to a small set of sizes (`onednn_padded_rows`) and `onednn_linears`
+bounds both caches to `ONEDNN_CACHE_ENTRIES` (unless the environment already sets them).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from fastserve_cli.batches import IGNORE_INDEX
 
 # Model types whose logits are exactly lm_head(final hidden state): no soft-capping or logit scaling.
 LINEAR_HEAD_MODEL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
+
+# oneDNN kernel-cache entries (ideep's LRU_CACHE_CAPACITY and oneDNN's primitive cache): ~170 MB at most.
+ONEDNN_CACHE_ENTRIES = 256
 
 # Elements of one chunk's logits (16 MB of fp32): about half of this CPU's L3.
 CHUNK_ELEMENTS = 4 * 2**20
@@ -56,6 +63,7 @@ def onednn_linears(model) -> int:
     import torch
     from transformers.pytorch_utils import Conv1D
 
+    bound_onednn_caches()
     if not _onednn_linear_works():
         return 0
     layer_class = _onednn_linear_class()
@@ -87,6 +95,23 @@ def _onednn_linear_works() -> bool:
         return False
 
 
+def onednn_padded_rows(rows: int) -> int:
+    """The row count a packed matmul runs with: exact up to 16 (decode batches), then a multiple of 4 up
+    to 64 and of 16 beyond (prefills), so a layer needs ~30 kernels up to 512 tokens instead of 512."""
+    if rows <= 16:
+        return rows
+    step = 4 if rows <= 64 else 16
+    return -(-rows // step) * step
+
+
+def bound_onednn_caches(entries: int = ONEDNN_CACHE_ENTRIES) -> None:
+    """Cap oneDNN's kernel caches; both read these variables at their first use, so call it before that."""
+    import os
+
+    for name in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(entries))
+
+
 @functools.cache
 def _onednn_linear_class():
     import torch
@@ -102,8 +127,12 @@ def _onednn_linear_class():
 
         def forward(self, x):
             flat = x.reshape(-1, self.in_features)
+            rows = flat.shape[0]
+            padded = onednn_padded_rows(rows)
+            if padded > rows:
+                flat = torch.nn.functional.pad(flat, (0, 0, 0, padded - rows))
             y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
-            return y.view(*x.shape[:-1], self.out_features)
+            return y[:rows].view(*x.shape[:-1], self.out_features)
 
         def extra_repr(self) -> str:
             return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

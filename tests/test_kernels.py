@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from fastserve_cli.kernels import fuse_activations, head_bypassed, linear_cross_entropy, onednn_linears, supports_fused_loss
+from fastserve_cli.kernels import (fuse_activations, head_bypassed, linear_cross_entropy, onednn_linears, onednn_padded_rows,
+                                   supports_fused_loss)
 from fastserve_cli.train import summed_token_loss
 
 
@@ -113,3 +114,25 @@ def test_onednn_linears_leaves_quantized_layers_alone():
     model = tiny_llama().eval()
     quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     assert onednn_linears(quantized) == 0
+
+
+def test_onednn_padded_rows_bounds_kernel_count_and_waste():
+    """oneDNN caches a kernel per row count: padded sizes stay few, and padding wastes little."""
+    sizes = {onednn_padded_rows(rows) for rows in range(1, 513)}
+    assert len(sizes) <= 16 + 12 + 28
+    for rows in range(1, 2049):
+        padded = onednn_padded_rows(rows)
+        assert rows <= padded <= rows + (0 if rows <= 16 else 3 if rows <= 64 else 15)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("rows", [1, 17, 63, 100, 257])
+def test_onednn_linear_padded_rows_give_the_same_result(rows):
+    layer = torch.nn.Linear(32, 48)
+    swapped = torch.nn.Sequential(torch.nn.Linear(32, 48))
+    swapped[0].load_state_dict(layer.state_dict())
+    assert onednn_linears(swapped) == 1
+    x = torch.randn(rows, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(swapped(x), layer(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(swapped(x.view(1, rows, 32)), layer(x).view(1, rows, 48), rtol=1e-4, atol=1e-5)
