@@ -195,6 +195,7 @@ def serve(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="fcfs, skip-join-mlfq, or srpt-oracle (a benchmark bound that reads max_tokens)."),
     starvation_s: Optional[float] = typer.Option(None, "--starvation-s", help="skip-join-mlfq: promote requests waiting longer than this to the top queue."),
     base_quantum_s: Optional[float] = typer.Option(None, "--base-quantum-s", help="skip-join-mlfq: first queue's quantum; measured at start-up when unset."),
+    mlfq_levels: Optional[int] = typer.Option(None, "--mlfq-levels", help="skip-join-mlfq: number of queues (8); the last one is first come, first served."),
     max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Requests per iteration."),
     max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens", help="Token budget per iteration."),
     kv_cache_memory: Optional[str] = typer.Option(None, "--kv-cache-memory", help="KV-cache budget, e.g. 512MiB."),
@@ -210,7 +211,7 @@ def serve(
     flags = dict(host=host, port=port, backend=backend, source=source, scheduler=scheduler, max_batch_size=max_batch_size,
                  max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory, api_key=api_key,
                  max_queue=max_queue, model_name=model_name, num_threads=threads, starvation_s=starvation_s,
-                 base_quantum_s=base_quantum_s)
+                 base_quantum_s=base_quantum_s, mlfq_levels=mlfq_levels)
     path = Path(target)
     is_model_dir = path.is_dir() and not (path / "recipe.yaml").is_file()
     recipe = None if is_model_dir else load_target(target, set_)

@@ -216,6 +216,9 @@ class ServeConfig(Section):
     api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>`; FASTSERVE_API_KEY also sets it.")
     starvation_s: float = Field(3.0, gt=0)
     base_quantum_s: float | None = Field(None, gt=0, description="Skip-join MLFQ base quantum; measured at start-up when unset.")
+    mlfq_levels: int | None = Field(
+        8, ge=2, description="Skip-join MLFQ queue count; the last queue serves its requests first come, first served "
+        "(from 2**(levels-1) - 1 base quanta of service on). null: levels without end, as in FastServe's code.")
 
 
 class GatesConfig(Section):

@@ -219,6 +219,42 @@ def test_heavy_tailed_load_skip_join_beats_fcfs_and_approaches_srpt():
     assert srpt["mean_per_token_latency"] <= sj["mean_per_token_latency"]
 
 
+def test_last_level_runs_first_come_first_served():
+    """Two 4-token jobs, batch 1: without a last level they alternate down the levels (processor sharing);
+    in the last level the one that got there first keeps the front and runs to completion."""
+    def run(num_levels):
+        trace = [SimRequest("A", 0.0, 1, 4), SimRequest("B", 0.0, 1, 4)]
+        scheduler = mlfq(num_levels=num_levels)
+        simulate(scheduler, trace, max_batch_size=1, cost=UNIT)
+        return jcts(trace), scheduler
+
+    assert run(None)[0] == {"A": 7, "B": 8}
+    finished, scheduler = run(2)
+    assert finished == {"A": 5, "B": 8}
+    assert scheduler.stats.demotions == 2 and len(scheduler.queues) == 2
+    assert mlfq(num_levels=3).join_level(9) == 2  # skip-join never goes past the last level either
+    with pytest.raises(UserError, match="mlfq_levels"):
+        mlfq(num_levels=1)
+
+
+def test_last_level_lowers_mean_and_tail_jct_under_heavy_tailed_load():
+    """Without a last level, long requests share the machine by attained service and all finish late."""
+    cost = LinearCost(t0=20.0, td=2.0, tp=0.2)
+    base = make_trace(seed=1, num_requests=400, rate=1.0)
+    rate = 0.9 / mean_service_time(base, cost, 8)
+
+    def run(num_levels) -> dict[str, float]:
+        trace = make_trace(seed=1, num_requests=400, rate=rate)
+        scheduler = SkipJoinMLFQ(cost.t0 + 8 * cost.td, cost.prefill_s, starvation_s=3000.0, num_levels=num_levels)
+        simulate(scheduler, trace, max_batch_size=8, token_budget=2048, cost=cost)
+        return summarize(sim_records(trace))
+
+    endless, bounded = run(None), run(8)
+    assert bounded["mean_jct"] < 0.98 * endless["mean_jct"]
+    assert bounded["p99_jct"] < endless["p99_jct"]
+    assert bounded["mean_per_token_latency"] <= 1.02 * endless["mean_per_token_latency"]
+
+
 def test_summary_metrics():
     stats = summarize([(0.0, 1.0, 4.0, 4), (1.0, 2.0, 3.0, 1)])
     assert stats["mean_jct"] == 3.0 and stats["mean_per_token_latency"] == 1.5 and stats["mean_ttft"] == 1.0

@@ -80,7 +80,7 @@ def build_engine(target: ServeTarget, cfg) -> "object":
     tokenizer = load_tokenizer(target.model_dir)
     budget = parse_bytes(cfg.kv_cache_memory)
     kv = KVCacheManager(backend, budget, parse_bytes(cfg.kv_offload_memory, "--kv-offload-memory"))
-    options = {"starvation_s": cfg.starvation_s, "base_quantum_s": cfg.base_quantum_s,
+    options = {"starvation_s": cfg.starvation_s, "base_quantum_s": cfg.base_quantum_s, "num_levels": cfg.mlfq_levels,
                "max_batch_size": cfg.max_batch_size, "token_budget": cfg.max_num_batched_tokens}
     if cfg.scheduler != "fcfs":
         from fastserve_cli.rundir import RunDir

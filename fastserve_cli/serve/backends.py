@@ -6,11 +6,14 @@ A backend runs two kinds of work for the engine:
 - `decode(reqs)`: one token for each prefilled request in one batched forward.
 
 Batching requests with different past lengths: the rows of a decode batch are packed into one left-padded
-KV tensor per layer with an attention mask over the pads (`PackedBatch`). The pack is kept across
-iterations while the batch's membership is unchanged, so steady-state decoding copies nothing beyond what
-the model's cache append does. When one request replaces another (one finishes or is preempted, another
-joins or resumes) the newcomer's KV is copied into the leaver's row; the pack is rebuilt (one copy of
-the live KV) only when the batch size changes or a newcomer is longer than the pack.
+KV tensor per layer with an attention mask over the pads (`PackedBatch`). The pack outlives membership
+changes, so steady-state decoding copies nothing beyond what the model's cache append does:
+- a request that joins takes a leaving request's row, or a new row at the end, and only its own KV is
+  copied in; a request that leaves without a replacement is filled by the last row (one row's copy);
+- the torch backend keeps the pack in preallocated buffers with spare rows and free columns on both
+  sides, so the batch can grow, take a newcomer longer than the pack, and drop columns that became
+  padding for every row, all without copying the others (`BufferedPack`);
+- the whole pack is rebuilt (one copy of the live KV: `repacks`) only when the buffers run out.
 Requests whose KV sits in the pack have `req.kv is IN_PACK`; `detach(req)` gives them their own tensors back.
 
 Subclasses implement `forward` (one model call on torch tensors) and say how many bytes a token of KV takes.
@@ -55,8 +58,9 @@ class Backend:
         self.model_dir = Path(model_dir)
         self.config = config
         self.packed: PackedBatch | None = None
-        self.repacks = 0  # whole-batch copies (membership or batch size changed)
-        self.swaps = 0  # requests moved into a leaving request's row instead
+        self.repacks = 0  # whole-batch copies (the pack could not absorb a membership change)
+        self.swaps = 0  # requests copied into a row of the live pack instead
+        self.max_rows: int | None = None  # the engine's max batch size, when it says (sizes the torch pack)
         self.num_layers, self.num_kv_heads, self.head_dim = _kv_geometry(config)
         self.max_context = int(config.get("n_positions") or config.get("max_position_embeddings") or 2048)
         self.eos_token_ids = _eos_ids(self.model_dir, config)
@@ -89,15 +93,13 @@ class Backend:
         """One token for every request in `reqs` (all prefilled, KV on the device) -> logits [B, V] in `reqs` order."""
         import torch
 
-        if not self._swap_into_pack(reqs):
+        if self.packed is None or not self._update_pack(reqs):
             self._repack(reqs)
         pack = self.packed
         rows = pack.rows  # the forward runs in the pack's row order
         ids = torch.tensor([[r.output_ids[-1]] for r in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[r.kv_tokens] for r in rows], dtype=torch.long, device=self.device)
-        mask = torch.cat([pack.mask, torch.ones(len(rows), 1, dtype=torch.long, device=self.device)], dim=1)
-        logits, present = self.forward(ids, mask, positions, pack.layers)
-        pack.layers, pack.mask = present, mask
+        logits = self._decode_forward(pack, ids, positions)
         for r in rows:
             r.kv_tokens += 1
         if not _same(rows, reqs):
@@ -105,42 +107,108 @@ class Backend:
             logits = logits[[index[id(r)] for r in reqs]]
         return logits
 
-    def _swap_into_pack(self, reqs: list[Request]) -> bool:
-        """Reuse the pack when `reqs` is its rows with some swapped out for others (same batch size): each
-        newcomer's KV is copied into a leaving row's slot, instead of copying the whole batch (`_repack`).
-
-        Under load most membership changes are swaps (one request finishes or is preempted, another joins
-        or resumes in the same iteration). False when the pack cannot be reused: no pack, another batch
-        size, or a newcomer longer than the pack's width.
-        """
+    def _decode_forward(self, pack: PackedBatch, ids, positions):
+        """The batched decode call; the pack's KV and mask grow by one column."""
         import torch
 
+        mask = torch.cat([pack.mask, torch.ones(len(pack.rows), 1, dtype=torch.long, device=self.device)], dim=1)
+        logits, present = self.forward(ids, mask, positions, pack.layers)
+        pack.layers, pack.mask = present, mask
+        return logits
+
+    def _update_pack(self, reqs: list[Request]) -> bool:
+        """Make the live pack hold exactly `reqs` by moving single rows; False when it must be rebuilt.
+
+        Joining requests take the rows of leaving ones (finished, preempted or released), then new rows
+        at the end (`_grow_rows`); rows left without a replacement are filled from the end of the pack,
+        so the rows stay contiguous. A newcomer longer than the pack needs `_widen`. Columns that became
+        padding for every row are dropped (`_trim`). Every step copies only the rows that move.
+        """
         pack = self.packed
-        if pack is None or len(pack.rows) != len(reqs):
-            return False
         staying = {id(r) for r in pack.rows if r.kv is IN_PACK}
         joining = [r for r in reqs if id(r) not in staying]
-        if any(r.kv is None or r.kv_location != "device" or r.kv_tokens > pack.width for r in joining):
+        if any(r.kv is None or r.kv is IN_PACK or r.kv_location != "device" for r in joining):
             return False
         wanted = {id(r) for r in reqs}
         free = [i for i, r in enumerate(pack.rows) if id(r) not in wanted or r.kv is not IN_PACK]
-        for i, req in zip(free, joining):
+        longest = max((r.kv_tokens for r in joining), default=0)
+        grow = len(joining) - len(free)
+        if longest > pack.width and not self._widen(pack, longest):
+            return False
+        if grow > 0 and not self._grow_rows(pack, len(pack.rows) + grow):
+            return False
+        for i in free:
             leaving = pack.rows[i]
             if leaving.kv is IN_PACK:  # preempted, still live: it keeps its cache as its own tensors
                 leaving.kv = [(k.clone(), v.clone()) for k, v in pack.row_kv(i)]
-            pad = pack.width - req.kv_tokens
-            with torch.inference_mode():  # the pack's tensors come out of the model's inference-mode forward
-                for (k_all, v_all), (k, v) in zip(pack.layers, req.kv):
-                    k_all[i, :, pad:] = k[0]
-                    v_all[i, :, pad:] = v[0]
-                    k_all[i, :, :pad] = 0
-                    v_all[i, :, :pad] = 0
-            pack.mask[i, :pad] = 0
-            pack.mask[i, pad:] = 1
-            pack.pads[i], pack.rows[i] = pad, req
-            req.kv = IN_PACK
+        targets = free[:len(joining)] + list(range(len(pack.rows) - max(grow, 0), len(pack.rows)))
+        for i, req in zip(targets, joining):
+            self._write_row(pack, i, req)
+        self._drop_rows(pack, sorted(free[len(joining):]))
+        self._trim(pack, min(pack.pads))
         self.swaps += len(joining)
         return True
+
+    def _write_row(self, pack: PackedBatch, i: int, req: Request, kv: list[tuple[Any, Any]] | None = None) -> None:
+        """Copy `req`'s KV (its own tensors, or `kv`) into row i, left-padded with zeros (pads must be finite:
+        masked scores times NaN would still be NaN)."""
+        import torch
+
+        pad = pack.width - req.kv_tokens
+        with torch.inference_mode():  # the pack's tensors come out of the model's inference-mode forward
+            for (k_all, v_all), (k, v) in zip(pack.layers, kv or req.kv):
+                k_all[i, :, pad:] = k[0]
+                v_all[i, :, pad:] = v[0]
+                k_all[i, :, :pad] = 0
+                v_all[i, :, :pad] = 0
+            pack.mask[i, :pad] = 0
+            pack.mask[i, pad:] = 1
+        pack.pads[i], pack.rows[i] = pad, req
+        req.kv = IN_PACK
+
+    def _drop_rows(self, pack: PackedBatch, holes: list[int]) -> None:
+        """Remove rows `holes` (ascending), filling each from the end of the pack: one row copied per hole."""
+        import torch
+
+        n = len(pack.rows)
+        holes = list(holes)
+        with torch.inference_mode():
+            while holes:
+                last = n - 1
+                if holes[-1] == last:
+                    holes.pop()
+                else:
+                    hole = holes.pop(0)
+                    for k_all, v_all in pack.layers:
+                        k_all[hole] = k_all[last]
+                        v_all[hole] = v_all[last]
+                    pack.mask[hole] = pack.mask[last]
+                    pack.pads[hole], pack.rows[hole] = pack.pads[last], pack.rows[last]
+                n -= 1
+        if n < len(pack.rows):
+            del pack.rows[n:], pack.pads[n:]
+            self._set_rows(pack, n)
+
+    def _set_rows(self, pack: PackedBatch, n: int) -> None:
+        """The pack keeps its first n rows (views, no copy)."""
+        pack.layers = [(k[:n], v[:n]) for k, v in pack.layers]
+        pack.mask = pack.mask[:n]
+
+    def _grow_rows(self, pack: PackedBatch, n: int) -> bool:
+        """Room for n rows without a rebuild (the new rows are written next); False when there is none."""
+        return False
+
+    def _widen(self, pack: PackedBatch, width: int) -> bool:
+        """Room for `width` columns on the left without a rebuild; False when there is none."""
+        return False
+
+    def _trim(self, pack: PackedBatch, columns: int) -> None:
+        """Drop `columns` leading columns that are padding in every row (views, no copy)."""
+        if columns <= 0:
+            return
+        pack.layers = [(k[:, :, columns:], v[:, :, columns:]) for k, v in pack.layers]
+        pack.mask = pack.mask[:, columns:]
+        pack.pads = [p - columns for p in pack.pads]
 
     def detach(self, req: Request) -> None:
         """Give `req` its own KV tensors if they live in the pack (before offload, or when it leaves)."""
@@ -153,7 +221,7 @@ class Backend:
     def release(self, req: Request) -> None:
         """Forget the request's KV (finished, cancelled or preempted by recompute).
 
-        A released row stays in the pack as dead weight until the next repack, which skips it.
+        A released row stays in the pack until the next decode drops it or gives it to a newcomer.
         """
         req.kv, req.kv_tokens, req.kv_location = None, 0, "none"
 
@@ -167,9 +235,7 @@ class Backend:
         req.kv_location = "device"
 
     def _repack(self, reqs: list[Request]) -> None:
-        """Build the left-padded pack for `reqs`; rows leaving the old pack get their own tensors first."""
-        import torch
-
+        """Build a new pack for `reqs` (one copy of their KV); rows leaving the old pack get their own tensors first."""
         self.repacks += 1
         old = self.packed
         keep = {id(r) for r in reqs}
@@ -184,29 +250,38 @@ class Backend:
                     r.kv = [(k.clone(), v.clone()) for k, v in old.row_kv(i)]
         width = max(r.kv_tokens for r in reqs)
         first_k = (sources.get(id(reqs[0])) or reqs[0].kv)[0][0]
-        layers = self._new_pack_layers((len(reqs), self.num_kv_heads, width, self.head_dim), first_k.dtype)
-        mask = torch.zeros(len(reqs), width, dtype=torch.long, device=self.device)
-        pads = []
+        pack = self._new_pack(len(reqs), width, first_k.dtype)
         for row, r in enumerate(reqs):
-            kv = sources.get(id(r)) or r.kv
-            pad = width - r.kv_tokens
-            for (k_all, v_all), (k, v) in zip(layers, kv):
-                k_all[row, :, pad:] = k[0]
-                v_all[row, :, pad:] = v[0]
-                if pad:  # pads must be finite: masked scores times NaN would still be NaN
-                    k_all[row, :, :pad] = 0
-                    v_all[row, :, :pad] = 0
-            mask[row, pad:] = 1
-            pads.append(pad)
-            r.kv = IN_PACK
-        self.packed = PackedBatch(list(reqs), layers, pads, mask)
+            self._write_row(pack, row, r, sources.get(id(r)))
+        self.packed = pack
 
-    def _new_pack_layers(self, shape: tuple[int, ...], dtype) -> list[tuple[Any, Any]]:
-        """Uninitialized KV tensors for a new pack: `_repack` writes every row, pads included."""
+    def _new_pack(self, rows: int, width: int, dtype) -> PackedBatch:
+        """An empty pack of `rows` x `width` (uninitialized: `_repack` writes every row, pads included)."""
         import torch
 
-        return [(torch.empty(shape, dtype=dtype, device=self.device), torch.empty(shape, dtype=dtype, device=self.device))
-                for _ in range(self.num_layers)]
+        shape = (rows, self.num_kv_heads, width, self.head_dim)
+        layers = [(torch.empty(shape, dtype=dtype, device=self.device), torch.empty(shape, dtype=dtype, device=self.device))
+                  for _ in range(self.num_layers)]
+        mask = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+        return PackedBatch([None] * rows, layers, [0] * rows, mask)
+
+
+@dataclass
+class BufferedPack(PackedBatch):
+    """A pack whose rows and columns are a window of larger buffers: rows [0, n) of `rows_cap`, columns
+    [start, end) of `cols_cap` (free columns on both sides). `layers` and `mask` are views of the window."""
+
+    kbufs: list[Any] = None
+    vbufs: list[Any] = None
+    maskbuf: Any = None
+    start: int = 0
+    end: int = 0
+
+    def refresh(self) -> None:
+        n = len(self.rows)
+        self.layers = [(k[:n, :, self.start:self.end], v[:n, :, self.start:self.end])
+                       for k, v in zip(self.kbufs, self.vbufs)]
+        self.mask = self.maskbuf[:n, self.start:self.end]
 
 
 def _same(a: list[Request], b: list[Request]) -> bool:
@@ -262,38 +337,90 @@ class TorchBackend(Backend):
             from fastserve_cli.kernels import fuse_activations, onednn_linears
 
             self.fast_kernels = onednn_linears(self.model) + fuse_activations(self.model)
-        self._cache, self._present = None, None
         param = next(self.model.parameters())
         self.kv_dtype_bytes = 2 if param.dtype in (torch.float16, torch.bfloat16) else 4
 
-    def _new_pack_layers(self, shape, dtype):
-        """Buffers with room to grow, adopted by a growable cache: a repack costs exactly one copy.
+    def _new_pack(self, rows: int, width: int, dtype) -> PackedBatch:
+        """Buffers with spare rows (up to the engine's batch size) and free columns on both sides, so the
+        pack absorbs joins, leaves and longer newcomers without a rebuild (`_grow_rows`, `_widen`).
 
-        Uninitialized: `_repack` writes the rows and their pads, and the cache appends before the
-        attention ever reads the headroom (zero-filling it was 11% of the engine's time under load)."""
+        Uninitialized: `_repack` and `_write_row` write the rows they use, pads included, and the cache
+        appends a column before the attention reads it (zero-filling was 11% of the engine's time)."""
         import torch
 
-        width = shape[2]
-        full = (*shape[:2], width + _headroom(width), shape[3])
-        buffers = [(torch.empty(full, dtype=dtype, device=self.device), torch.empty(full, dtype=dtype, device=self.device))
-                   for _ in range(self.num_layers)]
-        self._present = [(k[:, :, :width], v[:, :, :width]) for k, v in buffers]
-        self._cache = _growable_cache(buffers=buffers, length=width)
-        return self._present
+        rows_cap = max(rows, min(self.max_rows or rows + 2, rows + max(2, rows // 2)))
+        left, right = _headroom(width), _headroom(width)
+        shape = (rows_cap, self.num_kv_heads, left + width + right, self.head_dim)
+        pack = BufferedPack([None] * rows, [], [0] * rows, None,
+                            kbufs=[torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)],
+                            vbufs=[torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)],
+                            maskbuf=torch.zeros(rows_cap, shape[2], dtype=torch.long, device=self.device),
+                            start=left, end=left + width)
+        pack.refresh()
+        return pack
+
+    def _set_rows(self, pack: PackedBatch, n: int) -> None:
+        pack.refresh()
+
+    def _grow_rows(self, pack: PackedBatch, n: int) -> bool:
+        if n > pack.kbufs[0].shape[0]:
+            return False
+        pack.rows += [None] * (n - len(pack.rows))
+        pack.pads += [0] * (n - len(pack.pads))
+        pack.refresh()
+        return True
+
+    def _widen(self, pack: PackedBatch, width: int) -> bool:
+        """Open `width - pack.width` free columns on the left; they are padding for the rows already there."""
+        import torch
+
+        extra = width - pack.width
+        if extra > pack.start:
+            return False
+        n, new_start = len(pack.rows), pack.start - extra
+        with torch.inference_mode():
+            for k, v in zip(pack.kbufs, pack.vbufs):
+                k[:n, :, new_start:pack.start] = 0
+                v[:n, :, new_start:pack.start] = 0
+            pack.maskbuf[:n, new_start:pack.start] = 0
+        pack.start = new_start
+        pack.pads = [p + extra for p in pack.pads]
+        pack.refresh()
+        return True
+
+    def _trim(self, pack: PackedBatch, columns: int) -> None:
+        if columns > 0:
+            pack.start += columns
+            pack.pads = [p - columns for p in pack.pads]
+            pack.refresh()
+
+    def _decode_forward(self, pack: PackedBatch, ids, positions):
+        """The cache appends in place into the buffers' next free column (rebuilt when there is none)."""
+        import torch
+
+        if pack.end >= pack.kbufs[0].shape[2]:
+            self._repack(list(pack.rows))
+            pack = self.packed
+        n = len(pack.rows)
+        pack.maskbuf[:n, pack.end] = 1
+        mask = pack.maskbuf[:n, pack.start:pack.end + 1]
+        cache = _growable_cache(buffers=[(k[:n, :, pack.start:], v[:n, :, pack.start:])
+                                         for k, v in zip(pack.kbufs, pack.vbufs)], length=pack.end - pack.start)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                             logits_to_keep=1)
+        pack.end += 1
+        pack.refresh()
+        return out.logits[:, -1, :].float()
 
     def forward(self, input_ids, attention_mask, position_ids, past):
-        """Reuses the cache object of the previous call when `past` is what that call returned, so a
-        steady decode batch appends in place instead of concatenating the whole cache every step."""
+        """A prefill (past None) or a call over `past` tensors copied into a fresh cache."""
         import torch
 
-        cache = self._cache if past is not None and past is self._present else _growable_cache(past)
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, use_cache=True, logits_to_keep=1)
-        present = [(layer.keys, layer.values) for layer in out.cache.layers]
-        if past is not None:  # prefills (past None) do not disturb the decode batch's cache
-            self._cache, self._present = out.cache, present
-        return out.logits[:, -1, :].float(), present
+                             cache=_growable_cache(past), use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float(), [(layer.keys, layer.values) for layer in out.cache.layers]
 
 
 def _headroom(length: int) -> int:

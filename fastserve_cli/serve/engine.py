@@ -84,6 +84,7 @@ class Engine:
     def __init__(self, backend, scheduler: Scheduler, kv: KVCacheManager, tokenizer, metrics, *,
                  max_batch_size: int = 8, token_budget: int = 2048, max_queue: int = 256) -> None:
         self.backend = backend
+        backend.max_rows = max_batch_size  # decode batches never exceed it: the torch pack sizes its rows by it
         self.scheduler = scheduler
         self.kv = kv
         self.tokenizer = tokenizer
