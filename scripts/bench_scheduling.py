@@ -2,12 +2,14 @@
 """Scheduling benchmark: fcfs vs skip-join-mlfq vs oracle SRPT on the real server, same seeded traces.
 
 For each policy a real `fastserve serve` process is started on 127.0.0.1 and the same trace is replayed to
-all of them at the same moments (or policy after policy with --no-together), with an async HTTP client
-(streaming completions, `max_tokens` + `ignore_eos` fix each output length, as FastServe's own client does).
-Capacity is measured once, before the loads: the median of --capacity-windows closed-loop windows that keep
-twice the batch size in flight (the batch stays full); every load is then a Poisson process at rho x that
-capacity, so the loads of one run are comparable. Output lengths are heavy-tailed: 85% in [8, 32] tokens,
-15% in [256, 512]. Reported per policy and load: mean, P50 and P99 job completion time (JCT), mean per-token
+one policy at a time (or to each policy beside an fcfs server at the same moments with --together, every
+ratio then against the fcfs run beside it), with an async HTTP client (streaming completions, `max_tokens`
++ `ignore_eos` fix each output length, as FastServe's own client does).
+Capacity is measured right before each replay, on the trace itself and with the same servers busy as in
+the replay: a saturated window (twice the batch size in flight, so the batch stays full; the trace's requests in a
+seeded random order) counting output tokens/s. Each replay is then a Poisson process at rho x that capacity.
+Capacity is measured again after the replay, and the table's "effective rho" is the offered load over the
+mean of the two: how loaded the machine really was, which on this VM can differ from the label by +-20%. Output lengths are heavy-tailed: 85% in [8, 32] tokens, 15% in [256, 512]. Reported per policy and load: mean, P50 and P99 job completion time (JCT), mean per-token
 latency (JCT / output tokens, the paper's metric), mean time to first token, throughput, fcfs / policy
 ratios, and the fraction of the fcfs run during which its batch was full; plus a PNG of per-token latency
 against load.
@@ -115,7 +117,7 @@ class Server:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         cmd = [sys.executable, "-m", "fastserve_cli", "serve", str(model_dir), "--port", str(self.port),
                "--set", f"serve.scheduler={scheduler}", "--set", f"serve.max_batch_size={batch_size}",
-               "--set", "serve.model_name=bench"]
+               "--set", "serve.model_name=bench", "--set", "serve.max_queue=100000"]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
@@ -142,6 +144,13 @@ class Server:
             if line.startswith("fastserve:") and "_total" in line.split(" ")[0].split("{")[0]:
                 values[line.split("{")[0].split(" ")[0]] = float(line.rsplit(" ", 1)[1])
         return values
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (all its threads)."""
+        import psutil
+
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -194,33 +203,45 @@ async def replay(url: str, prompts: list[str], workload: list[tuple[float, int, 
         return await asyncio.gather(*(at(a, p, n) for (a, _, n), p in zip(workload, prompts)))
 
 
-async def measure_capacity(server: "Server", prompts: list[str], workload: list[tuple[float, int, int]],
-                           concurrency: int, seconds: float, warmup: float = 5.0) -> float:
-    """Output tokens/s with `concurrency` requests always in flight (the batch stays full).
+async def generation_tokens(client, server: "Server") -> float:
+    """The server's generation-token counter (Prometheus text)."""
+    text = (await client.get(server.url + "/metrics")).text
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("fastserve:generation_tokens_total"))
 
-    Counted on the server (its generation-token counter) over a window after a warm-up, so requests still
-    running at either edge count for the tokens they made inside it; the outstanding ones are then cancelled.
+
+async def measure_capacity(server: "Server", prompts: list[str], workload: list[tuple[float, int, int]],
+                           concurrency: int, seconds: float, warmup: float = 5.0, seed: int = 0) -> tuple[float, int]:
+    """Output tokens/s of this trace at saturation: its requests in a seeded random order (so any window has
+    the trace's long/short mix and prompt lengths), `concurrency` always in flight (the batch stays full).
+    Returns (tokens/s, requests issued inside the window).
+
+    Counted on the server's generation-token counter over `seconds` after a warm-up, so requests running at
+    either edge count for the tokens they made inside it; the requests still in flight are then cancelled.
     """
     import httpx
 
+    order = list(range(len(workload)))
+    random.Random(seed).shuffle(order)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None)) as client:
-        t0, next_index = time.perf_counter(), 0
+        t0, issued = time.perf_counter(), 0
 
-        async def worker():
-            nonlocal next_index
+        async def worker() -> None:
+            nonlocal issued
             while True:
-                i, next_index = next_index % len(workload), next_index + 1
+                i = order[issued % len(order)]
+                issued += 1
                 await one_request(client, server.url, prompts[i], workload[i][2], t0)
 
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
         await asyncio.sleep(warmup)
-        start, tokens0 = time.perf_counter(), server.metrics()["fastserve:generation_tokens_total"]
+        start, tokens0, issued0 = time.perf_counter(), await generation_tokens(client, server), issued
         await asyncio.sleep(seconds)
-        elapsed, tokens1 = time.perf_counter() - start, server.metrics()["fastserve:generation_tokens_total"]
+        elapsed, tokens1 = time.perf_counter() - start, await generation_tokens(client, server)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return (tokens1 - tokens0) / elapsed
+    return (tokens1 - tokens0) / elapsed, issued - issued0
 
 
 def batch_full_fraction(rows: list[tuple[float, float, float, int]], batch_size: int) -> float:
@@ -238,6 +259,31 @@ def batch_full_fraction(rows: list[tuple[float, float, float, int]], batch_size:
     return full / (end - start) if end > start else 0.0
 
 
+def measured_capacity(servers: dict, group: list[str], prompts: list[str], workload, args, label: str) -> float:
+    """Requests/s of this trace at saturation on the group's servers, all busy at once (their mean)."""
+    mean_output = sum(n for *_, n in workload) / len(workload)
+    rates = asyncio.run(gather(*(measure_capacity(servers[p], prompts, workload, 2 * args.batch_size,
+                                                  args.capacity_seconds) for p in group)))
+    capacity = sum(rate for rate, _ in rates) / len(rates) / mean_output
+    print(f"{label} {'+'.join(group)}: capacity {capacity * mean_output:.0f} output tokens/s at {2 * args.batch_size} "
+          f"in flight ({', '.join(f'{r:.0f} over {n} requests' for r, n in rates)}) -> {capacity:.2f} requests/s",
+          flush=True)
+    return capacity
+
+
+def replay_groups(policies: list[str], together: bool) -> list[list[str]]:
+    """Which servers replay a trace at the same moments: with `together`, each policy beside an fcfs server
+    (its own baseline on the same machine, minute for minute); otherwise one policy at a time.
+
+    Pairs, not all three at once: three one-thread servers and the client on two cores did not share them
+    evenly (in two runs at rho=0.5 the MLFQ server's long requests decoded 25-40% slower than fcfs's beside
+    it, where alone both ran at 4.9 ms per token), and two servers did (within +-10% at rho=0.5).
+    """
+    if not together or "fcfs" not in policies or len(policies) == 1:
+        return [[policy] for policy in policies]
+    return [["fcfs", policy] for policy in policies if policy != "fcfs"]
+
+
 async def gather(*aws):
     return await asyncio.gather(*aws)
 
@@ -246,15 +292,15 @@ async def gather(*aws):
 
 
 def table(results: dict, loads: list[float]) -> str:
-    head = ("| rho | policy | mean JCT s | P50 JCT s | P99 JCT s | per-token ms | TTFT s | tokens/s | "
+    head = ("| rho | effective rho | policy | mean JCT s | P50 JCT s | P99 JCT s | per-token ms | TTFT s | tokens/s | "
             "per-token x | mean JCT x | P99 JCT x |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for rho in loads:
-        base = results[str(rho)].get("fcfs")
         for policy, s in results[str(rho)].items():
+            base = s.get("paired_fcfs") or results[str(rho)].get("fcfs")
             ratios = [f"{base[k] / s[k]:.2f}" if base else "-" for k in ("mean_per_token_latency", "mean_jct", "p99_jct")]
             lines.append(
-                f"| {rho} | {policy} | {s['mean_jct']:.2f} | {s['p50_jct']:.2f} | {s['p99_jct']:.2f} | "
+                f"| {rho} | {s.get('effective_rho', rho):.2f} | {policy} | {s['mean_jct']:.2f} | {s['p50_jct']:.2f} | {s['p99_jct']:.2f} | "
                 f"{1000 * s['mean_per_token_latency']:.1f} | {s['mean_ttft']:.2f} | {s['throughput_tokens']:.0f} | "
                 + " | ".join(ratios) + " |")
     return "\n".join(lines)
@@ -264,13 +310,15 @@ def targets(results: dict, loads: list[float]) -> list[str]:
     """The issue's targets: at the highest load per-token >= 2.5x and mean JCT >= 1.2x better than fcfs,
     P99 JCT no worse than 2x fcfs; at the lowest load within +-10% of fcfs."""
     high, low = str(max(loads)), str(min(loads))
-    f, m = results[high]["fcfs"], results[high]["skip-join-mlfq"]
+    m = results[high]["skip-join-mlfq"]
+    f = m.get("paired_fcfs") or results[high]["fcfs"]
     checks = [
         (f"rho={high}: per-token latency fcfs/mlfq", f["mean_per_token_latency"] / m["mean_per_token_latency"], ">= 2.5"),
         (f"rho={high}: mean JCT fcfs/mlfq", f["mean_jct"] / m["mean_jct"], ">= 1.2"),
         (f"rho={high}: P99 JCT mlfq/fcfs", m["p99_jct"] / f["p99_jct"], "<= 2.0"),
     ]
-    f, m = results[low]["fcfs"], results[low]["skip-join-mlfq"]
+    m = results[low]["skip-join-mlfq"]
+    f = m.get("paired_fcfs") or results[low]["fcfs"]
     checks += [(f"rho={low}: {name} mlfq/fcfs", m[name] / f[name], "0.9..1.1") for name in ("mean_jct", "mean_per_token_latency")]
     lines = []
     for name, value, bound in checks:
@@ -317,12 +365,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server process")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--capacity-seconds", type=float, default=20.0, help="length of one capacity window")
-    parser.add_argument("--capacity-windows", type=int, default=3, help="capacity = the median of this many windows")
-    parser.add_argument("--capacity", type=float, default=None, help="requests/s; skips the capacity measurement")
+    parser.add_argument("--capacity", type=float, default=None, help="requests/s; skips the capacity measurements")
+    parser.add_argument("--capacity-seconds", type=float, default=30.0,
+                        help="length of the saturated window measured before each replay")
     parser.add_argument("--together", action=argparse.BooleanOptionalAction, default=True,
-                        help="replay each trace to all policies' servers at once (default: every policy sees the "
-                             "same machine, drift included) or --no-together: policy after policy")
+                        help="replay each trace to every policy beside an fcfs server at the same moments (default: "
+                             "each comparison sees the same machine, drift included) or --no-together: policy after policy")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-scheduling")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -334,48 +382,55 @@ def main() -> None:
     print(f"model {model_dir.name}; {len(workload)} requests, mean output {mean_output:.1f} tokens, "
           f"{sum(1 for *_, n in workload if n >= 256)} long ones", flush=True)
 
-    # One server per policy, all up from the start. --together (the default) replays the same trace to all of
-    # them at the same moments, so every policy sees the same machine: this VM's speed drifts by more within
-    # minutes than the policies differ at rho=0.9. --no-together replays policy after policy within each load.
+    # One server per policy, all up from the start. By default (--together) each policy replays the trace beside
+    # an fcfs server at the same moments, so each comparison sees the same machine. This VM's cores flip between
+    # two speeds (~2x apart) every few seconds and its throughput drifts by +-20% over minutes: policy after
+    # policy, one seed's fcfs turn at rho=0.5 ran 36% slower than the MLFQ turn after it. Side by side, two
+    # servers still share the cores unevenly over short windows (two identical fcfs servers measured 601 and
+    # 705 tokens/s in the same 25 s), which a replay of a minute or more mostly averages out.
     servers = {p: Server(model_dir, p, args.batch_size, args.threads, args.out / f"server-{p}.log") for p in args.policies}
     results: dict = {str(rho): {} for rho in args.loads}
     records: dict = {str(rho): {} for rho in args.loads}
     try:
         for server in servers.values():
             server.wait_ready()
-        capacity, windows = args.capacity, []
-        if capacity is None:
-            # Measured once, so that every load of the run is a fraction of the same number (re-measuring
-            # per load let a drift of a few percent reorder the loads' queueing).
-            probes = list(servers.values()) if args.together else [servers.get("fcfs") or next(iter(servers.values()))]
-            for _ in range(args.capacity_windows):
-                rates = asyncio.run(gather(*(measure_capacity(server, prompts, workload, 2 * args.batch_size,
-                                                              args.capacity_seconds) for server in probes)))
-                windows.append(sum(rates) / len(rates))
-                print(f"capacity window: {windows[-1]:.0f} output tokens/s at {2 * args.batch_size} in flight "
-                      f"({len(probes)} server(s) at once)", flush=True)
-            capacity = statistics.median(windows) / mean_output
-            print(f"capacity: {capacity * mean_output:.0f} output tokens/s (median) -> {capacity:.2f} requests/s", flush=True)
-
-        groups = [list(servers)] if args.together else [[policy] for policy in servers]
+        capacities: dict = {str(rho): {} for rho in args.loads}
         for rho in args.loads:
-            for group in groups:
-                started = time.perf_counter()
-                runs = asyncio.run(gather(*(replay(servers[p].url, prompts, workload, rho * capacity) for p in group)))
+            for group in replay_groups(list(servers), args.together):
+                before = args.capacity or measured_capacity(servers, group, prompts, workload, args, f"rho={rho} before")
+                started, cpu = time.perf_counter(), {p: servers[p].cpu_seconds() for p in group}
+                runs = asyncio.run(gather(*(replay(servers[p].url, prompts, workload, rho * before) for p in group)))
+                # Measured again after the replay: the load this replay really ran at is its offered load over
+                # the machine's capacity around it (the mean of both), printed as the effective rho.
+                after = args.capacity or measured_capacity(servers, group, prompts, workload, args, f"rho={rho} after")
+                effective = rho * before / ((before + after) / 2)
+                capacities[str(rho)]["+".join(group)] = {"before_rps": before, "after_rps": after,
+                                                        "effective_rho": effective}
+                summaries = {}
                 for policy, rows in zip(group, runs):
-                    records[str(rho)][policy] = rows
-                    results[str(rho)][policy] = summary = summarize(rows)
+                    summaries[policy] = summary = summarize(rows)
                     summary["batch_full_fraction"] = batch_full_fraction(rows, args.batch_size)
-                    print(f"rho={rho} {policy}: {time.perf_counter() - started:.0f} s, mean JCT {summary['mean_jct']:.2f} s, "
+                    summary["server_cpu_s"] = servers[policy].cpu_seconds() - cpu[policy]
+                    summary["effective_rho"] = effective
+                    print(f"rho={rho} {policy}{'' if len(group) < 2 else ' (with ' + ', '.join(set(group) - {policy}) + ')'}: "
+                          f"{time.perf_counter() - started:.0f} s, mean JCT {summary['mean_jct']:.2f} s, "
                           f"per-token {1000 * summary['mean_per_token_latency']:.1f} ms, "
-                          f"batch full {100 * summary['batch_full_fraction']:.0f}% of the time", flush=True)
+                          f"batch full {100 * summary['batch_full_fraction']:.0f}% of the time, "
+                          f"server CPU {summary['server_cpu_s']:.0f} s", flush=True)
+                for policy, rows in zip(group, runs):
+                    if policy == "fcfs" and "fcfs" in results[str(rho)]:  # a later pair's own baseline
+                        continue
+                    records[str(rho)][policy] = rows
+                    results[str(rho)][policy] = summaries[policy]
+                    if policy != "fcfs" and "fcfs" in summaries:
+                        summaries[policy]["paired_fcfs"] = summaries["fcfs"]
         counters = {policy: server.metrics() for policy, server in servers.items()}
     finally:
         for server in servers.values():
             server.stop()
 
     report = {"model": model_dir.name, "requests": args.requests, "seed": args.seed, "batch_size": args.batch_size,
-              "threads": args.threads, "together": args.together, "capacity_rps": capacity, "capacity_windows_tokens_s": windows,
+              "threads": args.threads, "together": args.together, "capacity_rps": capacities,
               "mean_output_tokens": mean_output,
               "results": results, "server_counters": counters,
               "records": {"columns": ["arrival_s", "first_token_s", "finish_s", "output_tokens"], **records}}
