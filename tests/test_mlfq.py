@@ -237,6 +237,22 @@ def test_last_level_runs_first_come_first_served():
         mlfq(num_levels=1)
 
 
+def test_last_level_is_not_promoted_for_starvation():
+    """A long job waits behind a stream of one-token jobs: in the last level it keeps its arrival-order place
+    (no promotion, it resumes after the stream); one level above the last, it is promoted after
+    `starvation_s` and runs in the middle of the stream."""
+    def run(num_levels):
+        trace = [SimRequest("A", 0.0, 1, 6)] + [SimRequest(f"S{i}", float(i), 1, 1) for i in range(1, 11)]
+        scheduler = mlfq(starvation_s=4.0, num_levels=num_levels)
+        simulate(scheduler, trace, max_batch_size=1, cost=UNIT)
+        during_stream = [t for t in trace[0].runs if 1 <= t < 11]
+        return during_stream, scheduler.stats.promotions
+
+    assert run(2) == ([], 0)
+    during_stream, promotions = run(3)
+    assert promotions >= 1 and during_stream
+
+
 def test_last_level_lowers_mean_and_tail_jct_under_heavy_tailed_load():
     """Without a last level, long requests share the machine by attained service and all finish late."""
     cost = LinearCost(t0=20.0, td=2.0, tp=0.2)
