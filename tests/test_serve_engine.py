@@ -89,6 +89,25 @@ def test_kv_pressure_offload_or_recompute_keeps_outputs(tiny_gpt2_dir, host_toke
     assert engine.kv.used(engine.live, "device") == 0  # everything freed
 
 
+def test_priority_order_is_asked_only_when_caches_must_move(tiny_gpt2_dir):
+    """Ranking every live request costs most of an MLFQ step; with room to spare nobody is ranked."""
+    calls = {"roomy": 0, "tight": 0}
+    for budget in ("roomy", "tight"):
+        engine = build_engine(tiny_gpt2_dir, device_tokens=100_000 if budget == "roomy" else 40, host_tokens=100_000,
+                              max_batch_size=3)
+        engine.scheduler = RoundRobin()
+        order = engine.scheduler.priority_order
+
+        def counted(budget=budget, order=order):
+            calls[budget] += 1
+            return order()
+
+        engine.scheduler.priority_order = counted
+        run_all(engine, greedy_requests(engine.tokenizer, [10, 14, 8, 12]))
+    assert calls["roomy"] == 0
+    assert calls["tight"] > 0
+
+
 class RoundRobin:
     """Test scheduler: one request per iteration, rotating, so caches must be moved around."""
 

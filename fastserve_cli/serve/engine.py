@@ -166,7 +166,7 @@ class Engine:
         now = time.perf_counter()
         self._intake(now)
         batch = self.scheduler.schedule(now, self.max_batch_size, self.token_budget)
-        runnable = self.kv.make_room(batch, self.scheduler.priority_order) if batch else []
+        runnable = self.kv.make_room(batch, self.live, self.scheduler.priority_order) if batch else []
         if batch and not runnable and len(self.live) == 1:
             self._finish(batch[0], "error", error="the request does not fit in --kv-cache-memory")
         self._update_gauges()

@@ -1,7 +1,7 @@
 """KV-cache manager: per-request caches under a device memory budget, with a host pool for offload.
 
 Accounting is in tokens x bytes-per-token of the model (the pack's left padding is transient and not
-counted). Before each iteration the engine asks `make_room(batch, priority_order)`:
+counted). Before each iteration the engine asks `make_room(batch, live, priority_order)`:
 - every request in the batch needs room for its KV after this iteration (prefill: its whole sequence;
   decode: one more token) on the device;
 - room comes from offloading the caches of requests that will run latest (the tail of the scheduler's
@@ -70,25 +70,33 @@ class KVCacheManager:
         return min(1.0, self.used(live, "device") / self.device_budget)
 
     # -- policy --------------------------------------------------------------------------------
-    def make_room(self, batch: list[Request], order: Callable[[], list[Request]]) -> list[Request]:
-        """Return the prefix of `batch` that can run this iteration, after offloading/reloading as needed."""
-        live = order()
+    def make_room(self, batch: list[Request], live: list[Request], order: Callable[[], list[Request]]) -> list[Request]:
+        """Return the prefix of `batch` that can run this iteration, after offloading/reloading as needed.
+
+        `live` is every live request in any order; `order()` ranks them soonest-to-run first and is asked
+        only when a cache must move (under MLFQ it costs O(n log n) a call, most of a scheduling step).
+        """
+        device_used = self.used(live, "device")
+        ranked: list[Request] | None = None
         moved_out = self.offloads + self.recompute_preemptions
         runnable: list[Request] = []
         for req in batch:
             after = (req.kv_tokens + 1 if req.is_prefilled else req.total_len) * self.bytes_per_token
-            protected = {id(r) for r in runnable} | {id(req)}
-            others_on_device = sum(self.bytes_of(r) for r in live if r.kv_location == "device" and id(r) not in protected)
-            mine_on_device = sum(self.bytes_of(r) for r in runnable if r.kv_location == "device")
-            need = mine_on_device + after + others_on_device - self.device_budget
-            if need > 0 and not self._evict(need, live, protected):
-                break
+            mine_now = self.bytes_of(req) if req.kv_location == "device" else 0
+            need = device_used - mine_now + after - self.device_budget
+            if need > 0:
+                ranked = ranked if ranked is not None else order()
+                if not self._evict(need, ranked, {id(r) for r in runnable} | {id(req)}):
+                    break
+                device_used = self.used(live, "device")
             if req.kv_location == "host":
                 self.backend.to_device(req)
                 self.reloads += 1
+                device_used += self.bytes_of(req)
             runnable.append(req)
-        if self.offloads + self.recompute_preemptions == moved_out:  # never reload what was just pushed out
-            self._prefetch(live, runnable)
+        # Never reload what was just pushed out; there is nothing to prefetch without host-resident caches.
+        if self.offloads + self.recompute_preemptions == moved_out and any(r.kv_location == "host" for r in live):
+            self._prefetch(ranked if ranked is not None else order(), runnable)
         return runnable
 
     def _prefetch(self, live: list[Request], runnable: list[Request]) -> None:

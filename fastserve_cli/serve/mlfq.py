@@ -73,6 +73,7 @@ class MLFQState:
     last_run: float = 0.0  # last time the request ran (arrival time until it first runs)
     last_promoted: float = -math.inf
     preemptions: int = 0
+    queued: bool = True  # False once the request has left the scheduler
     history: list[tuple[float, int, str]] = field(default_factory=list)  # (time, level, why)
 
 
@@ -199,6 +200,7 @@ class SkipJoinMLFQ(Scheduler):
         if state is None:
             return
         self.queues[state.level].remove(req)
+        state.queued = False
         self._last_batch = [r for r in self._last_batch if r is not req]
         if log.isEnabledFor(logging.DEBUG):
             levels = " ".join(f"{why}:L{level}@{t:.3f}" for t, level, why in state.history)
@@ -265,7 +267,7 @@ class SkipJoinMLFQ(Scheduler):
 
     def _is_live(self, req: SchedRequest) -> bool:
         state = req.sched_state
-        return isinstance(state, MLFQState) and state.level < len(self.queues) and req in self.queues[state.level]
+        return isinstance(state, MLFQState) and state.queued
 
     # -- KV-manager ordering ------------------------------------------------------
     def enst(self, now: float) -> dict[int, float]:
