@@ -192,7 +192,7 @@ def serve(
     port: Optional[int] = typer.Option(None, "--port", help="TCP port (serve.port, default 8000)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or onnx."),
     source: Optional[str] = typer.Option(None, "--source", help="With a run directory: model, onnx or an optimize variant."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="fcfs, skip-join-mlfq, or srpt-oracle (a benchmark bound that reads max_tokens)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="skip-join-mlfq (default: FastServe, short requests first), fcfs, or srpt-oracle (a benchmark bound that reads max_tokens)."),
     starvation_s: Optional[float] = typer.Option(None, "--starvation-s", help="skip-join-mlfq: promote requests waiting longer than this to the top queue."),
     base_quantum_s: Optional[float] = typer.Option(None, "--base-quantum-s", help="skip-join-mlfq: first queue's quantum; measured at start-up when unset."),
     mlfq_levels: Optional[int] = typer.Option(None, "--mlfq-levels", help="skip-join-mlfq: number of queues (8); the last one is first come, first served."),

@@ -204,7 +204,8 @@ class ServeConfig(Section):
     source: str = Field("model", description="`model`, an optimize variant name, or `onnx`.")
     model_name: str | None = Field(None, description="Name clients send as `model`; the run name when unset.")
     scheduler: Literal["fcfs", "skip-join-mlfq", "srpt-oracle"] = Field(
-        "fcfs", description="srpt-oracle knows each output length from max_tokens (a benchmark bound, not for production).")
+        "skip-join-mlfq", description="skip-join-mlfq (FastServe, preemptive: short requests first), fcfs, or "
+        "srpt-oracle (knows each output length from max_tokens: a benchmark bound, not for production).")
     max_batch_size: int = Field(8, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_queue: int = Field(256, ge=1)

@@ -160,7 +160,7 @@ async def replay_http(url: str, model: str, jobs: list[Job], extra: dict) -> lis
 def bench_fastserve(model_dir: Path, jobs: list[Job], backend: str, args) -> dict:
     log = Path(args.out).with_suffix(f".{backend}.log")
     threads = ["--threads", str(args.threads)] if args.threads else []
-    with running_server(model_dir, "--backend", backend, "--model-name", "bench", *threads,
+    with running_server(model_dir, "--backend", backend, "--model-name", "bench", *threads, "--scheduler", args.scheduler,
                         "--max-batch-size", str(args.max_batch_size), "--max-queue", "100000",
                         "--kv-cache-memory", "4GiB", log_path=log) as (url, _):
         asyncio.run(replay_http(url, "bench", jobs[:2], {"ignore_eos": True}))  # warm-up
@@ -277,6 +277,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="Intra-op threads for every system (all cores when unset).")
+    parser.add_argument("--scheduler", default="fcfs",
+                        help="fastserve's scheduler; fcfs by default, the order transformers serve and HF generate use")
     parser.add_argument("--skip", nargs="*", default=[], choices=["hf1", "hf8", "tserve", "torch"])
     parser.add_argument("--out", default="bench_serve.json")
     args = parser.parse_args()

@@ -1,8 +1,11 @@
 """Load test: N concurrent streaming clients for D seconds against `fastserve serve`.
 
 Every stream must end with `data: [DONE]` and no request may fail; the server's resident memory after
-the load (and a short idle) must stay within a tolerance of its memory after a warm-up. Exit code 1 on
-any violation. The issue's acceptance run is 64 clients for 60 s on the tiny model:
+the load (and a short idle) must stay within a tolerance of its memory halfway through the load. Exit
+code 1 on any violation. Why halfway and not right after the warm-up: the server's bounded caches (oneDNN
+kernels per padded row count, the decode pack's buffers) fill during the first ~20 s of this load (RSS
+506 -> 545 MiB, then 526-550 MiB until 150 s), so growth from a 3-s warm-up measures that fill, while
+growth over the second half of the load is what a leak would show. Both are printed. The issue's acceptance run is 64 clients for 60 s on the tiny model:
 
     .venv/bin/python scripts/load_serve.py MODEL_DIR --clients 64 --duration 60
 
@@ -37,10 +40,16 @@ class LoadReport:
     errors: list[str] = field(default_factory=list)
     missing_done: int = 0
     rss_warm_mib: float = 0.0
+    rss_mid_mib: float = 0.0  # halfway through the load
     rss_after_mib: float = 0.0
 
     @property
     def rss_growth(self) -> float:
+        """Growth over the second half of the load and the idle after it (a leak grows here)."""
+        return (self.rss_after_mib - self.rss_mid_mib) / self.rss_mid_mib
+
+    @property
+    def rss_growth_since_warmup(self) -> float:
         return (self.rss_after_mib - self.rss_warm_mib) / self.rss_warm_mib
 
     def ok(self, tolerance: float) -> bool:
@@ -93,7 +102,12 @@ async def run_load(url: str, model: str, pid: int, clients: int, duration: float
         await asyncio.sleep(1.0)
         report.rss_warm_mib = rss_mib(pid)
         until = time.monotonic() + duration
-        await asyncio.gather(*[client_loop(http, url, model, until, i, report) for i in range(clients)])
+
+        async def sample_midway() -> None:
+            await asyncio.sleep(duration / 2)
+            report.rss_mid_mib = rss_mib(pid)
+
+        await asyncio.gather(sample_midway(), *[client_loop(http, url, model, until, i, report) for i in range(clients)])
     await asyncio.sleep(2.0)
     report.rss_after_mib = rss_mib(pid)
     return report
@@ -111,12 +125,13 @@ def main() -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--duration", type=float, default=60.0)
-    parser.add_argument("--rss-tolerance", type=float, default=0.10, help="Allowed RSS growth after load (fraction).")
+    parser.add_argument("--rss-tolerance", type=float, default=0.10, help="Allowed RSS growth over the second half of the load (fraction).")
     args = parser.parse_args()
     report = load_test(args.model_dir, args.clients, args.duration)
     print(f"{report.clients} clients x {report.duration_s:.0f} s: {report.requests} streams, {report.tokens} tokens, "
           f"{len(report.errors)} errors, {report.missing_done} without [DONE]; server RSS {report.rss_warm_mib:.0f} MiB "
-          f"after warm-up -> {report.rss_after_mib:.0f} MiB after load ({report.rss_growth:+.1%})")
+          f"after warm-up, {report.rss_mid_mib:.0f} MiB halfway, {report.rss_after_mib:.0f} MiB after load "
+          f"({report.rss_growth:+.1%} over the second half; {report.rss_growth_since_warmup:+.1%} since warm-up)")
     for err in report.errors[:5]:
         print("  error:", err)
     sys.exit(0 if report.ok(args.rss_tolerance) else 1)
