@@ -6,10 +6,12 @@ one policy at a time (or to each policy beside an fcfs server at the same moment
 ratio then against the fcfs run beside it), with an async HTTP client (streaming completions, `max_tokens`
 + `ignore_eos` fix each output length, as FastServe's own client does).
 Capacity is measured right before each replay, on the trace itself and with the same servers busy as in
-the replay: a saturated window (twice the batch size in flight, so the batch stays full; the trace's requests in a
-seeded random order) counting output tokens/s. Each replay is then a Poisson process at rho x that capacity.
+the replay: a saturated window (twice the batch size in flight, so the batch stays full; the trace's
+requests in a seeded random order) counting output tokens/s. Each replay is then a Poisson process at rho x that capacity.
 Capacity is measured again after the replay, and the table's "effective rho" is the offered load over the
-mean of the two: how loaded the machine really was, which on this VM can differ from the label by +-20%. Output lengths are heavy-tailed: 85% in [8, 32] tokens, 15% in [256, 512]. Reported per policy and load: mean, P50 and P99 job completion time (JCT), mean per-token
+mean of the two: how loaded the machine really was, which on this VM can differ from the label by +-20%.
+Output lengths are heavy-tailed: 85% in [8, 32] tokens, 15% in [256, 512]. Reported per policy and load:
+mean, P50 and P99 job completion time (JCT), mean per-token
 latency (JCT / output tokens, the paper's metric), mean time to first token, throughput, fcfs / policy
 ratios, and the fraction of the fcfs run during which its batch was full; plus a PNG of per-token latency
 against load.
@@ -30,14 +32,13 @@ import os
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import sysconfig
 import time
 from pathlib import Path
 
-from fastserve_cli.serve.simulate import bimodal_output_len, lognormal_prompt_len, percentile, summarize
+from fastserve_cli.serve.simulate import bimodal_output_len, lognormal_prompt_len, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("fcfs", "skip-join-mlfq", "srpt-oracle")
@@ -139,11 +140,7 @@ class Server:
     def metrics(self) -> dict[str, float]:
         import httpx
 
-        values = {}
-        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
-            if line.startswith("fastserve:") and "_total" in line.split(" ")[0].split("{")[0]:
-                values[line.split("{")[0].split(" ")[0]] = float(line.rsplit(" ", 1)[1])
-        return values
+        return counters(httpx.get(self.url + "/metrics", timeout=10).text)
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server process so far (all its threads)."""
@@ -203,11 +200,18 @@ async def replay(url: str, prompts: list[str], workload: list[tuple[float, int, 
         return await asyncio.gather(*(at(a, p, n) for (a, _, n), p in zip(workload, prompts)))
 
 
+def counters(metrics_text: str) -> dict[str, float]:
+    """The `fastserve:*_total` counters of a Prometheus text page, by name (labels dropped)."""
+    values = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("fastserve:") and "_total" in line.split(" ")[0].split("{")[0]:
+            values[line.split("{")[0].split(" ")[0]] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
 async def generation_tokens(client, server: "Server") -> float:
-    """The server's generation-token counter (Prometheus text)."""
-    text = (await client.get(server.url + "/metrics")).text
-    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line.startswith("fastserve:generation_tokens_total"))
+    """The server's generation-token counter, read without blocking the event loop."""
+    return counters((await client.get(server.url + "/metrics")).text)["fastserve:generation_tokens_total"]
 
 
 async def measure_capacity(server: "Server", prompts: list[str], workload: list[tuple[float, int, int]],

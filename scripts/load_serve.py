@@ -5,7 +5,9 @@ the load (and a short idle) must stay within a tolerance of its memory halfway t
 code 1 on any violation. Why halfway and not right after the warm-up: the server's bounded caches (oneDNN
 kernels per padded row count, the decode pack's buffers) fill during the first ~20 s of this load (RSS
 506 -> 545 MiB, then 526-550 MiB until 150 s), so growth from a 3-s warm-up measures that fill, while
-growth over the second half of the load is what a leak would show. Both are printed. The issue's acceptance run is 64 clients for 60 s on the tiny model:
+growth over the second half of the load is what a leak would show. Both are printed.
+
+The issue's acceptance run is 64 clients for 60 s on the tiny model:
 
     .venv/bin/python scripts/load_serve.py MODEL_DIR --clients 64 --duration 60
 

@@ -224,9 +224,8 @@ class SkipJoinMLFQ(Scheduler):
         what makes their tail long (simulated at rho=0.99: P99 JCT 1.33-1.59x fcfs without these
         promotions, 1.38-2.10x with them).
         """
-        last = math.inf if self.num_levels is None else self.num_levels - 1
         starved = [req for req in self.requests()
-                   if 0 < req.sched_state.level < last
+                   if self._promotable(req.sched_state.level)
                    and now - max(req.sched_state.last_run, req.sched_state.last_promoted) >= self.starvation_s]
         # The longest-starved ends up at the very front.
         for req in sorted(starved, key=lambda r: r.sched_state.last_run, reverse=True):
@@ -265,6 +264,10 @@ class SkipJoinMLFQ(Scheduler):
                 self._move(req, state.level + 1, now, "demote")
                 self.stats.demotions += 1
 
+    def _promotable(self, level: int) -> bool:
+        """Starvation promotion applies between the top level and the last (first come, first served) one."""
+        return 0 < level and (self.num_levels is None or level < self.num_levels - 1)
+
     def _is_live(self, req: SchedRequest) -> bool:
         state = req.sched_state
         return isinstance(state, MLFQState) and state.queued
@@ -294,8 +297,7 @@ class SkipJoinMLFQ(Scheduler):
             ahead = remaining + lower * self.quanta_through(state.level - 1) - lower_quanta_sum
             t_execute = 0.0 if index < slots else ahead / slots
             t_promote = max(0.0, self.starvation_s - (now - max(state.last_run, state.last_promoted)))
-            promotable = 0 < state.level and (self.num_levels is None or state.level < self.num_levels - 1)
-            result[id(req)] = min(t_execute, t_promote) if promotable else t_execute
+            result[id(req)] = min(t_execute, t_promote) if self._promotable(state.level) else t_execute
             remaining += max(0.0, self.quantum(state.level) - state.service_s)
             same += 1
         return result
