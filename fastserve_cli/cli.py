@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
 from fastserve_cli import __version__
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 
 app = typer.Typer(
     name="fastserve",
@@ -62,8 +62,8 @@ def main_options(
 
 def load_target(target: str, overrides: list[str] | None):
     """A recipe file, or a run directory holding the resolved recipe.yaml of an earlier stage."""
-    from fastserve_cli.recipe import load_recipe
-    from fastserve_cli.rundir import RunDir
+    from fastserve_cli.core.recipe import load_recipe
+    from fastserve_cli.core.rundir import RunDir
 
     path = Path(target)
     if path.is_dir():
@@ -86,13 +86,13 @@ def print_result(stage: str, result, run, as_json: bool) -> None:
     if as_json:
         stdout_json({"stage": stage, "status": "done", "run_dir": str(run.root), "outputs": result.outputs, "metrics": result.metrics})
         return
-    from fastserve_cli.console import metrics_table
+    from fastserve_cli.core.console import metrics_table
 
     metrics_table(f"{stage} done: {run.root}", result.metrics)
 
 
 def run_stage_command(stage: str, target: str, overrides: list[str] | None, as_json: bool) -> None:
-    from fastserve_cli.pipeline import STAGES, execute, prepare_run_dir
+    from fastserve_cli.core.pipeline import STAGES, execute, prepare_run_dir
 
     STAGES[stage].load()  # fail fast (exit 2) when the stage is not built yet
     recipe = load_target(target, overrides)
@@ -135,8 +135,8 @@ def train(
     """
     overrides = [*(set_ or []), *([f"train.num_processes={num_processes}"] if num_processes else [])]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
-        from fastserve_cli.rundir import RunDir
-        from fastserve_cli.train import run_train
+        from fastserve_cli.core.rundir import RunDir
+        from fastserve_cli.train.stage import run_train
 
         recipe = load_target(target, overrides)  # a worker rank of an external launcher: rank 0 keeps the manifest
         run_train(recipe, RunDir(recipe.run_dir or f"runs/{recipe.name}"))
@@ -151,8 +151,8 @@ def train(
 @app.command()
 def optimize(target: str = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption) -> None:
     """Pruning and quantization variants, with a quality/size/speed report and gates (exit 2 when one breaks)."""
-    from fastserve_cli.pipeline import STAGES, execute, prepare_run_dir
-    from fastserve_cli.report import GateFailure, load_report, print_report
+    from fastserve_cli.core.pipeline import STAGES, execute, prepare_run_dir
+    from fastserve_cli.optimize.report import GateFailure, load_report, print_report
 
     STAGES["optimize"].load()
     recipe = load_target(target, set_)
@@ -231,8 +231,8 @@ def run(
     as_json: bool = JsonOption,
 ) -> None:
     """Run every stage in order; stages whose inputs are unchanged are skipped."""
-    from fastserve_cli.console import err_console
-    from fastserve_cli.pipeline import prepare_run_dir, run_pipeline, validate_stage_name
+    from fastserve_cli.core.console import err_console
+    from fastserve_cli.core.pipeline import prepare_run_dir, run_pipeline, validate_stage_name
 
     forced = {validate_stage_name(s) for s in (force or [])}
     if until:
@@ -258,7 +258,7 @@ def run(
 @app.command()
 def status(run_dir: str = typer.Argument(..., help="A run directory."), as_json: bool = JsonOption) -> None:
     """Show what each stage of a run did: status, timing, fingerprint, metrics."""
-    from fastserve_cli.rundir import RunDir
+    from fastserve_cli.core.rundir import RunDir
 
     run = RunDir(run_dir)
     if not run.exists():
@@ -267,7 +267,7 @@ def status(run_dir: str = typer.Argument(..., help="A run directory."), as_json:
     if as_json:
         stdout_json(manifest)
         return
-    from fastserve_cli.console import manifest_table
+    from fastserve_cli.core.console import manifest_table
 
     manifest_table(run, manifest)
 
@@ -275,7 +275,7 @@ def status(run_dir: str = typer.Argument(..., help="A run directory."), as_json:
 @recipe_app.command("validate")
 def recipe_validate(path: str = typer.Argument(..., help="Recipe YAML."), set_: Optional[list[str]] = SetOption) -> None:
     """Check a recipe (and overrides) against the schema without running anything."""
-    from fastserve_cli.recipe import load_recipe
+    from fastserve_cli.core.recipe import load_recipe
 
     recipe = load_recipe(path, set_ or [])
     typer.echo(f"{path}: ok (run directory {recipe.run_dir})")
@@ -284,7 +284,7 @@ def recipe_validate(path: str = typer.Argument(..., help="Recipe YAML."), set_: 
 @recipe_app.command("schema")
 def recipe_schema_command() -> None:
     """Print the recipe's JSON schema."""
-    from fastserve_cli.recipe import recipe_schema
+    from fastserve_cli.core.recipe import recipe_schema
 
     stdout_json(recipe_schema())
 

@@ -4,7 +4,7 @@
     .venv/bin/python scripts/bench_export.py --tiny          # 2 layers x 64 wide: a quick smoke run
     .venv/bin/python scripts/bench_export.py --quantize dynamic_int8 int4   # add ORT quantized graphs
 
-The model is built from a config (nothing is downloaded), exported with `fastserve_cli.onnx_model.export_onnx`
+The model is built from a config (nothing is downloaded), exported with `fastserve_cli.models.onnx.export_onnx`
 (parity enforced), then both backends decode greedily with a KV cache from the same random prompts: after
 the prefill, `--new-tokens - 1` single-token steps are timed; the best mean step time of `--repeats` runs
 (after one warm-up) is reported; the backends take turns in every round. PyTorch runs the HF model in eager mode (default attention, no compile).
@@ -62,7 +62,7 @@ TORCH = "pytorch eager fp32"
 def interleaved(model, sessions: dict, prompt: np.ndarray, new_tokens: int, repeats: int) -> dict[str, float]:
     """Best ms/step per backend, the backends taking turns in every round so a load change on a shared
     machine hits all of them alike (one warm-up round first)."""
-    from fastserve_cli.onnx_quant import decode_ms_per_token
+    from fastserve_cli.export.onnx_quant import decode_ms_per_token
 
     runners = {TORCH: lambda warm: torch_decode_ms(model, prompt, new_tokens, 1, warm)}
     runners.update({label: (lambda warm, s=s: decode_ms_per_token(s, prompt, new_tokens, 1, warm))
@@ -92,9 +92,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fastserve_cli.export import optimize_graph
-    from fastserve_cli.onnx_model import OnnxCausalLM, export_onnx, onnx_size_bytes
-    from fastserve_cli.onnx_quant import VARIANT_FILES, quantize
+    from fastserve_cli.export.stage import optimize_graph
+    from fastserve_cli.models.onnx import OnnxCausalLM, export_onnx, onnx_size_bytes
+    from fastserve_cli.export.onnx_quant import VARIANT_FILES, quantize
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -5,7 +5,7 @@
     .venv/bin/python scripts/bench_optimize.py --tiny                # 2 layers x 64 wide: a smoke run
     .venv/bin/python scripts/bench_optimize.py --threads 1           # steadier when other jobs share the CPU
 
-It runs the real stage (`fastserve_cli.pipeline.execute("optimize", ...)`) on a run directory built here:
+It runs the real stage (`fastserve_cli.core.pipeline.execute("optimize", ...)`) on a run directory built here:
 the model from a config (nothing is downloaded), validation blocks from the stdlib tokenized with a BPE
 trained on the spot. The report is the measurement: baseline and variants measured in the same process,
 same blocks, same prompt (definitions in fastserve_cli/report.py). Perplexity of a random-init model
@@ -36,7 +36,7 @@ VARIANTS = [
 
 def build_run(root: Path, tiny: bool, source_run: Path | None, blocks: int) -> Path:
     """A run dir with preprocess/train marked done: a config-built (or a trained run's) model and data."""
-    from fastserve_cli.rundir import RunDir
+    from fastserve_cli.core.rundir import RunDir
 
     run = RunDir(root)
     shutil.rmtree(root, ignore_errors=True)
@@ -55,7 +55,7 @@ def build_run(root: Path, tiny: bool, source_run: Path | None, blocks: int) -> P
 
 
 def train_tokenizer(out: Path) -> None:
-    from fastserve_cli.tokenizer import train_bpe
+    from fastserve_cli.core.tokenizer import train_bpe
 
     tokenizer = train_bpe(stdlib_texts()[::2], vocab_size=8192, min_frequency=2, eos_token="<|endoftext|>",
                           pad_token="<|pad|>", extra_special_tokens=[])
@@ -98,16 +98,16 @@ def write_validation(tokenizer_dir: Path, out: Path, blocks: int, block_size: in
 
 
 def run_report(root: Path, name: str, args: argparse.Namespace) -> dict:
-    from fastserve_cli.pipeline import execute
-    from fastserve_cli.recipe import validate_recipe
-    from fastserve_cli.report import load_report, print_report
+    from fastserve_cli.core.pipeline import execute
+    from fastserve_cli.core.recipe import validate_recipe
+    from fastserve_cli.optimize.report import load_report, print_report
 
     recipe = validate_recipe({
         "name": name, "run_dir": str(root),
         "optimize": {"eval_blocks": args.eval_blocks, "latency_prompt_tokens": 32, "latency_new_tokens": args.new_tokens,
                      "latency_repeats": args.repeats, "variants": VARIANTS},
     }, "bench")
-    from fastserve_cli.rundir import RunDir
+    from fastserve_cli.core.rundir import RunDir
 
     execute("optimize", recipe, RunDir(root))
     report = load_report(RunDir(root))

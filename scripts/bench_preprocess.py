@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fastserve_cli.pipeline import execute, prepare_run_dir
-from fastserve_cli.preprocess import load_documents, drop_empty
-from fastserve_cli.recipe import Recipe, resolve_paths
+from fastserve_cli.core.pipeline import execute, prepare_run_dir
+from fastserve_cli.preprocess.stage import load_documents, drop_empty
+from fastserve_cli.core.recipe import Recipe, resolve_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 

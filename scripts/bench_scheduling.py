@@ -57,8 +57,8 @@ def build_model(out: Path, layers: int, width: int) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from fastserve_cli.rundir import staged_dir
-    from fastserve_cli.tokenizer import train_bpe
+    from fastserve_cli.core.rundir import staged_dir
+    from fastserve_cli.core.tokenizer import train_bpe
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [(stdlib / name).read_text(encoding="utf-8") for name in CORPUS]

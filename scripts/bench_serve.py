@@ -46,7 +46,7 @@ def ensure_model(model_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from fastserve_cli.tokenizer import train_bpe
+    from fastserve_cli.core.tokenizer import train_bpe
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [p.read_text(encoding="utf-8", errors="ignore") for p in sorted(stdlib.rglob("*.py"))]
@@ -322,7 +322,7 @@ def main() -> None:
 
 
 def atomic_dump(path: Path, obj) -> None:
-    from fastserve_cli.rundir import atomic_write_json
+    from fastserve_cli.core.rundir import atomic_write_json
 
     atomic_write_json(path, obj)
 

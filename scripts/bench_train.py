@@ -27,7 +27,7 @@ SEQ, BATCH, THREADS = 256, 8, 2
 
 
 def recipe_for(root: Path, steps: int, compile_: bool):
-    from fastserve_cli.recipe import Recipe, resolve_paths
+    from fastserve_cli.core.recipe import Recipe, resolve_paths
 
     return resolve_paths(Recipe.model_validate({
         "name": "bench", "run_dir": str(root / "run"), "seed": 0,
@@ -46,7 +46,7 @@ def throughput(stamps: dict[int, float], skip: int, tokens_per_step: int) -> flo
 
 
 def run_ours(recipe, run, skip: int) -> float:
-    from fastserve_cli.pipeline import execute
+    from fastserve_cli.core.pipeline import execute
 
     execute("train", recipe, run)
     records = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
@@ -60,7 +60,7 @@ def run_trainer(recipe, run, steps: int, skip: int, out: Path) -> float:
     from datasets import load_from_disk
     from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from fastserve_cli.modeling import build_model
+    from fastserve_cli.models.modeling import build_model
 
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
     model = build_model(recipe.model, tokenizer, SEQ, recipe.seed)
@@ -105,8 +105,8 @@ def main() -> None:
 
     import torch
 
-    from fastserve_cli.modeling import flops_per_token
-    from fastserve_cli.pipeline import execute, prepare_run_dir
+    from fastserve_cli.models.modeling import flops_per_token
+    from fastserve_cli.core.pipeline import execute, prepare_run_dir
 
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,7 @@ def stdlib_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A 512-token byte-level BPE trained on a few stdlib modules, saved in the HF layout."""
-    from fastserve_cli.tokenizer import train_bpe
+    from fastserve_cli.core.tokenizer import train_bpe
 
     path = tmp_path_factory.mktemp("tokenizer")
     tokenizer = train_bpe(stdlib_texts(), vocab_size=512, min_frequency=2, eos_token="<|endoftext|>",

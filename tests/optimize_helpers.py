@@ -28,7 +28,7 @@ def write_blocks(tokenizer_dir: Path, out: Path, block_size: int = 64, validatio
 def make_trained_run(root: Path, architecture: str, tokenizer_dir: Path, variants: list[dict[str, Any]],
                      gates: dict[str, Any] | None = None, train_done: bool = True) -> Path:
     """A run dir whose preprocess and train stages are done, and a recipe pointing at it; returns the recipe."""
-    from fastserve_cli.rundir import RunDir
+    from fastserve_cli.core.rundir import RunDir
 
     run = RunDir(root / "run")
     make_tiny_model(architecture, tokenizer_dir, run.model_dir)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_model
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,8 +37,8 @@ def make_run(tmp_path: Path, tokenizer_dir: Path, arch: str = "gpt2", export: di
     """A run directory as preprocess + train would leave it (tiny random model, stages marked done)."""
     import yaml
 
-    from fastserve_cli.pipeline import prepare_run_dir
-    from fastserve_cli.recipe import load_recipe
+    from fastserve_cli.core.pipeline import prepare_run_dir
+    from fastserve_cli.core.recipe import load_recipe
 
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump({"name": "t", "run_dir": str(tmp_path / "run"), "export": export or {}}))
@@ -66,7 +66,7 @@ def test_export_onnx_contract(tiny_model_dir, tmp_path):
     import onnx
     from transformers import AutoConfig, AutoTokenizer
 
-    from fastserve_cli.onnx_model import OnnxCausalLM, export_onnx
+    from fastserve_cli.models.onnx import OnnxCausalLM, export_onnx
 
     out = tmp_path / "onnx"
     parity = export_onnx(tiny_model_dir, out, opset=17, parity_steps=32)
@@ -113,7 +113,7 @@ def test_external_data_and_opset(tiny_gpt2_dir, tmp_path):
     """Weights can live in model.onnx.data (automatic above 2 GB; forced here) and the opset is honoured."""
     import onnx
 
-    from fastserve_cli.onnx_model import OnnxCausalLM, export_onnx
+    from fastserve_cli.models.onnx import OnnxCausalLM, export_onnx
 
     out = tmp_path / "onnx"
     parity = export_onnx(tiny_gpt2_dir, out, opset=18, external_data=True, parity_steps=4)
@@ -130,7 +130,7 @@ def test_onnx_greedy_matches_transformers_generate(tiny_gpt2_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fastserve_cli.onnx_model import OnnxCausalLM, export_onnx
+    from fastserve_cli.models.onnx import OnnxCausalLM, export_onnx
 
     out = tmp_path / "onnx"
     assert export_onnx(tiny_gpt2_dir, out, parity_steps=2)["passed"]
@@ -164,7 +164,7 @@ def test_export_stage_via_cli(tmp_path, tiny_tokenizer_dir):
 
 def test_parity_failure_fails_stage_and_keeps_previous_export(tmp_path, tiny_tokenizer_dir):
     """Out of tolerance -> exit 2, one line, results in onnx.parity-failed.json, the old onnx/ untouched."""
-    from fastserve_cli.pipeline import execute
+    from fastserve_cli.core.pipeline import execute
 
     recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "gpt2", export={"parity_steps": 4})
     execute("export", recipe, run)
@@ -226,8 +226,8 @@ def test_quantized_variants_rows_and_drift(tmp_path, tiny_tokenizer_dir):
     """dynamic/static int8 and int4 graphs: same I/O contract, smaller, perplexity near fp32, report rows."""
     import onnx
 
-    from fastserve_cli.onnx_model import OnnxCausalLM
-    from fastserve_cli.pipeline import execute
+    from fastserve_cli.models.onnx import OnnxCausalLM
+    from fastserve_cli.core.pipeline import execute
 
     export = {"quantize": ["dynamic_int8", "static_int8", "int4"], "parity_steps": 8, "calibration_blocks": 2}
     recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "llama", export=export, data=True)
@@ -282,9 +282,9 @@ def test_quantized_variants_rows_and_drift(tmp_path, tiny_tokenizer_dir):
 
 def test_head_pruned_variant_source(tmp_path, tiny_tokenizer_dir):
     """export.source = a structured (head-pruned) GPT-2 variant: KV shapes follow the pruned model, parity holds."""
-    from fastserve_cli.pipeline import execute
-    from fastserve_cli.pruning import plan_structured, prune_structured, weight_importance
-    from fastserve_cli.quantization import load_causal_lm
+    from fastserve_cli.core.pipeline import execute
+    from fastserve_cli.optimize.pruning import plan_structured, prune_structured, weight_importance
+    from fastserve_cli.models.quantized import load_causal_lm
 
     recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "gpt2", export={"source": "heads", "parity_steps": 8})
     recipe.optimize.variants = [{"name": "heads", "method": "structured", "heads_fraction": 0.25}]
@@ -296,13 +296,13 @@ def test_head_pruned_variant_source(tmp_path, tiny_tokenizer_dir):
     execute("export", recipe, run)
     parity = json.loads(run.parity_path.read_text())
     assert parity["passed"] and parity["source"] == "heads"
-    from fastserve_cli.onnx_model import OnnxCausalLM
+    from fastserve_cli.models.onnx import OnnxCausalLM
 
     assert OnnxCausalLM(run.onnx_dir).num_kv_heads == 3  # 4 heads, a quarter removed
 
 
 def test_torch_quantized_variant_is_refused(tmp_path, tiny_tokenizer_dir):
-    from fastserve_cli.pipeline import execute
+    from fastserve_cli.core.pipeline import execute
 
     recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "gpt2", export={"source": "int8"})
     recipe.optimize.variants = [{"name": "int8", "method": "dynamic_int8"}]
@@ -321,7 +321,7 @@ def test_qwen2_export_parity(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from fastserve_cli.onnx_model import export_onnx
+    from fastserve_cli.models.onnx import export_onnx
 
     config = Qwen2Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 from fastserve_cli.serve.mlfq import OracleSRPT, SkipJoinMLFQ
 from fastserve_cli.serve.profile import PrefillProfile, load_cached, measure_profile
 from fastserve_cli.serve.scheduler import FCFSScheduler, make_scheduler

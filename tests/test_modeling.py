@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fastserve_cli import checkpoint as ckpt
-from fastserve_cli.batches import BatchStream, DataPosition, collate
-from fastserve_cli.errors import UserError
-from fastserve_cli.modeling import SIZES, apply_overrides, architecture_config, memory_error
+from fastserve_cli.train import checkpoint as ckpt
+from fastserve_cli.core.batches import BatchStream, DataPosition, collate
+from fastserve_cli.core.errors import UserError
+from fastserve_cli.models.modeling import SIZES, apply_overrides, architecture_config, memory_error
 
 
 def meta_parameters(config) -> int:

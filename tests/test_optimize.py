@@ -43,8 +43,8 @@ def check_report(run_root: Path, architecture: str) -> dict:
     """Every row measured, ratios consistent with the baseline, every variant loadable by name."""
     import torch
 
-    from fastserve_cli.quantization import load_causal_lm
-    from fastserve_cli.rundir import RunDir
+    from fastserve_cli.models.quantized import load_causal_lm
+    from fastserve_cli.core.rundir import RunDir
 
     run = RunDir(run_root)
     report = json.loads(run.report_path.read_text())
@@ -91,7 +91,7 @@ def test_optimize_llama_variants(tmp_path, tiny_tokenizer_dir, capsys):
 
 def test_broken_gate_fails_the_command_naming_gate_bound_and_value(tmp_path, tiny_tokenizer_dir, capsys):
     """Magnitude pruning does not shrink the dense file, so a size gate fails; int8 passes it."""
-    from fastserve_cli.rundir import RunDir
+    from fastserve_cli.core.rundir import RunDir
 
     variants = [{"name": "int8", "method": "dynamic_int8"}, {"name": "sparse50", "method": "magnitude", "sparsity": 0.5}]
     recipe = make_trained_run(tmp_path, "gpt2", tiny_tokenizer_dir, variants, gates={"max_size_ratio": 0.9})
@@ -131,9 +131,9 @@ def test_bad_variants_fail_in_one_line_and_write_nothing(tmp_path, tiny_tokenize
 
 def test_export_can_add_rows_that_the_gates_judge(tmp_path, tiny_tokenizer_dir):
     """The contract the ONNX export uses: ensure_baseline, then add_rows with its own measured rows."""
-    from fastserve_cli.recipe import load_recipe
-    from fastserve_cli.report import add_rows, ensure_baseline, make_row
-    from fastserve_cli.rundir import RunDir
+    from fastserve_cli.core.recipe import load_recipe
+    from fastserve_cli.optimize.report import add_rows, ensure_baseline, make_row
+    from fastserve_cli.core.rundir import RunDir
 
     recipe_path = make_trained_run(tmp_path, "gpt2", tiny_tokenizer_dir, VARIANTS[:1], gates={"min_speedup": 1.5})
     recipe = load_recipe(recipe_path)

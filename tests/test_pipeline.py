@@ -7,11 +7,11 @@ import types
 
 import pytest
 
-from fastserve_cli import pipeline
-from fastserve_cli.errors import StageNotBuilt, UserError
-from fastserve_cli.pipeline import Stage, execute, prepare_run_dir, run_pipeline
-from fastserve_cli.recipe import Recipe, resolve_paths
-from fastserve_cli.rundir import StageResult
+from fastserve_cli.core import pipeline
+from fastserve_cli.core.errors import StageNotBuilt, UserError
+from fastserve_cli.core.pipeline import Stage, execute, prepare_run_dir, run_pipeline
+from fastserve_cli.core.recipe import Recipe, resolve_paths
+from fastserve_cli.core.rundir import StageResult
 
 from conftest import SAMPLE_MODULES, STDLIB
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fastserve_cli.errors import UserError
-from fastserve_cli.pipeline import execute, prepare_run_dir
-from fastserve_cli.recipe import Recipe, resolve_paths
-from fastserve_cli.rundir import RunDir
+from fastserve_cli.core.errors import UserError
+from fastserve_cli.core.pipeline import execute, prepare_run_dir
+from fastserve_cli.core.recipe import Recipe, resolve_paths
+from fastserve_cli.core.rundir import RunDir
 
 from conftest import stdlib_texts
 
@@ -79,7 +79,7 @@ def test_packing_loses_and_duplicates_nothing(text_run, tmp_path):
     """The real tokens of all blocks, in order, are exactly the split's documents, each followed by EOS."""
     from transformers import AutoTokenizer
 
-    from fastserve_cli.preprocess import drop_empty, load_documents, split_documents
+    from fastserve_cli.preprocess.stage import drop_empty, load_documents, split_documents
 
     recipe, run, _ = text_run
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
@@ -99,7 +99,7 @@ def test_packing_loses_and_duplicates_nothing(text_run, tmp_path):
 def test_pack_blocks_pads_only_the_tail():
     import numpy as np
 
-    from fastserve_cli.preprocess import pack_blocks
+    from fastserve_cli.preprocess.stage import pack_blocks
 
     stats = {"documents": 0, "tokens": 0}
     batches = list(pack_blocks(iter([[[1, 2, 3], [4, 5]], [[6]]]), 4, eos_id=0, pad_id=9, stats=stats))
@@ -204,7 +204,7 @@ def test_glob_expansion_matches_glob_and_prunes_excluded_trees(pattern):
     import glob
     import os
 
-    from fastserve_cli.preprocess import expand_glob
+    from fastserve_cli.preprocess.stage import expand_glob
 
     from conftest import STDLIB
 

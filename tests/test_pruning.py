@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from fastserve_cli.errors import UserError
-from fastserve_cli.pruning import (
+from fastserve_cli.core.errors import UserError
+from fastserve_cli.optimize.pruning import (
     blocks, calibrated_importance, magnitude_prune, measure_sparsity, plan_structured, prune_structured,
     shape_of, weight_importance,
 )
-from fastserve_cli.quantization import copy_side_files, load_causal_lm
+from fastserve_cli.models.quantized import copy_side_files, load_causal_lm
 
 
 def _ids(n: int = 2, length: int = 16):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fastserve_cli.errors import UserError
-from fastserve_cli.recipe import Recipe, apply_override, dump_recipe, load_recipe, recipe_schema
+from fastserve_cli.core.errors import UserError
+from fastserve_cli.core.recipe import Recipe, apply_override, dump_recipe, load_recipe, recipe_schema
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastserve_cli.errors import UserError
-from fastserve_cli.rundir import RunDir, atomic_write_json, read_json, staged_dir
+from fastserve_cli.core.errors import UserError
+from fastserve_cli.core.rundir import RunDir, atomic_write_json, read_json, staged_dir
 
 
 def test_staged_dir_replaces_only_on_success(tmp_path):

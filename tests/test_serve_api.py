@@ -186,7 +186,7 @@ def test_503_while_the_model_loads(tiny_gpt2_dir):
 
     import uvicorn
 
-    from fastserve_cli.recipe import ServeConfig
+    from fastserve_cli.core.recipe import ServeConfig
     from fastserve_cli.serve import ServeTarget, build_engine
     from fastserve_cli.serve.api import ServerState, create_app
     from fastserve_cli.serve.launch import free_port, wait_ready

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from fastserve_cli.errors import UserError
-from fastserve_cli.pipeline import execute, prepare_run_dir
-from fastserve_cli.recipe import Recipe, dump_recipe, resolve_paths
-from fastserve_cli.rundir import RunDir
+from fastserve_cli.core.errors import UserError
+from fastserve_cli.core.pipeline import execute, prepare_run_dir
+from fastserve_cli.core.recipe import Recipe, dump_recipe, resolve_paths
+from fastserve_cli.core.rundir import RunDir
 
 from conftest import stdlib_texts
 

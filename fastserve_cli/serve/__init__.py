@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 
 
 # Longer than clients' pool expiry (httpx: 5 s, uvicorn's default too): a server closing an idle connection
@@ -32,7 +32,7 @@ class ServeTarget:
 
 def resolve_target(target: str | Path, backend: str | None, source: str | None, recipe=None) -> ServeTarget:
     """TARGET is a run directory (or a recipe naming one) plus `source`, or a model/ONNX directory."""
-    from fastserve_cli.rundir import RunDir
+    from fastserve_cli.core.rundir import RunDir
 
     path = Path(target)
     if recipe is not None:
@@ -70,7 +70,7 @@ def build_engine(target: ServeTarget, cfg) -> "object":
     from fastserve_cli.serve.kv_cache import KVCacheManager, parse_bytes
     from fastserve_cli.serve.metrics import Metrics
     from fastserve_cli.serve.scheduler import make_scheduler
-    from fastserve_cli.tokenizer import load_tokenizer
+    from fastserve_cli.core.tokenizer import load_tokenizer
 
     if cfg.num_threads:
         import torch
@@ -83,7 +83,7 @@ def build_engine(target: ServeTarget, cfg) -> "object":
     options = {"starvation_s": cfg.starvation_s, "base_quantum_s": cfg.base_quantum_s, "num_levels": cfg.mlfq_levels,
                "max_batch_size": cfg.max_batch_size, "token_budget": cfg.max_num_batched_tokens}
     if cfg.scheduler != "fcfs":
-        from fastserve_cli.rundir import RunDir
+        from fastserve_cli.core.rundir import RunDir
         from fastserve_cli.serve.profile import ensure_profile
 
         path = RunDir(target.run_dir).serve_profile_path if target.run_dir else None
@@ -127,7 +127,7 @@ def serve_config(recipe, overrides: list[str], flags: dict) -> "object":
     """The recipe's `serve:` section (or defaults for a bare model directory), then CLI flags on top."""
     from pydantic import ValidationError
 
-    from fastserve_cli.recipe import ServeConfig, apply_override, format_validation_error, validate_recipe
+    from fastserve_cli.core.recipe import ServeConfig, apply_override, format_validation_error, validate_recipe
 
     if recipe is None:
         raw: dict = {}

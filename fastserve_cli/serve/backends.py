@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 from fastserve_cli.serve.request import Request
 
 IN_PACK = "in-pack"  # req.kv marker: this request's KV is a row of the backend's PackedBatch
@@ -334,7 +334,7 @@ class TorchBackend(Backend):
         self.model = _load_torch_model(self.model_dir, self.device)
         self.fast_kernels = 0
         if fast_kernels and self.device == "cpu":
-            from fastserve_cli.kernels import fuse_activations, onednn_linears
+            from fastserve_cli.models.kernels import fuse_activations, onednn_linears
 
             self.fast_kernels = onednn_linears(self.model) + fuse_activations(self.model)
         param = next(self.model.parameters())
@@ -492,7 +492,7 @@ def _growable_layer_class():
 
 def _load_torch_model(model_dir: Path, device: str):
     try:
-        from fastserve_cli.quantization import load_causal_lm
+        from fastserve_cli.models.quantized import load_causal_lm
     except ImportError:  # the optimize stage is not in this checkout
         load_causal_lm = None
     if load_causal_lm is not None:
@@ -511,7 +511,7 @@ class OnnxBackend(Backend):
     def __init__(self, onnx_dir: Path, threads: int | None = None) -> None:
         import numpy as np
 
-        from fastserve_cli.onnx_model import OnnxCausalLM
+        from fastserve_cli.models.onnx import OnnxCausalLM
 
         super().__init__(onnx_dir, read_config(onnx_dir))
         self.session = OnnxCausalLM(onnx_dir, threads=threads, last_logits_only=True, spin=False)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 from fastserve_cli.serve.request import Request
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

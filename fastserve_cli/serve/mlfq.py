@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 from fastserve_cli.serve.profile import PrefillProfile
 from fastserve_cli.serve.scheduler import Scheduler, register_scheduler, take_in_order
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fastserve_cli.rundir import atomic_write_json, now_iso, read_json
+from fastserve_cli.core.rundir import atomic_write_json, now_iso, read_json
 
 PROFILE_VERSION = 1
 DEFAULT_LENGTHS = (1, 8, 32, 64, 128, 256, 512, 1024)

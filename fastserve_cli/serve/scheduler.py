@@ -41,7 +41,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 from fastserve_cli.serve.request import Request
 
 SCHEDULERS: dict[str, type["Scheduler"]] = {}

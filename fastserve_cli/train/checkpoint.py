@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from fastserve_cli.rundir import atomic_write_json
+from fastserve_cli.core.rundir import atomic_write_json
 
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from fastserve_cli import checkpoint as ckpt
-from fastserve_cli.batches import IGNORE_INDEX, BatchStream, DataPosition, eval_batches, load_splits
-from fastserve_cli.errors import UserError
-from fastserve_cli.kernels import fuse_activations, head_bypassed, linear_cross_entropy, supports_fused_loss
-from fastserve_cli.recipe import Recipe
-from fastserve_cli.rundir import RunDir, StageResult, atomic_write_json, atomic_write_text, fingerprint, staged_dir
+from fastserve_cli.train import checkpoint as ckpt
+from fastserve_cli.core.batches import IGNORE_INDEX, BatchStream, DataPosition, eval_batches, load_splits
+from fastserve_cli.core.errors import UserError
+from fastserve_cli.models.kernels import fuse_activations, head_bypassed, linear_cross_entropy, supports_fused_loss
+from fastserve_cli.core.recipe import Recipe
+from fastserve_cli.core.rundir import RunDir, StageResult, atomic_write_json, atomic_write_text, fingerprint, staged_dir
 
 LAUNCH_FILE = ".train-launch.json"
 RESULT_FILE = ".train-result.json"
@@ -96,7 +96,7 @@ def launch_processes(recipe: Recipe, run: RunDir) -> StageResult:
         threads = recipe.train.num_threads or max(1, (os.cpu_count() or 1) // n)
         env["OMP_NUM_THREADS"] = str(threads)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               "-m", "fastserve_cli.train", str(launch), str(result)]
+               "-m", "fastserve_cli.train.stage", str(launch), str(result)]
     proc = subprocess.Popen(command, env=env, stdout=sys.stderr)  # our stdout is for the result (--json)
     try:
         code = proc.wait()
@@ -113,7 +113,7 @@ def launch_processes(recipe: Recipe, run: RunDir) -> StageResult:
 
 
 def worker_main(argv: list[str]) -> int:
-    """torchrun entry point: `python -m fastserve_cli.train LAUNCH.json RESULT.json`."""
+    """torchrun entry point: `python -m fastserve_cli.train.stage LAUNCH.json RESULT.json`."""
     launch, result = Path(argv[0]), Path(argv[1])
     recipe = Recipe.model_validate(json.loads(launch.read_text(encoding="utf-8")))
     run = RunDir(recipe.run_dir or launch.parent)
@@ -247,7 +247,7 @@ class Trainer:
         import torch
         from transformers import AutoTokenizer
 
-        from fastserve_cli.modeling import apply_lora, build_model
+        from fastserve_cli.models.modeling import apply_lora, build_model
 
         from accelerate.utils import set_seed
 
@@ -342,7 +342,7 @@ class Trainer:
 
     # -- main ------------------------------------------------------------------
     def fit(self) -> StageResult:
-        from fastserve_cli.modeling import memory_error
+        from fastserve_cli.models.modeling import memory_error
 
         self.setup()
         self.restore()
@@ -476,7 +476,7 @@ class Trainer:
 
     def say(self, message: str) -> None:
         if self.is_main:
-            from fastserve_cli.console import err_console
+            from fastserve_cli.core.console import err_console
 
             err_console().print(message, highlight=False, soft_wrap=True)
 
@@ -488,7 +488,7 @@ class Trainer:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from fastserve_cli.console import err_console
+        from fastserve_cli.core.console import err_console
 
         columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                    TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn())
@@ -595,7 +595,7 @@ class Trainer:
     # -- final model -------------------------------------------------------------
     def save_model(self) -> None:
         """save_pretrained (safetensors) + tokenizer + generation config into model/, atomically."""
-        from fastserve_cli.modeling import merge_lora, special_token_ids
+        from fastserve_cli.models.modeling import merge_lora, special_token_ids
 
         state_dict = self.accelerator.get_state_dict(self.model) if self.deepspeed else None
         if self.is_main:
@@ -612,7 +612,7 @@ class Trainer:
         barrier()
 
     def result(self, elapsed: float, steps_run: int) -> StageResult:
-        from fastserve_cli.modeling import parameter_counts
+        from fastserve_cli.models.modeling import parameter_counts
 
         metrics: dict[str, Any] = {"steps": self.state.step, "steps_this_run": steps_run}
         last_loss = last_metric(self.run.metrics_path, "loss") if self.is_main else None

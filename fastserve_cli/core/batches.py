@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 
 IGNORE_INDEX = -100
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 
 # model_type -> family; every family here is exported by the same wrapper.
 SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2")
@@ -74,7 +74,7 @@ def load_for_export(model_dir: Path, fp16: bool = False):
     hf_logging.disable_progress_bar()  # keep stderr to the one line a failure prints
     try:
         if config.get("fastserve_attention_heads"):  # a head-pruned GPT-2 from the optimize stage
-            from fastserve_cli.quantization import load_causal_lm
+            from fastserve_cli.models.quantized import load_causal_lm
 
             model = load_causal_lm(model_dir, dtype=dtype)
             model.set_attn_implementation("eager")

@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -313,7 +313,7 @@ def _load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Mod
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    from fastserve_cli.pruning import apply_pruned_heads
+    from fastserve_cli.optimize.pruning import apply_pruned_heads
 
     model = apply_pruned_heads(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
     tensors = load_file(str(path / WEIGHT_FILE))
@@ -341,10 +341,10 @@ def load_causal_lm(path: str | Path, device: str = "cpu", dtype: "torch.dtype | 
     section = read_quantization_config(path)
     if section is not None:
         return _load_quantized(path, section, device)
-    from fastserve_cli.pruning import HEADS_KEY
+    from fastserve_cli.optimize.pruning import HEADS_KEY
 
     if json.loads((path / "config.json").read_text(encoding="utf-8")).get(HEADS_KEY):
-        from fastserve_cli.pruning import load_head_pruned
+        from fastserve_cli.optimize.pruning import load_head_pruned
 
         return load_head_pruned(path, dtype or torch.float32).to(device).eval()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False)

@@ -27,7 +27,7 @@ import functools
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from fastserve_cli.batches import IGNORE_INDEX
+from fastserve_cli.core.batches import IGNORE_INDEX
 
 # Model types whose logits are exactly lm_head(final hidden state): no soft-capping or logit scaling.
 LINEAR_HEAD_MODEL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
@@ -166,7 +166,7 @@ def head_bypassed(model) -> Iterator[Any]:
 
 @functools.cache
 def _linear_cross_entropy_function():
-    """The autograd.Function, defined on first use (keeps `import fastserve_cli.kernels` free of torch)."""
+    """The autograd.Function, defined on first use (keeps `import fastserve_cli.models.kernels` free of torch)."""
     import torch
 
     class LinearCrossEntropy(torch.autograd.Function):

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from fastserve_cli.errors import StageNotBuilt, UserError
-from fastserve_cli.recipe import Recipe, dump_recipe
-from fastserve_cli.rundir import RunDir, StageResult, atomic_write_text, fingerprint, library_versions, now_iso
+from fastserve_cli.core.errors import StageNotBuilt, UserError
+from fastserve_cli.core.recipe import Recipe, dump_recipe
+from fastserve_cli.core.rundir import RunDir, StageResult, atomic_write_text, fingerprint, library_versions, now_iso
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ STAGE_ORDER = list(STAGES)
 
 def input_files_digest(recipe: Recipe) -> list[tuple[str, int, int]] | str:
     """(path, size, mtime) of the local data files, so edited data re-runs preprocess."""
-    from fastserve_cli.preprocess import find_files
+    from fastserve_cli.preprocess.stage import find_files
 
     if not recipe.data.paths:
         return []

@@ -10,7 +10,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 
 # name -> (layers, width, heads). `small` is the benchmark model; `base` is GPT-2's 124M shape.
 SIZES: dict[str, tuple[int, int, int]] = {

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 
 PATH_VARIABLES = {"stdlib": lambda: sysconfig.get_paths()["stdlib"]}
 

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 
 MANIFEST_VERSION = 1
 TRACKED_LIBRARIES = (

@@ -2,7 +2,7 @@
 
 Everything is written into a staged directory that replaces `onnx/` only when the graph passed its
 parity check, so `onnx/` is never half-written and never holds an unverified model. The graph
-itself (wrapper, exporter, parity) lives in `fastserve_cli.onnx_model`.
+itself (wrapper, exporter, parity) lives in `fastserve_cli.models.onnx`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from fastserve_cli.errors import UserError
-from fastserve_cli.recipe import ExportConfig, Recipe
-from fastserve_cli.rundir import RunDir, StageResult, atomic_write_json, staged_dir
+from fastserve_cli.core.errors import UserError
+from fastserve_cli.core.recipe import ExportConfig, Recipe
+from fastserve_cli.core.rundir import RunDir, StageResult, atomic_write_json, staged_dir
 
 
 def source_dir(recipe: Recipe, run: RunDir) -> Path:
@@ -49,7 +49,7 @@ def optimize_graph(src: Path, dst: Path, model) -> dict[str, int]:
     """onnxruntime's transformer optimizer (fusions only, portable across machines); returns fused op counts."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from fastserve_cli.onnx_model import kv_shape, save_model
+    from fastserve_cli.models.onnx import kv_shape, save_model
 
     _, _, head_dim = kv_shape(model)
     heads = model.config.num_attention_heads
@@ -60,7 +60,7 @@ def optimize_graph(src: Path, dst: Path, model) -> dict[str, int]:
 
 def build_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path):
     """Export the fp32 (or fp16) graph and check its parity; returns (parity, the PyTorch model)."""
-    from fastserve_cli.onnx_model import export_onnx, load_for_export
+    from fastserve_cli.models.onnx import export_onnx, load_for_export
 
     model = load_for_export(model_dir, cfg.fp16)
     parity = export_onnx(model_dir, out_dir, opset=cfg.opset, fp16=cfg.fp16, parity_atol=cfg.parity_atol,
@@ -71,7 +71,7 @@ def build_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path):
 
 def optimize_and_check(cfg: ExportConfig, model, out_dir: Path, unoptimized: dict[str, Any]) -> dict[str, Any]:
     """Fuse model.onnx in place and check the fused graph's parity the same way as the plain one."""
-    from fastserve_cli.onnx_model import MODEL_FILE, OnnxCausalLM, check_parity
+    from fastserve_cli.models.onnx import MODEL_FILE, OnnxCausalLM, check_parity
 
     fused = optimize_graph(out_dir / MODEL_FILE, out_dir / MODEL_FILE, model)
     parity = check_parity(model, OnnxCausalLM(out_dir), steps=cfg.parity_steps, atol=cfg.parity_atol)
@@ -84,10 +84,10 @@ def optimize_and_check(cfg: ExportConfig, model, out_dir: Path, unoptimized: dic
 
 def measure_row(run: RunDir, recipe: Recipe, name: str, path: Path, parameters: int,
                 details: dict[str, Any]) -> dict[str, Any]:
-    """A report row for one graph, measured the way `fastserve_cli.report` measures PyTorch variants."""
-    from fastserve_cli.onnx_model import OnnxCausalLM, onnx_size_bytes
-    from fastserve_cli.onnx_quant import decode_ms_per_token, perplexity
-    from fastserve_cli.report import latency_prompt, make_row, validation_blocks
+    """A report row for one graph, measured the way `fastserve_cli.optimize.report` measures PyTorch variants."""
+    from fastserve_cli.models.onnx import OnnxCausalLM, onnx_size_bytes
+    from fastserve_cli.export.onnx_quant import decode_ms_per_token, perplexity
+    from fastserve_cli.optimize.report import latency_prompt, make_row, validation_blocks
 
     session = OnnxCausalLM(path)
     ppl = perplexity(session, validation_blocks(run, recipe))
@@ -102,9 +102,9 @@ def measure_row(run: RunDir, recipe: Recipe, name: str, path: Path, parameters: 
 
 def quantize_variants(cfg: ExportConfig, run: RunDir, out: Path, vocab_size: int) -> dict[str, dict]:
     """Write one quantized graph per export.quantize from the plain fp32 graph; returns their drift checks."""
-    from fastserve_cli.onnx_model import MODEL_FILE, OnnxCausalLM
-    from fastserve_cli.onnx_quant import VARIANT_FILES, greedy_agreement, quantize
-    from fastserve_cli.report import calibration_blocks
+    from fastserve_cli.models.onnx import MODEL_FILE, OnnxCausalLM
+    from fastserve_cli.export.onnx_quant import VARIANT_FILES, greedy_agreement, quantize
+    from fastserve_cli.optimize.report import calibration_blocks
 
     calibration = [b["input_ids"] for b in calibration_blocks(run, cfg.calibration_blocks)]
     reference = OnnxCausalLM(out / MODEL_FILE)
@@ -118,8 +118,8 @@ def quantize_variants(cfg: ExportConfig, run: RunDir, out: Path, vocab_size: int
 
 def measure_rows(recipe: Recipe, run: RunDir, out: Path, model, checks: dict[str, dict], optimized: bool) -> list[dict]:
     """Report rows for model.onnx (as served: fused when export.optimize) and each quantized graph."""
-    from fastserve_cli.onnx_model import MODEL_FILE
-    from fastserve_cli.onnx_quant import VARIANT_FILES
+    from fastserve_cli.models.onnx import MODEL_FILE
+    from fastserve_cli.export.onnx_quant import VARIANT_FILES
 
     parameters = sum(p.numel() for p in model.parameters())
     rows = [measure_row(run, recipe, "onnx_fp32", out / MODEL_FILE, parameters, {"optimized": optimized})]
@@ -133,8 +133,8 @@ def record_rows(recipe: Recipe, run: RunDir, rows: list[dict]) -> list[str]:
 
     Returns the gate failures of these rows (ratios and gates are computed by `report.add_rows`).
     """
-    from fastserve_cli.onnx_quant import VARIANT_FILES
-    from fastserve_cli.report import add_rows, load_report
+    from fastserve_cli.export.onnx_quant import VARIANT_FILES
+    from fastserve_cli.optimize.report import add_rows, load_report
 
     stale = {f"onnx_{n}" for n in ("fp32", *VARIANT_FILES)} - {r["name"] for r in rows}
     existing = {r["name"] for r in (load_report(run) or {}).get("rows", [])}
@@ -144,7 +144,7 @@ def record_rows(recipe: Recipe, run: RunDir, rows: list[dict]) -> list[str]:
 
 
 def run_export(recipe: Recipe, run: RunDir) -> StageResult:
-    from fastserve_cli.onnx_model import MODEL_FILE, onnx_size_bytes, parity_failure_message, read_model_config
+    from fastserve_cli.models.onnx import MODEL_FILE, onnx_size_bytes, parity_failure_message, read_model_config
 
     cfg = recipe.export
     model_dir = source_dir(recipe, run)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fastserve_cli.onnx_model import OnnxCausalLM, position_ids_from_mask
+from fastserve_cli.models.onnx import OnnxCausalLM, position_ids_from_mask
 
 VARIANT_FILES = {"dynamic_int8": "model_dynamic_int8.onnx", "static_int8": "model_static_int8.onnx",
                  "int4": "model_int4.onnx"}
@@ -29,7 +29,7 @@ WEIGHT_OPS = ["MatMul", "Gemm"]
 
 
 def _needs_external_data(path: Path) -> bool:
-    from fastserve_cli.onnx_model import EXTERNAL_DATA_THRESHOLD, onnx_size_bytes
+    from fastserve_cli.models.onnx import EXTERNAL_DATA_THRESHOLD, onnx_size_bytes
 
     return onnx_size_bytes(path) > EXTERNAL_DATA_THRESHOLD
 
@@ -76,7 +76,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, **_: Any) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from fastserve_cli.onnx_model import save_model
+    from fastserve_cli.models.onnx import save_model
 
     quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
                                      accuracy_level=4)
@@ -98,7 +98,7 @@ def quantize(name: str, src: Path, dst: Path, **options: Any) -> None:
     import logging
     import tempfile
 
-    from fastserve_cli.onnx_model import materialize_shared_weights
+    from fastserve_cli.models.onnx import materialize_shared_weights
 
     root_logger = logging.getLogger()
     level = root_logger.level
@@ -121,7 +121,7 @@ def perplexity(session: OnnxCausalLM, blocks: list[dict[str, list[int]]]) -> flo
 
     import torch
 
-    from fastserve_cli.report import torch_perplexity
+    from fastserve_cli.optimize.report import torch_perplexity
 
     def forward(input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> SimpleNamespace:
         mask = attention_mask.numpy()
@@ -135,7 +135,7 @@ def decode_ms_per_token(session: OnnxCausalLM, prompt: np.ndarray, new_tokens: i
                         warmup: bool = True) -> float:
     """Best mean ms per greedy decode step after the prefill (one warm-up run, then `repeats` timed ones).
 
-    `prompt` is [batch, len] with no padding; `fastserve_cli.report` measures PyTorch the same way at batch 1.
+    `prompt` is [batch, len] with no padding; `fastserve_cli.optimize.report` measures PyTorch the same way at batch 1.
     """
     batch, length = prompt.shape
     steps = max(1, new_tokens - 1)

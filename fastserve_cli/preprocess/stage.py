@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from fastserve_cli.errors import UserError
-from fastserve_cli.recipe import DataConfig, Recipe
-from fastserve_cli.rundir import RunDir, StageResult, staged_dir
+from fastserve_cli.core.errors import UserError
+from fastserve_cli.core.recipe import DataConfig, Recipe
+from fastserve_cli.core.rundir import RunDir, StageResult, staged_dir
 
 FORMAT_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE_INDEX = -100
@@ -239,7 +239,7 @@ def split_documents(ds, fraction: float, seed: int):
 
 def build_tokenizer(recipe: Recipe, train_docs, column: str, is_chat: bool):
     cfg = recipe.tokenizer
-    from fastserve_cli.tokenizer import load_tokenizer, train_bpe
+    from fastserve_cli.core.tokenizer import load_tokenizer, train_bpe
 
     if cfg.path:
         return load_tokenizer(cfg.path, cfg.chat_template, recipe.model.trust_remote_code)
@@ -443,7 +443,7 @@ def _preprocess(recipe: Recipe, run: RunDir, cfg: DataConfig, started: float, do
     import datasets
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fastserve_cli.console import err_console
+    from fastserve_cli.core.console import err_console
 
     docs, info = load_documents(cfg, doc_cache)
     column = cfg.messages_column or cfg.text_column

@@ -35,7 +35,7 @@ def metrics_table(title: str, metrics: dict[str, Any]) -> None:
 
 
 def manifest_table(run, manifest: dict[str, Any]) -> None:
-    from fastserve_cli.pipeline import STAGE_ORDER
+    from fastserve_cli.core.pipeline import STAGE_ORDER
 
     table = Table(title=str(run.root), header_style="bold")
     for column, width in (("stage", 10), ("status", 7), ("started", 11), ("duration", 8), ("fingerprint", 11)):

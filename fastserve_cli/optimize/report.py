@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastserve_cli.errors import UserError
-from fastserve_cli.recipe import GatesConfig, Recipe
-from fastserve_cli.rundir import RunDir, atomic_write_json, now_iso, read_json
+from fastserve_cli.core.errors import UserError
+from fastserve_cli.core.recipe import GatesConfig, Recipe
+from fastserve_cli.core.rundir import RunDir, atomic_write_json, now_iso, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -174,7 +174,7 @@ def interleaved_decode_ms(models: dict[str, "nn.Module"], prompt: list[int], new
 
 def remeasure_latency(run: RunDir, recipe: Recipe, rows: list[dict[str, Any]]) -> None:
     """Re-time the torch rows' models together with `interleaved_decode_ms` and update the rows in place."""
-    from fastserve_cli.quantization import load_causal_lm
+    from fastserve_cli.models.quantized import load_causal_lm
 
     models = {row["name"]: load_causal_lm(run.root / row["path"]) for row in rows if row["backend"] == "torch"}
     opt = recipe.optimize
@@ -198,7 +198,7 @@ def weight_bytes(path: Path) -> int:
 
 def parameter_count(model: "nn.Module") -> int:
     """Logical parameters: trainable tensors (shared ones once) plus the weights of quantized layers."""
-    from fastserve_cli.quantization import _QuantLinear
+    from fastserve_cli.models.quantized import _QuantLinear
 
     count = sum(p.numel() for p in model.parameters())
     for module in model.modules():
@@ -209,7 +209,7 @@ def parameter_count(model: "nn.Module") -> int:
 
 def linear_weight_bytes(model: "nn.Module") -> int:
     """Bytes the linear layers' weights (lm_head included) take in memory: fp32, int8 + scales, or int4."""
-    from fastserve_cli.quantization import _QuantLinear, linear_modules
+    from fastserve_cli.models.quantized import _QuantLinear, linear_modules
 
     total = sum(m.weight.numel() * m.weight.element_size() for m in linear_modules(model).values())
     for module in model.modules():
@@ -239,7 +239,7 @@ def measure_torch_row(run: RunDir, recipe: Recipe, name: str, method: str, path:
                       latency: bool = True) -> dict[str, Any]:
     """Load `path` with `load_causal_lm` (what serve does) unless a model is given, then measure it
     (latency left None when `latency` is False: the caller times several models together)."""
-    from fastserve_cli.quantization import load_causal_lm
+    from fastserve_cli.models.quantized import load_causal_lm
 
     model = model if model is not None else load_causal_lm(path)
     perplexity = torch_perplexity(model, validation_blocks(run, recipe))
@@ -396,7 +396,7 @@ def print_report(report: dict[str, Any]) -> None:
     from rich import box
     from rich.table import Table
 
-    from fastserve_cli.console import out_console
+    from fastserve_cli.core.console import out_console
 
     table = Table(title="optimize report (x = ratio to baseline)", header_style="bold", box=box.SIMPLE_HEAD, show_edge=False,
                   padding=0, pad_edge=False, collapse_padding=True)

@@ -12,9 +12,9 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from fastserve_cli.errors import UserError
-from fastserve_cli.recipe import Recipe, VariantConfig
-from fastserve_cli.rundir import RunDir, StageResult, staged_dir
+from fastserve_cli.core.errors import UserError
+from fastserve_cli.core.recipe import Recipe, VariantConfig
+from fastserve_cli.core.rundir import RunDir, StageResult, staged_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -29,7 +29,7 @@ def run_optimize(recipe: Recipe, run: RunDir) -> StageResult:
 
     With no variants the report holds the baseline row alone (the quickstart's `fastserve run` path).
     """
-    from fastserve_cli.report import BASELINE, GateFailure, add_rows, current_report
+    from fastserve_cli.optimize.report import BASELINE, GateFailure, add_rows, current_report
 
     check_inputs(recipe, run)
     with quiet_loading():
@@ -47,7 +47,7 @@ def run_optimize(recipe: Recipe, run: RunDir) -> StageResult:
 
 def measure_all(recipe: Recipe, run: RunDir) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The baseline row and one row per variant (built here), with latencies timed together at the end."""
-    from fastserve_cli.report import ensure_baseline, measure_torch_row, remeasure_latency
+    from fastserve_cli.optimize.report import ensure_baseline, measure_torch_row, remeasure_latency
 
     base = ensure_baseline(run, recipe, latency=False)
     rows = []
@@ -106,7 +106,7 @@ def check_structured(variant: VariantConfig, config: Any) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fastserve_cli.pruning import plan_structured
+    from fastserve_cli.optimize.pruning import plan_structured
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -122,7 +122,7 @@ def check_structured(variant: VariantConfig, config: Any) -> None:
 def build_variant(recipe: Recipe, run: RunDir, variant: VariantConfig) -> dict[str, Any]:
     """Write optimized/<name>/ for one variant (from the trained model or its `source` variant); returns
     the details for its report row."""
-    from fastserve_cli.quantization import load_causal_lm
+    from fastserve_cli.models.quantized import load_causal_lm
 
     src = run.variant_dir(variant.source) if variant.source else run.model_dir
     model = load_causal_lm(src)
@@ -137,7 +137,7 @@ def build_variant(recipe: Recipe, run: RunDir, variant: VariantConfig) -> dict[s
 
 
 def quantize_variant(model: "nn.Module", variant: VariantConfig, src: Path, out: Path) -> dict[str, Any]:
-    from fastserve_cli.quantization import quantize_model, save_quantized
+    from fastserve_cli.models.quantized import quantize_model, save_quantized
 
     modules = quantize_model(model, variant.method, variant.group_size)
     extra = {"group_size": variant.group_size} if variant.method == "weight_only_int4" else {}
@@ -147,7 +147,7 @@ def quantize_variant(model: "nn.Module", variant: VariantConfig, src: Path, out:
 
 def magnitude_variant(recipe: Recipe, run: RunDir, model: "nn.Module", variant: VariantConfig, out: Path) -> dict[str, Any]:
     """Zero the smallest weights; recovery keeps them at zero; the sparsity is re-measured at the end."""
-    from fastserve_cli.pruning import magnitude_prune, measure_sparsity, prunable_linears
+    from fastserve_cli.optimize.pruning import magnitude_prune, measure_sparsity, prunable_linears
 
     magnitude_prune(model, variant.sparsity or 0.0, variant.scope)
     details: dict[str, Any] = {"target_sparsity": variant.sparsity, "scope": variant.scope}
@@ -164,7 +164,7 @@ def magnitude_variant(recipe: Recipe, run: RunDir, model: "nn.Module", variant: 
 
 def structured_variant(recipe: Recipe, run: RunDir, model: "nn.Module", variant: VariantConfig, out: Path) -> dict[str, Any]:
     """Rank heads/neurons, remove the lowest of every layer, optionally fine-tune, save a plain HF dir."""
-    from fastserve_cli.pruning import calibrated_importance, plan_structured, prune_structured, weight_importance
+    from fastserve_cli.optimize.pruning import calibrated_importance, plan_structured, prune_structured, weight_importance
 
     plan = plan_structured(model, variant.heads_fraction, variant.heads_per_layer, variant.neurons_fraction)
     if variant.importance == "weight":
@@ -183,7 +183,7 @@ def structured_variant(recipe: Recipe, run: RunDir, model: "nn.Module", variant:
 
 def save_hf(model: "nn.Module", src: Path, out: Path) -> None:
     """save_pretrained (safetensors) plus the trained model's tokenizer and generation config."""
-    from fastserve_cli.quantization import copy_side_files
+    from fastserve_cli.models.quantized import copy_side_files
 
     model.save_pretrained(out)
     copy_side_files(src, out)
@@ -193,7 +193,7 @@ def calibration_batches(run: RunDir, count: int) -> list[dict[str, "torch.Tensor
     """Validation blocks as single-row batches with labels (for activation/gradient importance)."""
     import torch
 
-    from fastserve_cli.report import calibration_blocks
+    from fastserve_cli.optimize.report import calibration_blocks
 
     return [{k: torch.tensor([v]) for k, v in block.items()} for block in calibration_blocks(run, count)]
 
@@ -209,9 +209,9 @@ def recover(recipe: Recipe, run: RunDir, model: "nn.Module", steps: int,
     """
     import torch
 
-    from fastserve_cli.batches import BatchStream, load_splits
-    from fastserve_cli.pruning import prunable_linears
-    from fastserve_cli.train import make_optimizer, make_scheduler
+    from fastserve_cli.core.batches import BatchStream, load_splits
+    from fastserve_cli.optimize.pruning import prunable_linears
+    from fastserve_cli.train.stage import make_optimizer, make_scheduler
 
     cfg = recipe.train.model_copy(update={"max_steps": steps, "warmup_steps": min(recipe.train.warmup_steps, steps // 10)})
     train_split, _ = load_splits(run.data_dir)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -38,7 +38,7 @@ HEADS_KEY = "fastserve_attention_heads"
 
 def prunable_linears(model: "nn.Module") -> dict[str, "nn.Module"]:
     """Linear/Conv1D layers inside the transformer blocks (embeddings and lm_head are left dense)."""
-    from fastserve_cli.quantization import linear_modules
+    from fastserve_cli.models.quantized import linear_modules
 
     return {name: m for name, m in linear_modules(model).items() if not name.endswith("lm_head")}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from fastserve_cli.errors import UserError
+from fastserve_cli.core.errors import UserError
 
 # ChatML, with {% generation %} markers so transformers can return an assistant-token mask.
 CHATML_TEMPLATE = (

@@ -1,0 +1,1 @@
+"""Shared types every stage uses: recipe, run directory and manifest, pipeline, errors, console."""
