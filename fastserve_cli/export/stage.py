@@ -112,7 +112,7 @@ def measure_row(run: RunDir, recipe: Recipe, name: str, path: Path, parameters: 
 def time_rows(run: RunDir, recipe: Recipe, out: Path, rows: list[dict[str, Any]]) -> None:
     """Decode latency of every graph, timed in interleaved rounds with the trained PyTorch model (the
     report's baseline), so each row's speedup compares figures taken under the same load."""
-    from fastserve_cli.models.measure import interleaved_decode_ms, latency_prompt
+    from fastserve_cli.models.measure import interleaved_decode_ms, latency_workload
     from fastserve_cli.models.onnx import OnnxCausalLM
     from fastserve_cli.models.loader import load_causal_lm
 
@@ -120,7 +120,8 @@ def time_rows(run: RunDir, recipe: Recipe, out: Path, rows: list[dict[str, Any]]
     if (run.model_dir / "config.json").is_file():
         models["baseline"] = load_causal_lm(run.model_dir)
     opt = recipe.optimize
-    timings = interleaved_decode_ms(models, latency_prompt(run, recipe), opt.latency_new_tokens, opt.latency_repeats)
+    prompt, new_tokens = latency_workload(run, recipe)
+    timings = interleaved_decode_ms(models, prompt, new_tokens, opt.latency_repeats)
     for row in rows:
         row["decode_ms_per_token"] = timings[row["name"]]
         row["tokens_per_s"] = 1000.0 / timings[row["name"]]
@@ -174,6 +175,18 @@ def record_rows(recipe: Recipe, run: RunDir, rows: list[dict]) -> list[str]:
     return add_rows(run, recipe, measurement_key(run, recipe), rows, drop=stale & existing)
 
 
+def track_parity(recipe: Recipe, run: RunDir, metrics: dict[str, Any], parity: dict[str, Any]) -> None:
+    """The export's metrics and parity.json to the recipe's trackers (train.report_to)."""
+    from fastserve_cli.core.tracking import Trackers
+
+    trackers = Trackers(recipe.train.report_to, recipe.name, "export", run.root)
+    try:
+        trackers.log(metrics)
+        trackers.log_json("parity", parity)
+    finally:
+        trackers.finish()
+
+
 def run_export(recipe: Recipe, run: RunDir) -> StageResult:
     from fastserve_cli.export.onnx_graph import parity_failure_message, read_model_config
     from fastserve_cli.models.onnx import MODEL_FILE, onnx_size_bytes
@@ -207,6 +220,7 @@ def run_export(recipe: Recipe, run: RunDir) -> StageResult:
         metrics[f"{row['name']}_size_bytes"] = row["size_bytes"]
         metrics[f"{row['name']}_perplexity"] = row["perplexity"]
         metrics[f"{row['name']}_decode_ms_per_token"] = row["decode_ms_per_token"]
+    track_parity(recipe, run, metrics, parity)
     if failures:  # onnx/ stays (its fp32 graph is verified); the stage fails on the broken gates
         raise UserError(f"export: {len(failures)} gate(s) broken: {'; '.join(failures)}")
     return StageResult(outputs=[*outputs, run.rel(run.report_path)] if rows else outputs, metrics=metrics)

@@ -83,6 +83,28 @@ def latency_prompt(run: RunDir, recipe: Recipe) -> list[int]:
     return tokens[: recipe.optimize.latency_prompt_tokens]
 
 
+def context_length(model_dir: Path) -> int | None:
+    """The positions a model directory's config allows (GPT-2 n_positions, Llama max_position_embeddings)."""
+    import json
+
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    return config.get("n_positions") or config.get("max_position_embeddings")
+
+
+def latency_workload(run: RunDir, recipe: Recipe) -> tuple[list[int], int]:
+    """The decode benchmark's prompt and token count, cut to fit the trained model's context (a model trained
+    with data.block_size 64 cannot decode 32 + 64 positions)."""
+    prompt, new_tokens = latency_prompt(run, recipe), recipe.optimize.latency_new_tokens
+    context = context_length(run.model_dir)
+    if context is not None and len(prompt) + new_tokens > context:
+        prompt = prompt[: min(len(prompt), context // 2)]
+        new_tokens = max(2, min(new_tokens, context - len(prompt)))
+    return prompt, new_tokens
+
+
 # ------------------------------------------------------------------ perplexity
 
 
@@ -229,7 +251,8 @@ def remeasure_latency(run: RunDir, recipe: Recipe, rows: list[dict[str, Any]]) -
 
     models = {row["name"]: load_causal_lm(run.root / row["path"]) for row in rows if row["backend"] == "torch"}
     opt = recipe.optimize
-    timings = interleaved_decode_ms(models, latency_prompt(run, recipe), opt.latency_new_tokens, opt.latency_repeats)
+    prompt, new_tokens = latency_workload(run, recipe)
+    timings = interleaved_decode_ms(models, prompt, new_tokens, opt.latency_repeats)
     for row in rows:
         if row["name"] in timings:
             row["decode_ms_per_token"] = timings[row["name"]]
@@ -282,7 +305,7 @@ def measure_torch_row(run: RunDir, recipe: Recipe, name: str, method: str, path:
     model = model if model is not None else load_causal_lm(path)
     perplexity = torch_perplexity(model, validation_blocks(run, recipe))
     opt = recipe.optimize
-    ms = torch_decode_ms(model, latency_prompt(run, recipe), opt.latency_new_tokens, opt.latency_repeats) if latency else None
+    ms = torch_decode_ms(model, *latency_workload(run, recipe), opt.latency_repeats) if latency else None
     extra = {"linear_weight_bytes": linear_weight_bytes(model), **(details or {})}
     return make_row(name, method, "torch", run.rel(path), parameter_count(model), weight_bytes(path), perplexity, ms, extra)
 

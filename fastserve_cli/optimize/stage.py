@@ -39,6 +39,7 @@ def run_optimize(recipe: Recipe, run: RunDir) -> StageResult:
     key = measurement_key(run, recipe)
     stale = {r["name"] for r in current_report(run, recipe, key)["rows"] if r["backend"] == "torch" and r["name"] not in wanted}
     failures = add_rows(run, recipe, key, [base, *rows], drop=stale)
+    track_report(recipe, run)
     if failures:
         raise GateFailure(f"{len(failures)} gate(s) failed: " + "; ".join(failures) + f" (report: {run.report_path})")
     return StageResult(
@@ -59,6 +60,24 @@ def measure_all(recipe: Recipe, run: RunDir) -> tuple[dict[str, Any], list[dict[
                                       details=details, latency=False))
     remeasure_latency(run, recipe, [base, *rows])
     return base, rows
+
+
+def track_report(recipe: Recipe, run: RunDir) -> None:
+    """The report's rows as run metrics (`<variant>.<metric>`) and the report itself as an artifact."""
+    from fastserve_cli.core.report import load_report
+    from fastserve_cli.core.tracking import Trackers
+
+    report = load_report(run)
+    trackers = Trackers(recipe.train.report_to, recipe.name, "optimize", run.root)
+    try:
+        for row in (report or {}).get("rows", []):
+            values = {k: row.get(k) for k in ("perplexity", "tokens_per_s", "size_bytes", "parameters")}
+            values.update({f"ratio_{k}": v for k, v in row.get("ratios", {}).items()})
+            trackers.log({f"{row['name']}.{k}": v for k, v in values.items()})
+        if report is not None:
+            trackers.log_json("optimize_report", report)
+    finally:
+        trackers.finish()
 
 
 @contextlib.contextmanager

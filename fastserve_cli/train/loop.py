@@ -14,6 +14,7 @@ from typing import Any
 from fastserve_cli.core.batches import IGNORE_INDEX, BatchStream, DataPosition, eval_batches, load_splits
 from fastserve_cli.core.recipe import Recipe
 from fastserve_cli.core.rundir import RunDir, StageResult, fingerprint, staged_dir
+from fastserve_cli.core.tracking import Trackers
 from fastserve_cli.models.kernels import fuse_activations, head_bypassed, linear_cross_entropy, supports_fused_loss
 from fastserve_cli.models.optim import make_optimizer, make_scheduler
 from fastserve_cli.train import checkpoint as ckpt
@@ -47,6 +48,8 @@ class Trainer:
         self.is_main = self.rank == 0
         self.state = LoopState()
         self.deepspeed = self.cfg.deepspeed is not None
+        names = self.cfg.report_to if self.is_main else []
+        self.trackers = Trackers(names, recipe.name, "train", run.root, recipe.model_dump(mode="json"))
 
     # -- setup ---------------------------------------------------------------
     def setup(self) -> None:
@@ -148,10 +151,17 @@ class Trainer:
 
     # -- main ------------------------------------------------------------------
     def fit(self) -> StageResult:
-        from fastserve_cli.models.modeling import memory_error
 
         self.setup()
         self.restore()
+        try:
+            return self._fit()
+        finally:
+            self.trackers.finish()
+
+    def _fit(self) -> StageResult:
+        from fastserve_cli.models.modeling import memory_error
+
         started, start_step = time.time(), self.state.step
         stop = StopFlag()
         with stop.installed(), self.progress() as advance:
@@ -243,10 +253,12 @@ class Trainer:
         return float(getattr(self, "_lr_used", self.scheduler.get_last_lr()[0]))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl, and the same numbers to the recipe's trackers (train.report_to)."""
         if not self.is_main:
             return
         with open(self.run.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        self.trackers.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=record["step"])
 
     def evaluate(self) -> dict[str, float]:
         """Token-weighted validation loss and perplexity; every process evaluates the same batches,
