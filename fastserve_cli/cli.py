@@ -234,7 +234,9 @@ def serve(
     recipe = None if is_model_dir else load_target(str(path), set_)
     cfg = serve_config(recipe, (set_ or []) if is_model_dir else [], flags)
     try:
-        run_server(resolve_target(path, cfg.backend if recipe is not None else backend, cfg.source, recipe), cfg)
+        # a bare model directory picks its backend from its files unless --backend or --set serve.backend says
+        chosen = backend or (cfg.backend if any(o.startswith("serve.backend=") for o in set_ or []) else None)
+        run_server(resolve_target(path, cfg.backend if recipe is not None else chosen, cfg.source, recipe), cfg)
     except KeyboardInterrupt:  # uvicorn re-raises the SIGTERM/SIGINT it handled after a graceful shutdown
         return
 

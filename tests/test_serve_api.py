@@ -245,6 +245,7 @@ def test_targets_run_dir_recipe_and_user_errors(tiny_gpt2_dir, tmp_path):
     for args, message in [([str(run), "--source", "onnx"], "nothing to serve for source 'onnx'"),
                           ([str(tmp_path / "nope")], "no such"),
                           ([str(tiny_gpt2_dir), "--kv-cache-memory", "lots"], "--kv-cache-memory 'lots'"),
-                          ([str(tiny_gpt2_dir), "--backend", "onnx"], "needs model.onnx")]:
+                          ([str(tiny_gpt2_dir), "--backend", "onnx"], "needs model.onnx"),
+                          ([str(tiny_gpt2_dir), "--set", "serve.backend=onnx"], "needs model.onnx")]:
         proc = subprocess.run(cli + args, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
