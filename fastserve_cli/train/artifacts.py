@@ -1,11 +1,13 @@
-"""What a training run leaves for people to read: metrics.jsonl, the loss plot and greedy samples."""
+"""What a training run shows people: metrics.jsonl, the loss plot, greedy samples and the progress bar."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from fastserve_cli.core.rundir import atomic_write_text
 
@@ -80,3 +82,26 @@ def write_loss_plot(metrics_path: Path, out: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, out)
+
+
+@contextmanager
+def progress_bar(show: bool, total: int, done: int, tokens_seen: Callable[[], int]) -> Iterator[Callable[[int, float], None]]:
+    """A rich progress bar with live loss and tokens/s; `advance(step, loss)` moves it (a no-op when hidden)."""
+    if not show:
+        yield lambda step, loss: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from fastserve_cli.core.console import err_console
+
+    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn())
+    with Progress(*columns, console=err_console(), transient=False) as bar:
+        task = bar.add_task("train", total=total, completed=done, loss="-", tps="-")
+        t0, s0 = time.time(), tokens_seen()
+
+        def advance(step: int, loss: float) -> None:
+            tps = (tokens_seen() - s0) / max(time.time() - t0, 1e-9)
+            bar.update(task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
+
+        yield advance

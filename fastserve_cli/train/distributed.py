@@ -75,3 +75,26 @@ def ensure_single_process_env() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+
+
+def deepspeed_config(cfg: Any, world: int) -> dict[str, Any]:
+    """An explicit DeepSpeed config: accelerate's "auto" values assume one process on a GPU-less machine."""
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    micro = cfg.per_device_train_batch_size
+    return {
+        "train_batch_size": micro * cfg.gradient_accumulation_steps * world,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": cfg.mixed_precision == "bf16"},
+        "fp16": {"enabled": cfg.mixed_precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

@@ -1,4 +1,4 @@
-"""Multi-process launch under torchrun and stop-on-signal handling.
+"""Multi-process launch under torchrun (the loop itself is in loop.py, signal handling in signals.py).
 
 `launch_processes` relaunches this module under torchrun (`Accelerator(cpu=True)` there is real gloo
 DDP on CPU; see stack-notes: `accelerate launch --cpu` silently runs one process); each worker runs
@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from fastserve_cli.core.errors import UserError
 from fastserve_cli.core.recipe import Recipe
@@ -70,35 +67,6 @@ def worker_main(argv: list[str]) -> int:
     if rank() == 0:
         atomic_write_json(result, {"outputs": outcome.outputs, "metrics": outcome.metrics})
     return 0
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and stops."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-
-    @contextmanager
-    def installed(self) -> Iterator["StopFlag"]:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def handler(signum, frame):
-            if self.signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C stops at once
-            self.signal = signal.Signals(signum).name
-
-        for s in previous:
-            signal.signal(s, handler)
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
 
 if __name__ == "__main__":

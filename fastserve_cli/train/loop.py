@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,12 @@ from fastserve_cli.core.tracking import Trackers
 from fastserve_cli.models.kernels import fuse_activations, head_bypassed, linear_cross_entropy, supports_fused_loss
 from fastserve_cli.models.optim import make_optimizer, make_scheduler
 from fastserve_cli.train import checkpoint as ckpt
-from fastserve_cli.train.artifacts import last_metric, truncate_metrics, write_loss_plot, write_samples
+from fastserve_cli.train.artifacts import last_metric, progress_bar, truncate_metrics, write_loss_plot, write_samples
 from fastserve_cli.train.distributed import (
-    all_reduce_sum, barrier, broadcast_object, cuda_available, ensure_single_process_env, gather_objects, rank,
-    world_size,
+    all_reduce_sum, barrier, broadcast_object, cuda_available, deepspeed_config, ensure_single_process_env,
+    gather_objects, rank, world_size,
 )
-from fastserve_cli.train.launcher import StopFlag
+from fastserve_cli.train.signals import StopFlag
 
 
 @dataclass
@@ -116,30 +115,8 @@ class Trainer:
             if self.world == 1:
                 ensure_single_process_env()
             # cpu=True would drop the plugin; DeepSpeed runs on CPU (gloo) by itself when there is no GPU.
-            return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=self.deepspeed_config()), **kwargs)
+            return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=deepspeed_config(self.cfg, self.world)), **kwargs)
         return Accelerator(cpu=not cuda_available(), **kwargs)
-
-    def deepspeed_config(self) -> dict[str, Any]:
-        """An explicit DeepSpeed config: accelerate's "auto" values assume one process on a GPU-less machine."""
-        cfg, ds = self.cfg, self.cfg.deepspeed
-        zero: dict[str, Any] = {"stage": ds.stage}
-        if ds.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu"}
-        if ds.offload_params:
-            zero["offload_param"] = {"device": "cpu"}
-        micro = cfg.per_device_train_batch_size
-        return {
-            "train_batch_size": micro * cfg.gradient_accumulation_steps * self.world,
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-            "gradient_clipping": cfg.max_grad_norm,
-            "zero_optimization": zero,
-            "zero_force_ds_cpu_optimizer": False,
-            "bf16": {"enabled": cfg.mixed_precision == "bf16"},
-            "fp16": {"enabled": cfg.mixed_precision == "fp16"},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
 
     def resume_key(self) -> str:
         """Checkpoints resume only into the same model, data and batch geometry."""
@@ -298,27 +275,9 @@ class Trainer:
 
             err_console().print(message, highlight=False, soft_wrap=True)
 
-    @contextmanager
     def progress(self):
         """A rich progress bar with live loss and throughput (main process only)."""
-        if not self.is_main:
-            yield lambda step, loss: None
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        from fastserve_cli.core.console import err_console
-
-        columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                   TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn())
-        with Progress(*columns, console=err_console(), transient=False) as bar:
-            task = bar.add_task("train", total=self.cfg.max_steps, completed=self.state.step, loss="-", tps="-")
-            t0, s0 = time.time(), self.state.tokens_seen
-
-            def advance(step: int, loss: float) -> None:
-                tps = (self.state.tokens_seen - s0) / max(time.time() - t0, 1e-9)
-                bar.update(task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
-
-            yield advance
+        return progress_bar(self.is_main, self.cfg.max_steps, self.state.step, lambda: self.state.tokens_seen)
 
     # -- checkpoints -------------------------------------------------------------
     def save_checkpoint(self) -> None:
