@@ -31,7 +31,7 @@ test-fast: setup
 # The docs site under docs/ (site/ is the output); --strict turns broken links and missing pages into errors.
 # The recipe reference page is generated from the pydantic schema during the build (docs/hooks/recipe_reference.py).
 docs: setup
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf runs .pytest_cache site
