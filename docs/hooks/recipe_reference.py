@@ -38,15 +38,20 @@ Every key has a default unless marked **required**. Unknown keys are rejected wi
 _BOUNDS = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The BaseModel class inside an annotation (`X`, `X | None`, `list[X]`), if any."""
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The BaseModel classes inside an annotation (`X`, `X | None`, `list[X]`, `list[X | Y]`), in order."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+        return [annotation]
+    found: list[type[BaseModel]] = []
     for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
+        found += [m for m in _models_in(arg) if m not in found]
+    return found
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The first BaseModel class inside an annotation, if any."""
+    models = _models_in(annotation)
+    return models[0] if models else None
 
 
 def _type_name(annotation: Any) -> str:
@@ -108,53 +113,51 @@ def _doc(model: type[BaseModel]) -> str:
     return "" if doc in inherited else _cell(doc)
 
 
-def _section(prefix: str, model: type[BaseModel], out: list[str], nested: list[tuple[str, type[BaseModel]]]) -> None:
-    out.append(f"## `{prefix}`\n")
-    doc = _doc(model)
-    if doc:
-        out.append(doc + "\n")
-    out.append("| key | type | default | description |")
-    out.append("|---|---|---|---|")
-    for name, field in model.model_fields.items():
-        sub = _model_in(field.annotation)
-        key = f"{prefix}.{name}"
-        type_text = f"`{_type_name(field.annotation)}`"
-        bounds = _bounds(field)
-        if bounds:
-            type_text += f" ({bounds})"
-        description = field.description or ""
-        if sub is not None:
-            is_list = typing.get_origin(field.annotation) is list
-            child = f"{key}[]" if is_list else key
-            nested.append((child, sub))
-            description = (description + " " if description else "") + f"See [`{child}`](#{_anchor(child)})."
-        out.append(f"| `{key}` | {_cell(type_text)} | {_cell(_default(field))} | {_cell(description)} |")
-    out.append("")
+def _row(key: str, field: FieldInfo, nested: list[tuple[str, str, type[BaseModel]]]) -> str:
+    """One table row; a field holding sections links to their tables (queued in `nested`: heading, key, model)."""
+    type_text = f"`{_type_name(field.annotation)}`"
+    bounds = _bounds(field)
+    if bounds:
+        type_text += f" ({bounds})"
+    description = field.description or ""
+    models = _models_in(field.annotation)
+    child = f"{key}[]" if typing.get_origin(field.annotation) in (list, dict) else key
+    links = []
+    for model in models:
+        heading = child if len(models) == 1 else f"{child} ({model.__name__})"
+        nested.append((heading, child, model))
+        links.append(f"[`{heading}`](#{_anchor(heading)})")
+    if links:
+        description = (description + " " if description else "") + f"See {', '.join(links)}."
+    return f"| `{key}` | {_cell(type_text)} | {_cell(_default(field))} | {_cell(description)} |"
+
+
+def _table(rows: list[str]) -> list[str]:
+    return ["| key | type | default | description |", "|---|---|---|---|", *rows, ""]
 
 
 def _anchor(heading: str) -> str:
-    """The id MkDocs' toc extension gives a `## \\`heading\\`` line (lower case, punctuation dropped)."""
+    """The id MkDocs' toc extension gives a heading: lower case, punctuation dropped, spaces to dashes."""
     return "".join(c for c in heading.lower() if c.isalnum() or c in "-_ ").replace(" ", "-")
 
 
 def render() -> str:
-    """The whole page as Markdown."""
+    """The whole page as Markdown: top-level keys, then each section (nested sections right after their parent)."""
     from fastserve_cli.core.recipe import Recipe
 
-    out = [INTRO]
-    top = [(n, f) for n, f in Recipe.model_fields.items() if _model_in(f.annotation) is None]
-    out.append("## Top level\n")
-    out.append("| key | type | default | description |")
-    out.append("|---|---|---|---|")
-    for name, field in top:
-        out.append(f"| `{name}` | {_cell('`' + _type_name(field.annotation) + '`')} | {_cell(_default(field))} | {_cell(field.description or '')} |")
-    out.append("")
-    queue = [(n, _model_in(f.annotation)) for n, f in Recipe.model_fields.items() if _model_in(f.annotation) is not None]
-    while queue:
-        prefix, model = queue.pop(0)
-        nested: list[tuple[str, type[BaseModel]]] = []
-        _section(prefix, model, out, nested)
-        queue[0:0] = nested  # a nested section right after its parent
+    out = [INTRO, "## Top level\n"]
+    plain = [name for name, field in Recipe.model_fields.items() if not _models_in(field.annotation)]
+    out += _table([_row(name, Recipe.model_fields[name], []) for name in plain])
+    sections = [(name, name, _model_in(f.annotation)) for name, f in Recipe.model_fields.items() if name not in plain]
+    while sections:
+        heading, prefix, model = sections.pop(0)
+        out.append(f"## `{heading}`\n")
+        doc = _doc(model)
+        if doc:
+            out.append(doc + "\n")
+        nested: list[tuple[str, str, type[BaseModel]]] = []
+        out += _table([_row(f"{prefix}.{name}", field, nested) for name, field in model.model_fields.items()])
+        sections[0:0] = nested
     return "\n".join(out).rstrip() + "\n"
 
 
