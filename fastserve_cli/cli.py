@@ -15,10 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-try:  # typer >= 0.20 vendors click
-    from typer._click import exceptions as click_exceptions
-except ImportError:  # pragma: no cover
-    from click import exceptions as click_exceptions
+from typer._click import exceptions as click_exceptions  # typer >= 0.20 vendors click
 
 from fastserve_cli import __version__
 from fastserve_cli.core.errors import UserError
@@ -38,7 +35,11 @@ STATE = {"debug": os.environ.get("FASTSERVE_DEBUG") == "1"}
 
 SetOption = typer.Option(None, "--set", help="Override a recipe key, e.g. --set train.max_steps=100 (repeatable).")
 JsonOption = typer.Option(False, "--json", help="Print the result as JSON on stdout (for CI).")
-TargetArgument = typer.Argument(..., help="A recipe YAML, or a run directory made by an earlier stage.")
+TargetArgument = typer.Argument(
+    None, help="A recipe YAML or a run directory; default: $FASTSERVE_RUN, else the run the last stage wrote from here "
+    "(runs/.last), else the only run under ./runs.",
+    show_default=False,
+)
 
 
 def _version(value: bool) -> None:
@@ -60,12 +61,19 @@ def main_options(
 # ------------------------------------------------------------------ helpers
 
 
-def load_target(target: str, overrides: list[str] | None):
+def pick_target(target: str | None) -> str:
+    """TARGET as given, or the run picked when none is (see core/target.py); says which on stderr."""
+    from fastserve_cli.core.target import resolve_target
+
+    return resolve_target(target, lambda line: sys.stderr.write(line + "\n"))
+
+
+def load_target(target: str | None, overrides: list[str] | None):
     """A recipe file, or a run directory holding the resolved recipe.yaml of an earlier stage."""
     from fastserve_cli.core.recipe import load_recipe
     from fastserve_cli.core.rundir import RunDir
 
-    path = Path(target)
+    path = Path(pick_target(target))
     if path.is_dir():
         run = RunDir(path)
         if not run.recipe_path.is_file():
@@ -91,12 +99,21 @@ def print_result(stage: str, result, run, as_json: bool) -> None:
     metrics_table(f"{stage} done: {run.root}", result.metrics)
 
 
-def run_stage_command(stage: str, target: str, overrides: list[str] | None, as_json: bool) -> None:
-    from fastserve_cli.core.pipeline import STAGES, execute, prepare_run_dir
+def prepare_run(recipe):
+    """The run directory, recorded as this working directory's last run (a later stage needs no TARGET)."""
+    from fastserve_cli.core.pipeline import prepare_run_dir
+    from fastserve_cli.core.target import remember_run
 
-    STAGES[stage].load()  # fail fast (exit 2) when the stage is not built yet
-    recipe = load_target(target, overrides)
     run = prepare_run_dir(recipe)
+    remember_run(run.root)
+    return run
+
+
+def run_stage_command(stage: str, target: str | None, overrides: list[str] | None, as_json: bool) -> None:
+    from fastserve_cli.core.pipeline import execute
+
+    recipe = load_target(target, overrides)
+    run = prepare_run(recipe)
     with json_safe_stdout(as_json):
         result = execute(stage, recipe, run)
     print_result(stage, result, run, as_json)
@@ -113,14 +130,14 @@ def json_safe_stdout(as_json: bool):
 
 
 @app.command()
-def preprocess(target: str = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption) -> None:
+def preprocess(target: Optional[str] = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption) -> None:
     """Raw text/jsonl/csv/parquet -> tokenizer + tokenized, packed dataset in the run directory."""
     run_stage_command("preprocess", target, set_, as_json)
 
 
 @app.command()
 def train(
-    target: str = TargetArgument,
+    target: Optional[str] = TargetArgument,
     num_processes: Optional[int] = typer.Option(
         None, "--num-processes", min=1,
         help="Data-parallel processes (real DDP: gloo on CPU, NCCL on GPUs), relaunched under torchrun; sets train.num_processes.",
@@ -149,14 +166,13 @@ def train(
 
 
 @app.command()
-def optimize(target: str = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption) -> None:
+def optimize(target: Optional[str] = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption) -> None:
     """Pruning and quantization variants, with a quality/size/speed report and gates (exit 2 when one breaks)."""
-    from fastserve_cli.core.pipeline import STAGES, execute, prepare_run_dir
-    from fastserve_cli.optimize.report import GateFailure, load_report, print_report
+    from fastserve_cli.core.pipeline import execute
+    from fastserve_cli.core.report import GateFailure, load_report, print_report
 
-    STAGES["optimize"].load()
     recipe = load_target(target, set_)
-    run = prepare_run_dir(recipe)
+    run = prepare_run(recipe)
 
     def show(status: str) -> None:
         report = load_report(run)
@@ -174,20 +190,21 @@ def optimize(target: str = TargetArgument, set_: Optional[list[str]] = SetOption
 
 @app.command()
 def export(
-    target: str = TargetArgument,
-    onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Export to ONNX with KV cache (the only format today)."),
+    target: Optional[str] = TargetArgument,
+    onnx: bool = typer.Option(False, "--onnx", help="ONNX with KV cache: the format written, with or without the flag."),
     set_: Optional[list[str]] = SetOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Export to ONNX with KV cache, verified against PyTorch with onnxruntime."""
-    if not onnx:
-        raise UserError("--no-onnx: ONNX is the only export format; drop the flag")
     run_stage_command("export", target, set_, as_json)
 
 
 @app.command()
 def serve(
-    target: str = typer.Argument(..., help="A run directory, a recipe, or a model/ONNX directory."),
+    target: Optional[str] = typer.Argument(
+        None, help="A run directory, a recipe, or a model/ONNX directory; default: as for the stage commands.",
+        show_default=False,
+    ),
     host: Optional[str] = typer.Option(None, "--host", help="Bind address (serve.host, default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, "--port", help="TCP port (serve.port, default 8000)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or onnx."),
@@ -212,9 +229,9 @@ def serve(
                  max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory, api_key=api_key,
                  max_queue=max_queue, model_name=model_name, num_threads=threads, starvation_s=starvation_s,
                  base_quantum_s=base_quantum_s, mlfq_levels=mlfq_levels)
-    path = Path(target)
+    path = Path(pick_target(target))
     is_model_dir = path.is_dir() and not (path / "recipe.yaml").is_file()
-    recipe = None if is_model_dir else load_target(target, set_)
+    recipe = None if is_model_dir else load_target(str(path), set_)
     cfg = serve_config(recipe, (set_ or []) if is_model_dir else [], flags)
     try:
         run_server(resolve_target(path, cfg.backend if recipe is not None else backend, cfg.source, recipe), cfg)
@@ -224,7 +241,7 @@ def serve(
 
 @app.command()
 def run(
-    target: str = TargetArgument,
+    target: Optional[str] = TargetArgument,
     set_: Optional[list[str]] = SetOption,
     force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run this stage (and so everything downstream)."),
     until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
@@ -232,20 +249,19 @@ def run(
 ) -> None:
     """Run every stage in order; stages whose inputs are unchanged are skipped."""
     from fastserve_cli.core.console import err_console
-    from fastserve_cli.core.pipeline import prepare_run_dir, run_pipeline, validate_stage_name
+    from fastserve_cli.core.pipeline import run_pipeline, validate_stage_name
 
     forced = {validate_stage_name(s) for s in (force or [])}
     if until:
         validate_stage_name(until)
     recipe = load_target(target, set_)
-    run_dir = prepare_run_dir(recipe)
+    run_dir = prepare_run(recipe)
 
     def report(stage: str, event: str) -> None:
         messages = {
             "skipped": f"[dim]{stage}: unchanged, skipped[/dim]",
             "start": f"[bold]{stage}[/bold]: running",
             "done": f"[green]{stage}: done[/green]",
-            "not built": f"[yellow]{stage}: not built yet; stopping here[/yellow]",
         }
         err_console().print(messages[event])
 
@@ -256,10 +272,14 @@ def run(
 
 
 @app.command()
-def status(run_dir: str = typer.Argument(..., help="A run directory."), as_json: bool = JsonOption) -> None:
+def status(
+    run_dir: Optional[str] = typer.Argument(None, help="A run directory; default: as for the stage commands.", show_default=False),
+    as_json: bool = JsonOption,
+) -> None:
     """Show what each stage of a run did: status, timing, fingerprint, metrics."""
     from fastserve_cli.core.rundir import RunDir
 
+    run_dir = pick_target(run_dir)
     run = RunDir(run_dir)
     if not run.exists():
         raise UserError(f"{run_dir}: no manifest.json here; pass a run directory (runs/<name>)")
@@ -268,8 +288,9 @@ def status(run_dir: str = typer.Argument(..., help="A run directory."), as_json:
         stdout_json(manifest)
         return
     from fastserve_cli.core.console import manifest_table
+    from fastserve_cli.core.pipeline import STAGE_ORDER
 
-    manifest_table(run, manifest)
+    manifest_table(run, manifest, STAGE_ORDER)
 
 
 @recipe_app.command("validate")

@@ -4,10 +4,10 @@
     .venv/bin/python scripts/bench_export.py --tiny          # 2 layers x 64 wide: a quick smoke run
     .venv/bin/python scripts/bench_export.py --quantize dynamic_int8 int4   # add ORT quantized graphs
 
-The model is built from a config (nothing is downloaded), exported with `fastserve_cli.models.onnx.export_onnx`
+The model is built from a config (nothing is downloaded), exported with `fastserve_cli.export.onnx_graph.export_onnx`
 (parity enforced), then both backends decode greedily with a KV cache from the same random prompts: after
-the prefill, `--new-tokens - 1` single-token steps are timed; the best mean step time of `--repeats` runs
-(after one warm-up) is reported; the backends take turns in every round. PyTorch runs the HF model in eager mode (default attention, no compile).
+the prefill, `--new-tokens - 1` single-token steps are timed; each run's median step time, best of `--repeats` runs
+(after one warm-up), is reported; the backends take turns in every round. PyTorch runs the HF model in eager mode (default attention, no compile).
 Target (issue #5): ORT <= 0.7x PyTorch latency at batch 1 for the GPT-2-small shape.
 """
 
@@ -35,43 +35,17 @@ def build_model(out: Path, tiny: bool, seed: int = 0) -> Path:
     return out
 
 
-def torch_decode_ms(model, prompt: np.ndarray, new_tokens: int, repeats: int, warmup: bool = True) -> float:
-    """Best mean ms per greedy decode step after the prefill (the ORT side uses onnx_quant.decode_ms_per_token)."""
-    import torch
-    from transformers import DynamicCache
-
-    ids = torch.from_numpy(prompt)
-    steps = max(1, new_tokens - 1)
-    best = float("inf")
-    with torch.inference_mode():
-        for run in range(0 if warmup else 1, repeats + 1):
-            out = model(input_ids=ids, cache=DynamicCache(), use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            start = time.perf_counter()
-            for _ in range(steps):
-                out = model(input_ids=token, cache=out.cache, use_cache=True)
-                token = out.logits[:, -1:].argmax(-1)
-            if run:
-                best = min(best, (time.perf_counter() - start) / steps)
-    return best * 1000.0
 
 
 TORCH = "pytorch eager fp32"
 
 
 def interleaved(model, sessions: dict, prompt: np.ndarray, new_tokens: int, repeats: int) -> dict[str, float]:
-    """Best ms/step per backend, the backends taking turns in every round so a load change on a shared
-    machine hits all of them alike (one warm-up round first)."""
-    from fastserve_cli.export.onnx_quant import decode_ms_per_token
+    """Best-of-runs median ms/step per backend (`models.measure`, the statistic the optimize report uses),
+    the backends taking turns in every round so a load change on a shared machine hits all of them alike."""
+    from fastserve_cli.models.measure import interleaved_decode_ms
 
-    runners = {TORCH: lambda warm: torch_decode_ms(model, prompt, new_tokens, 1, warm)}
-    runners.update({label: (lambda warm, s=s: decode_ms_per_token(s, prompt, new_tokens, 1, warm))
-                    for label, s in sessions.items()})
-    best = {label: float("inf") for label in runners}
-    for round_ in range(repeats):
-        for label, run in runners.items():
-            best[label] = min(best[label], run(round_ == 0))
-    return best
+    return interleaved_decode_ms({TORCH: model, **sessions}, prompt, new_tokens, repeats)
 
 
 def main() -> None:
@@ -93,7 +67,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from fastserve_cli.export.stage import optimize_graph
-    from fastserve_cli.models.onnx import OnnxCausalLM, export_onnx, onnx_size_bytes
+    from fastserve_cli.export.onnx_graph import export_onnx
+    from fastserve_cli.models.onnx import OnnxCausalLM, onnx_size_bytes
     from fastserve_cli.export.onnx_quant import VARIANT_FILES, quantize
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -100,7 +100,7 @@ def write_validation(tokenizer_dir: Path, out: Path, blocks: int, block_size: in
 def run_report(root: Path, name: str, args: argparse.Namespace) -> dict:
     from fastserve_cli.core.pipeline import execute
     from fastserve_cli.core.recipe import validate_recipe
-    from fastserve_cli.optimize.report import load_report, print_report
+    from fastserve_cli.core.report import load_report, print_report
 
     recipe = validate_recipe({
         "name": name, "run_dir": str(root),

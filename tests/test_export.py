@@ -66,7 +66,9 @@ def test_export_onnx_contract(tiny_model_dir, tmp_path):
     import onnx
     from transformers import AutoConfig, AutoTokenizer
 
-    from fastserve_cli.models.onnx import OnnxCausalLM, export_onnx
+    from fastserve_cli.export.onnx_graph import export_onnx
+
+    from fastserve_cli.models.onnx import OnnxCausalLM
 
     out = tmp_path / "onnx"
     parity = export_onnx(tiny_model_dir, out, opset=17, parity_steps=32)
@@ -113,7 +115,9 @@ def test_external_data_and_opset(tiny_gpt2_dir, tmp_path):
     """Weights can live in model.onnx.data (automatic above 2 GB; forced here) and the opset is honoured."""
     import onnx
 
-    from fastserve_cli.models.onnx import OnnxCausalLM, export_onnx
+    from fastserve_cli.export.onnx_graph import export_onnx
+
+    from fastserve_cli.models.onnx import OnnxCausalLM
 
     out = tmp_path / "onnx"
     parity = export_onnx(tiny_gpt2_dir, out, opset=18, external_data=True, parity_steps=4)
@@ -130,7 +134,9 @@ def test_onnx_greedy_matches_transformers_generate(tiny_gpt2_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fastserve_cli.models.onnx import OnnxCausalLM, export_onnx
+    from fastserve_cli.export.onnx_graph import export_onnx
+
+    from fastserve_cli.models.onnx import OnnxCausalLM
 
     out = tmp_path / "onnx"
     assert export_onnx(tiny_gpt2_dir, out, parity_steps=2)["passed"]
@@ -284,7 +290,7 @@ def test_head_pruned_variant_source(tmp_path, tiny_tokenizer_dir):
     """export.source = a structured (head-pruned) GPT-2 variant: KV shapes follow the pruned model, parity holds."""
     from fastserve_cli.core.pipeline import execute
     from fastserve_cli.optimize.pruning import plan_structured, prune_structured, weight_importance
-    from fastserve_cli.models.quantized import load_causal_lm
+    from fastserve_cli.models.loader import load_causal_lm
 
     recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "gpt2", export={"source": "heads", "parity_steps": 8})
     recipe.optimize.variants = [{"name": "heads", "method": "structured", "heads_fraction": 0.25}]
@@ -321,7 +327,7 @@ def test_qwen2_export_parity(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from fastserve_cli.models.onnx import export_onnx
+    from fastserve_cli.export.onnx_graph import export_onnx
 
     config = Qwen2Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)

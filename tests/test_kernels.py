@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from fastserve_cli.models.kernels import (fuse_activations, head_bypassed, linear_cross_entropy, onednn_linears, onednn_padded_rows,
                                    supports_fused_loss)
-from fastserve_cli.train.stage import summed_token_loss
+from fastserve_cli.train.loop import summed_token_loss
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:

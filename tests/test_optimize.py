@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from optimize_helpers import make_trained_run
 
@@ -43,7 +42,7 @@ def check_report(run_root: Path, architecture: str) -> dict:
     """Every row measured, ratios consistent with the baseline, every variant loadable by name."""
     import torch
 
-    from fastserve_cli.models.quantized import load_causal_lm
+    from fastserve_cli.models.loader import load_causal_lm
     from fastserve_cli.core.rundir import RunDir
 
     run = RunDir(run_root)
@@ -132,7 +131,8 @@ def test_bad_variants_fail_in_one_line_and_write_nothing(tmp_path, tiny_tokenize
 def test_export_can_add_rows_that_the_gates_judge(tmp_path, tiny_tokenizer_dir):
     """The contract the ONNX export uses: ensure_baseline, then add_rows with its own measured rows."""
     from fastserve_cli.core.recipe import load_recipe
-    from fastserve_cli.optimize.report import add_rows, ensure_baseline, make_row
+    from fastserve_cli.core.report import add_rows, make_row
+    from fastserve_cli.models.measure import ensure_baseline, measurement_key
     from fastserve_cli.core.rundir import RunDir
 
     recipe_path = make_trained_run(tmp_path, "gpt2", tiny_tokenizer_dir, VARIANTS[:1], gates={"min_speedup": 1.5})
@@ -142,7 +142,7 @@ def test_export_can_add_rows_that_the_gates_judge(tmp_path, tiny_tokenizer_dir):
     fast = make_row("onnx-int8", "onnx_dynamic_int8", "onnx", "onnx/int8", 1, base["size_bytes"] // 4,
                     base["perplexity"] * 1.01, base["decode_ms_per_token"] / 2)
     slow = make_row("onnx-fp32", "onnx", "onnx", "onnx", 1, base["size_bytes"], base["perplexity"], base["decode_ms_per_token"])
-    failures = add_rows(run, recipe, [fast, slow])
+    failures = add_rows(run, recipe, measurement_key(run, recipe), [fast, slow])
     assert len(failures) == 1 and failures[0].startswith("onnx-fp32: gates.min_speedup: speedup 1x < bound 1.5x")
     report = json.loads(run.report_path.read_text())
     rows = {r["name"]: r for r in report["rows"]}

@@ -8,7 +8,7 @@ import types
 import pytest
 
 from fastserve_cli.core import pipeline
-from fastserve_cli.core.errors import StageNotBuilt, UserError
+from fastserve_cli.core.errors import UserError
 from fastserve_cli.core.pipeline import Stage, execute, prepare_run_dir, run_pipeline
 from fastserve_cli.core.recipe import Recipe, resolve_paths
 from fastserve_cli.core.rundir import StageResult
@@ -35,8 +35,7 @@ def two_stage_pipeline(monkeypatch):
     monkeypatch.setitem(sys.modules, module.__name__, module)
     stages = {
         "preprocess": pipeline.STAGES["preprocess"],
-        "downstream": Stage("downstream", ("train",), ("preprocess",), 0, module=module.__name__),
-        "unbuilt": Stage("unbuilt", (), ("downstream",), 99, module="fastserve_cli.no_such_stage"),
+        "downstream": Stage("downstream", ("train",), ("preprocess",), module=module.__name__),
     }
     monkeypatch.setattr(pipeline, "STAGES", stages)
     monkeypatch.setattr(pipeline, "STAGE_ORDER", list(stages))
@@ -56,8 +55,8 @@ def test_skip_unchanged_and_rerun_downstream(tmp_path, two_stage_pipeline):
     run = prepare_run_dir(recipe)
     events = []
     outcomes = run_pipeline(recipe, run, set(), None, lambda s, e: events.append((s, e)))
-    assert outcomes == {"preprocess": "ran", "downstream": "ran", "unbuilt": "not built"}
-    assert run_pipeline(recipe, run, set(), None) == {"preprocess": "skipped", "downstream": "skipped", "unbuilt": "not built"}
+    assert outcomes == {"preprocess": "ran", "downstream": "ran"}
+    assert run_pipeline(recipe, run, set(), None) == {"preprocess": "skipped", "downstream": "skipped"}
     assert len(calls) == 1
 
     # a change in the downstream section re-runs only downstream
@@ -80,7 +79,7 @@ def test_data_change_reruns_preprocess(tmp_path, two_stage_pipeline):
     run = prepare_run_dir(recipe)
     run_pipeline(recipe, run, set(), None)
     corpus.write_text((STDLIB / "glob.py").read_text() * 2)
-    assert run_pipeline(recipe, run, set(), None) == {"preprocess": "ran", "downstream": "ran", "unbuilt": "not built"}
+    assert run_pipeline(recipe, run, set(), None) == {"preprocess": "ran", "downstream": "ran"}
 
 
 def test_until_stops_early(tmp_path, two_stage_pipeline):
@@ -98,13 +97,11 @@ def test_failed_stage_is_marked_and_reruns(tmp_path, two_stage_pipeline):
     assert run_pipeline(recipe_for(tmp_path), run, set(), None)["downstream"] == "ran"
 
 
-def test_upstream_required_and_unbuilt_stage(tmp_path, two_stage_pipeline):
+def test_upstream_required(tmp_path, two_stage_pipeline):
     recipe = recipe_for(tmp_path)
     run = prepare_run_dir(recipe)
     with pytest.raises(UserError, match="run `fastserve preprocess` first"):
         execute("downstream", recipe, run)
-    with pytest.raises(StageNotBuilt, match=r"not built yet \(issue #99\)"):
-        execute("unbuilt", recipe, run)
 
 
 def test_unknown_stage_name():

@@ -204,7 +204,7 @@ def test_glob_expansion_matches_glob_and_prunes_excluded_trees(pattern):
     import glob
     import os
 
-    from fastserve_cli.preprocess.stage import expand_glob
+    from fastserve_cli.core.sources import expand_glob
 
     from conftest import STDLIB
 

@@ -11,7 +11,8 @@ from fastserve_cli.optimize.pruning import (
     blocks, calibrated_importance, magnitude_prune, measure_sparsity, plan_structured, prune_structured,
     shape_of, weight_importance,
 )
-from fastserve_cli.models.quantized import copy_side_files, load_causal_lm
+from fastserve_cli.models.loader import load_causal_lm
+from fastserve_cli.models.quantized import copy_side_files
 
 
 def _ids(n: int = 2, length: int = 16):

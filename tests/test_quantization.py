@@ -7,7 +7,8 @@ import json
 import pytest
 
 from fastserve_cli.core.errors import UserError
-from fastserve_cli.models.quantized import SCHEMES, load_causal_lm, quantize_model, save_quantized
+from fastserve_cli.models.loader import load_causal_lm
+from fastserve_cli.models.quantized import SCHEMES, quantize_model, save_quantized
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -48,7 +49,7 @@ def test_quantized_variant_round_trips(tiny_model_dir, tmp_path, scheme):
 
 
 def test_quantized_weights_are_a_fraction_of_fp32(tiny_gpt2_dir, tmp_path):
-    from fastserve_cli.optimize.report import linear_weight_bytes, weight_bytes
+    from fastserve_cli.models.measure import linear_weight_bytes, weight_bytes
 
     base = load_causal_lm(tiny_gpt2_dir)
     fp32 = linear_weight_bytes(base)

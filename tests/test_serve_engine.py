@@ -165,7 +165,7 @@ def test_pack_survives_random_membership_changes(tiny_gpt2_dir, tmp_path, backen
     longer than the pack); every output still equals generate() greedy, and the torch pack is rarely rebuilt."""
     model_dir = tiny_gpt2_dir
     if backend == "onnx":
-        from fastserve_cli.models.onnx import export_onnx
+        from fastserve_cli.export.onnx_graph import export_onnx
 
         export_onnx(tiny_gpt2_dir, tmp_path / "onnx", parity_steps=2)
         model_dir = tmp_path / "onnx"
@@ -187,7 +187,7 @@ def test_swapping_rows_in_the_pack_keeps_outputs(tiny_gpt2_dir, tmp_path, backen
     """Preempted and resumed requests trade rows of the pack (no whole-batch copy); greedy outputs are unchanged."""
     model_dir = tiny_gpt2_dir
     if backend == "onnx":
-        from fastserve_cli.models.onnx import export_onnx
+        from fastserve_cli.export.onnx_graph import export_onnx
 
         export_onnx(tiny_gpt2_dir, tmp_path / "onnx", parity_steps=2)
         model_dir = tmp_path / "onnx"
@@ -200,7 +200,7 @@ def test_swapping_rows_in_the_pack_keeps_outputs(tiny_gpt2_dir, tmp_path, backen
 
 
 def test_onnx_backend_greedy_equals_generate(tiny_gpt2_dir, tmp_path):
-    from fastserve_cli.models.onnx import export_onnx
+    from fastserve_cli.export.onnx_graph import export_onnx
 
     export_onnx(tiny_gpt2_dir, tmp_path / "onnx", parity_steps=2)
     engine = build_engine(tmp_path / "onnx", backend="onnx")
@@ -291,7 +291,8 @@ def test_torch_backend_serves_int8_variant(tiny_gpt2_dir, tmp_path):
     exactly like its own generate()."""
     import torch
 
-    from fastserve_cli.models.quantized import load_causal_lm, quantize_model, save_quantized
+    from fastserve_cli.models.loader import load_causal_lm
+    from fastserve_cli.models.quantized import quantize_model, save_quantized
 
     out = tmp_path / "int8"
     out.mkdir()

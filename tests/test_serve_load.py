@@ -33,7 +33,7 @@ def test_onnx_server_greedy_equals_generate(tiny_model_dir, tmp_path):
     from openai import OpenAI
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fastserve_cli.models.onnx import export_onnx
+    from fastserve_cli.export.onnx_graph import export_onnx
     from fastserve_cli.serve.launch import running_server
 
     export_onnx(tiny_model_dir, tmp_path / "onnx", parity_steps=2)

@@ -34,15 +34,14 @@ def metrics_table(title: str, metrics: dict[str, Any]) -> None:
     out_console().print(table)
 
 
-def manifest_table(run, manifest: dict[str, Any]) -> None:
-    from fastserve_cli.core.pipeline import STAGE_ORDER
-
+def manifest_table(run, manifest: dict[str, Any], stage_order: list[str]) -> None:
+    """One row per stage, in pipeline order (`stage_order`), then any other stage the manifest holds."""
     table = Table(title=str(run.root), header_style="bold")
     for column, width in (("stage", 10), ("status", 7), ("started", 11), ("duration", 8), ("fingerprint", 11)):
         table.add_column(column, no_wrap=True, min_width=width)
     table.add_column("metrics", overflow="ellipsis", no_wrap=True)
     stages = manifest.get("stages", {})
-    for name in [*STAGE_ORDER, *sorted(set(stages) - set(STAGE_ORDER))]:
+    for name in [*stage_order, *sorted(set(stages) - set(stage_order))]:
         entry = stages.get(name)
         if entry is None:
             table.add_row(name, "[dim]not run[/dim]", "", "", "", "")

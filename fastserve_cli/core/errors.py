@@ -6,7 +6,3 @@ class UserError(Exception):
 
     The message must name the thing (field, file, stage) and say how to fix it.
     """
-
-
-class StageNotBuilt(UserError):
-    """A pipeline stage whose implementation does not exist yet."""

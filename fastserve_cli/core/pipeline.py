@@ -1,23 +1,22 @@
 """Stage registry and execution: fingerprints, manifest bookkeeping, skip-if-unchanged.
 
-A stage is a plain function `run_<stage>(recipe, run_dir) -> StageResult` in module
-`fastserve_cli.<stage>`. This module wraps it: checks upstream stages, records status, timing,
+A stage is a plain function `run_<stage>(recipe, run_dir) -> StageResult` in package
+`fastserve_cli.<stage>`, found by name when it runs (the registry names stages, it does not import them). This module wraps it: checks upstream stages, records status, timing,
 fingerprint, outputs, metrics and library versions, and marks the stage failed on any error.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
-from fastserve_cli.core.errors import StageNotBuilt, UserError
+from fastserve_cli.core.errors import UserError
 from fastserve_cli.core.recipe import Recipe, dump_recipe
+from fastserve_cli.core.sources import find_files
 from fastserve_cli.core.rundir import RunDir, StageResult, atomic_write_text, fingerprint, library_versions, now_iso
 
 
@@ -26,7 +25,6 @@ class Stage:
     name: str
     sections: tuple[str, ...]
     upstream: tuple[str, ...]
-    issue: int
     module: str = ""
 
     @property
@@ -34,26 +32,16 @@ class Stage:
         return self.module or f"fastserve_cli.{self.name}"
 
     def load(self) -> Callable[[Recipe, RunDir], StageResult]:
-        module_name = self.module_name
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            raise StageNotBuilt(f"fastserve {self.name} is not built yet (issue #{self.issue}); nothing was run") from None
-        return getattr(module, f"run_{self.name}")
-
-    def is_built(self) -> bool:
-        return importlib.util.find_spec(self.module_name) is not None
+        return getattr(importlib.import_module(self.module_name), f"run_{self.name}")
 
 
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("preprocess", ("seed", "data", "tokenizer"), (), 2),
-        Stage("train", ("seed", "model", "train"), ("preprocess",), 3),
-        Stage("optimize", ("optimize", "gates"), ("train",), 4),
-        Stage("export", ("export", "optimize", "gates"), ("train",), 5),
+        Stage("preprocess", ("seed", "data", "tokenizer"), ()),
+        Stage("train", ("seed", "model", "train"), ("preprocess",)),
+        Stage("optimize", ("optimize", "gates"), ("train",)),
+        Stage("export", ("export", "optimize", "gates"), ("train",)),
     )
 }
 STAGE_ORDER = list(STAGES)
@@ -61,8 +49,6 @@ STAGE_ORDER = list(STAGES)
 
 def input_files_digest(recipe: Recipe) -> list[tuple[str, int, int]] | str:
     """(path, size, mtime) of the local data files, so edited data re-runs preprocess."""
-    from fastserve_cli.preprocess.stage import find_files
-
     if not recipe.data.paths:
         return []
     try:
@@ -126,16 +112,12 @@ def run_pipeline(
     """Run stages in order, skipping those whose fingerprint is unchanged; returns stage -> outcome.
 
     Fingerprints include the upstream stages' run ids, so re-running a stage re-runs everything
-    downstream of it. A stage that is not built yet ends the pipeline there (reported, not an error).
+    downstream of it.
     """
     names = STAGE_ORDER[: STAGE_ORDER.index(until) + 1] if until else STAGE_ORDER
     outcomes: dict[str, str] = {}
     for name in names:
         stage = STAGES[name]
-        if not stage.is_built():
-            outcomes[name] = "not built"
-            on_event(name, "not built")
-            break
         entry = run.stage(name) or {}
         unchanged = entry.get("status") == "done" and entry.get("fingerprint") == stage_fingerprint(stage, recipe, run)
         if unchanged and name not in force:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fastserve_cli.core.errors import UserError
+from fastserve_cli.core.tracking import TRACKERS
 
 PATH_VARIABLES = {"stdlib": lambda: sysconfig.get_paths()["stdlib"]}
 
@@ -117,6 +118,12 @@ class TrainConfig(Section):
     num_processes: int = Field(1, ge=1, description="Data-parallel processes launched with torchrun (gloo DDP on CPU, NCCL on GPUs); `--num-processes` sets it.")
     sample_prompts: list[str] = Field(default_factory=lambda: ["import", "def", "class"], description="Greedy samples written to samples.txt after training (empty: none). End prompts where a token ends: with BPE a trailing space is a token the model rarely saw before a word.")
     sample_new_tokens: int = Field(64, ge=1, le=4096)
+    report_to: list[Literal[TRACKERS]] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="Experiment trackers (accelerate's: tensorboard, mlflow, wandb, trackio, ...): train logs the numbers of "
+        "metrics.jsonl, optimize its report, export its parity. Local stores live under <run>/tracking/; "
+        "`pip install 'fastserve[tracking]'` brings tensorboard and mlflow.",
+    )
     lora: LoraConfig | None = None
     deepspeed: DeepSpeedConfig | None = None
 

@@ -14,7 +14,6 @@ All of them keep the fp32 graph's inputs and outputs, so `OnnxCausalLM` runs any
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +28,8 @@ WEIGHT_OPS = ["MatMul", "Gemm"]
 
 
 def _needs_external_data(path: Path) -> bool:
-    from fastserve_cli.models.onnx import EXTERNAL_DATA_THRESHOLD, onnx_size_bytes
+    from fastserve_cli.export.onnx_graph import EXTERNAL_DATA_THRESHOLD
+    from fastserve_cli.models.onnx import onnx_size_bytes
 
     return onnx_size_bytes(path) > EXTERNAL_DATA_THRESHOLD
 
@@ -76,7 +76,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, **_: Any) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from fastserve_cli.models.onnx import save_model
+    from fastserve_cli.export.onnx_graph import save_model
 
     quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
                                      accuracy_level=4)
@@ -98,7 +98,7 @@ def quantize(name: str, src: Path, dst: Path, **options: Any) -> None:
     import logging
     import tempfile
 
-    from fastserve_cli.models.onnx import materialize_shared_weights
+    from fastserve_cli.export.onnx_graph import materialize_shared_weights
 
     root_logger = logging.getLogger()
     level = root_logger.level
@@ -109,60 +109,3 @@ def quantize(name: str, src: Path, dst: Path, **options: Any) -> None:
             QUANTIZERS[name](plain, dst, **options)
         finally:
             root_logger.setLevel(level)
-
-
-# ------------------------------------------------------------------ measurements
-
-
-def perplexity(session: OnnxCausalLM, blocks: list[dict[str, list[int]]]) -> float:
-    """Validation perplexity computed by `report.torch_perplexity` itself, so ONNX and PyTorch rows
-    share one definition (batching, label masking, NLL): the session is adapted to `model(...).logits`."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from fastserve_cli.optimize.report import torch_perplexity
-
-    def forward(input_ids: "torch.Tensor", attention_mask: "torch.Tensor") -> SimpleNamespace:
-        mask = attention_mask.numpy()
-        logits, _ = session.step(input_ids.numpy(), mask, position_ids_from_mask(mask))
-        return SimpleNamespace(logits=torch.from_numpy(logits))
-
-    return torch_perplexity(forward, blocks)
-
-
-def decode_ms_per_token(session: OnnxCausalLM, prompt: np.ndarray, new_tokens: int, repeats: int = 3,
-                        warmup: bool = True) -> float:
-    """Best mean ms per greedy decode step after the prefill (one warm-up run, then `repeats` timed ones).
-
-    `prompt` is [batch, len] with no padding; `fastserve_cli.optimize.report` measures PyTorch the same way at batch 1.
-    """
-    batch, length = prompt.shape
-    steps = max(1, new_tokens - 1)
-    best = float("inf")
-    for run in range(0 if warmup else 1, repeats + 1):
-        mask = np.ones_like(prompt)
-        logits, past = session.step(prompt, mask, position_ids_from_mask(mask))
-        token = logits[:, -1].argmax(-1)[:, None]
-        start = time.perf_counter()
-        for i in range(steps):
-            mask = np.ones((batch, length + i + 1), np.int64)
-            logits, past = session.step(token, mask, np.full((batch, 1), length + i, np.int64), past)
-            token = logits[:, -1].argmax(-1)[:, None]
-        if run:
-            best = min(best, (time.perf_counter() - start) / steps)
-    return best * 1000.0
-
-
-def greedy_agreement(reference: OnnxCausalLM, candidate: OnnxCausalLM, vocab_size: int, steps: int,
-                     seed: int = 0) -> dict[str, float]:
-    """How far a quantized graph drifts from fp32: max |Δlogits| and the share of matching greedy tokens."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab_size, size=(1, 16), dtype=np.int64)
-    mask = np.ones_like(ids)
-    ref_tokens, ref_logits = reference.generate_greedy(ids, mask, steps)
-    got_tokens, got_logits = candidate.generate_greedy(ids, mask, steps)
-    diff = float(np.abs(ref_logits[0] - got_logits[0]).max())  # first step: same inputs for both
-    same = ref_tokens[0] == got_tokens[0]
-    first_mismatch = int(np.argmin(same)) if not same.all() else steps
-    return {"first_step_max_abs_diff": diff, "matching_prefix_tokens": first_mismatch, "steps": steps}

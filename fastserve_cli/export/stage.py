@@ -45,22 +45,33 @@ def check_writable(run: RunDir) -> None:
         raise UserError(f"{run.onnx_dir}: output directory is not writable; fix its permissions or choose another run_dir")
 
 
+# model_type -> onnxruntime transformer-optimizer type. Architectures onnxruntime has no type for (llama,
+# mistral, qwen2) get its generic decoder fusions (SimplifiedLayerNorm/SkipLayerNorm, GELU, bias adds), which
+# it implements in the gpt2 optimizer; the fused graph passes the same parity check either way.
+ORT_OPTIMIZER_TYPES = {"gpt2": "gpt2", "qwen3": "qwen3"}
+GENERIC_DECODER_TYPE = "gpt2"
+
+
 def optimize_graph(src: Path, dst: Path, model) -> dict[str, int]:
-    """onnxruntime's transformer optimizer (fusions only, portable across machines); returns fused op counts."""
+    """onnxruntime's transformer optimizer (fusions only, portable across machines); returns fused op counts.
+
+    Heads and width are the attention's as exported: a head-pruned GPT-2 keeps `n_head` in its config but
+    has fewer heads in the graph (kv_shape reads them off a forward)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from fastserve_cli.models.onnx import kv_shape, save_model
+    from fastserve_cli.export.onnx_graph import kv_shape, save_model
 
-    _, _, head_dim = kv_shape(model)
-    heads = model.config.num_attention_heads
-    optimized = optimize_model(str(src), model_type="gpt2", num_heads=heads, hidden_size=heads * head_dim, opt_level=0)
+    model_type = ORT_OPTIMIZER_TYPES.get(model.config.model_type, GENERIC_DECODER_TYPE)
+    _, kv_heads, head_dim = kv_shape(model)
+    heads = kv_heads if model.config.model_type == "gpt2" else model.config.num_attention_heads
+    optimized = optimize_model(str(src), model_type=model_type, num_heads=heads, hidden_size=heads * head_dim, opt_level=0)
     save_model(optimized.model, dst)
     return {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
 
 
 def build_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path):
     """Export the fp32 (or fp16) graph and check its parity; returns (parity, the PyTorch model)."""
-    from fastserve_cli.models.onnx import export_onnx, load_for_export
+    from fastserve_cli.export.onnx_graph import export_onnx, load_for_export
 
     model = load_for_export(model_dir, cfg.fp16)
     parity = export_onnx(model_dir, out_dir, opset=cfg.opset, fp16=cfg.fp16, parity_atol=cfg.parity_atol,
@@ -71,7 +82,8 @@ def build_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path):
 
 def optimize_and_check(cfg: ExportConfig, model, out_dir: Path, unoptimized: dict[str, Any]) -> dict[str, Any]:
     """Fuse model.onnx in place and check the fused graph's parity the same way as the plain one."""
-    from fastserve_cli.models.onnx import MODEL_FILE, OnnxCausalLM, check_parity
+    from fastserve_cli.export.onnx_graph import check_parity
+    from fastserve_cli.models.onnx import MODEL_FILE, OnnxCausalLM
 
     fused = optimize_graph(out_dir / MODEL_FILE, out_dir / MODEL_FILE, model)
     parity = check_parity(model, OnnxCausalLM(out_dir), steps=cfg.parity_steps, atol=cfg.parity_atol)
@@ -84,27 +96,44 @@ def optimize_and_check(cfg: ExportConfig, model, out_dir: Path, unoptimized: dic
 
 def measure_row(run: RunDir, recipe: Recipe, name: str, path: Path, parameters: int,
                 details: dict[str, Any]) -> dict[str, Any]:
-    """A report row for one graph, measured the way `fastserve_cli.optimize.report` measures PyTorch variants."""
+    """A report row for one graph (perplexity and size; latency is timed for all graphs together)."""
+    from fastserve_cli.core.report import make_row
+    from fastserve_cli.models.measure import onnx_perplexity, validation_blocks
     from fastserve_cli.models.onnx import OnnxCausalLM, onnx_size_bytes
-    from fastserve_cli.export.onnx_quant import decode_ms_per_token, perplexity
-    from fastserve_cli.optimize.report import latency_prompt, make_row, validation_blocks
 
-    session = OnnxCausalLM(path)
-    ppl = perplexity(session, validation_blocks(run, recipe))
+    ppl = onnx_perplexity(OnnxCausalLM(path), validation_blocks(run, recipe))
     if not np.isfinite(ppl):
         raise UserError(f"{path.name}: validation perplexity is not finite, the graph is broken; drop it from export.quantize")
-    prompt = np.array([latency_prompt(run, recipe)], np.int64)
-    ms = decode_ms_per_token(session, prompt, recipe.optimize.latency_new_tokens, recipe.optimize.latency_repeats)
     method = "onnx_export" if name == "onnx_fp32" else name
     return make_row(name, method, "onnx", run.rel(run.onnx_dir / path.name), parameters, onnx_size_bytes(path),
-                    ppl, ms, details)
+                    ppl, None, details)
+
+
+def time_rows(run: RunDir, recipe: Recipe, out: Path, rows: list[dict[str, Any]]) -> None:
+    """Decode latency of every graph, timed in interleaved rounds with the trained PyTorch model (the
+    report's baseline), so each row's speedup compares figures taken under the same load."""
+    from fastserve_cli.models.measure import interleaved_decode_ms, latency_workload
+    from fastserve_cli.models.onnx import OnnxCausalLM
+    from fastserve_cli.models.loader import load_causal_lm
+
+    models: dict[str, Any] = {row["name"]: OnnxCausalLM(out / Path(row["path"]).name) for row in rows}
+    if (run.model_dir / "config.json").is_file():
+        models["baseline"] = load_causal_lm(run.model_dir)
+    opt = recipe.optimize
+    prompt, new_tokens = latency_workload(run, recipe)
+    timings = interleaved_decode_ms(models, prompt, new_tokens, opt.latency_repeats)
+    for row in rows:
+        row["decode_ms_per_token"] = timings[row["name"]]
+        row["tokens_per_s"] = 1000.0 / timings[row["name"]]
+        if "baseline" in timings:
+            row["details"]["baseline_decode_ms"] = timings["baseline"]
 
 
 def quantize_variants(cfg: ExportConfig, run: RunDir, out: Path, vocab_size: int) -> dict[str, dict]:
     """Write one quantized graph per export.quantize from the plain fp32 graph; returns their drift checks."""
     from fastserve_cli.models.onnx import MODEL_FILE, OnnxCausalLM
-    from fastserve_cli.export.onnx_quant import VARIANT_FILES, greedy_agreement, quantize
-    from fastserve_cli.optimize.report import calibration_blocks
+    from fastserve_cli.export.onnx_quant import VARIANT_FILES, quantize
+    from fastserve_cli.models.measure import calibration_blocks, greedy_agreement
 
     calibration = [b["input_ids"] for b in calibration_blocks(run, cfg.calibration_blocks)]
     reference = OnnxCausalLM(out / MODEL_FILE)
@@ -125,26 +154,42 @@ def measure_rows(recipe: Recipe, run: RunDir, out: Path, model, checks: dict[str
     rows = [measure_row(run, recipe, "onnx_fp32", out / MODEL_FILE, parameters, {"optimized": optimized})]
     for name, drift in checks.items():
         rows.append(measure_row(run, recipe, f"onnx_{name}", out / VARIANT_FILES[name], parameters, {"drift_vs_fp32": drift}))
+    time_rows(run, recipe, out, rows)
     return rows
 
 
 def record_rows(recipe: Recipe, run: RunDir, rows: list[dict]) -> list[str]:
     """Put this export's rows in the optimize report and drop ONNX rows of graphs it no longer has.
 
-    Returns the gate failures of these rows (ratios and gates are computed by `report.add_rows`).
+    Returns the gate failures of these rows (ratios and gates are computed by `core.report.add_rows`).
     """
+    from fastserve_cli.core.report import add_rows, load_report
     from fastserve_cli.export.onnx_quant import VARIANT_FILES
-    from fastserve_cli.optimize.report import add_rows, load_report
+    from fastserve_cli.models.measure import ensure_baseline, measurement_key
 
     stale = {f"onnx_{n}" for n in ("fp32", *VARIANT_FILES)} - {r["name"] for r in rows}
     existing = {r["name"] for r in (load_report(run) or {}).get("rows", [])}
     if not rows and not stale & existing:
         return []
-    return add_rows(run, recipe, rows, drop=stale & existing)
+    ensure_baseline(run, recipe)
+    return add_rows(run, recipe, measurement_key(run, recipe), rows, drop=stale & existing)
+
+
+def track_parity(recipe: Recipe, run: RunDir, metrics: dict[str, Any], parity: dict[str, Any]) -> None:
+    """The export's metrics and parity.json to the recipe's trackers (train.report_to)."""
+    from fastserve_cli.core.tracking import Trackers
+
+    trackers = Trackers(recipe.train.report_to, recipe.name, "export", run.root)
+    try:
+        trackers.log(metrics)
+        trackers.log_json("parity", parity)
+    finally:
+        trackers.finish()
 
 
 def run_export(recipe: Recipe, run: RunDir) -> StageResult:
-    from fastserve_cli.models.onnx import MODEL_FILE, onnx_size_bytes, parity_failure_message, read_model_config
+    from fastserve_cli.export.onnx_graph import parity_failure_message, read_model_config
+    from fastserve_cli.models.onnx import MODEL_FILE, onnx_size_bytes
 
     cfg = recipe.export
     model_dir = source_dir(recipe, run)
@@ -175,6 +220,7 @@ def run_export(recipe: Recipe, run: RunDir) -> StageResult:
         metrics[f"{row['name']}_size_bytes"] = row["size_bytes"]
         metrics[f"{row['name']}_perplexity"] = row["perplexity"]
         metrics[f"{row['name']}_decode_ms_per_token"] = row["decode_ms_per_token"]
+    track_parity(recipe, run, metrics, parity)
     if failures:  # onnx/ stays (its fp32 graph is verified); the stage fails on the broken gates
         raise UserError(f"export: {len(failures)} gate(s) broken: {'; '.join(failures)}")
     return StageResult(outputs=[*outputs, run.rel(run.report_path)] if rows else outputs, metrics=metrics)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastserve_cli.core.errors import UserError
+from fastserve_cli.models.head_pruned import apply_pruned_heads
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -46,7 +47,7 @@ def _module_base():
     return nn.Module
 
 
-class _QuantLinear(_module_base()):
+class QuantLinear(_module_base()):
     """Common part of the quantized linears: shapes, bias, and the tensors they are saved as."""
 
     def __init__(self, in_features: int, out_features: int, bias: "torch.Tensor | None"):
@@ -61,7 +62,7 @@ class _QuantLinear(_module_base()):
         raise NotImplementedError
 
 
-class DynamicInt8Linear(_QuantLinear):
+class DynamicInt8Linear(QuantLinear):
     """int8 per-channel weights, activations quantized on the fly (fbgemm), fp32 in and out."""
 
     def __init__(self, weight: "torch.Tensor", scale: "torch.Tensor", bias: "torch.Tensor | None"):
@@ -86,7 +87,7 @@ class DynamicInt8Linear(_QuantLinear):
         return {"weight": self.weight, "weight_scale": self.weight_scale}
 
 
-class WeightOnlyInt8Linear(_QuantLinear):
+class WeightOnlyInt8Linear(QuantLinear):
     """int8 per-channel weights; the matmul runs in bf16 without quantizing activations."""
 
     def __init__(self, weight: "torch.Tensor", scale: "torch.Tensor", bias: "torch.Tensor | None"):
@@ -109,7 +110,7 @@ class WeightOnlyInt8Linear(_QuantLinear):
         return {"weight": self.weight, "weight_scale": self.weight_scale}
 
 
-class WeightOnlyInt4Linear(_QuantLinear):
+class WeightOnlyInt4Linear(QuantLinear):
     """4-bit grouped weights (asymmetric), bf16 matmul through the CPU int4 kernel."""
 
     def __init__(self, packed: "torch.Tensor", scale: "torch.Tensor", zero: "torch.Tensor",
@@ -194,7 +195,7 @@ def linear_modules(model: "nn.Module") -> dict[str, "nn.Module"]:
     return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
 
 
-def quantize_module(module: "nn.Module", scheme: str, group_size: int = 128) -> _QuantLinear | None:
+def quantize_module(module: "nn.Module", scheme: str, group_size: int = 128) -> QuantLinear | None:
     """The quantized replacement of one linear layer, or None when the scheme cannot take its shape."""
     weight = as_linear_weight(module)
     bias = None if module.bias is None else module.bias.detach().float().clone()
@@ -288,7 +289,7 @@ def _owned(tensor: "torch.Tensor | None") -> "torch.Tensor | None":
     return None if tensor is None else tensor.contiguous().clone()
 
 
-def _build_module(scheme: str, tensors: dict[str, "torch.Tensor"], name: str) -> _QuantLinear:
+def _build_module(scheme: str, tensors: dict[str, "torch.Tensor"], name: str) -> QuantLinear:
     bias = _owned(tensors.pop(f"{name}.bias", None))
     weight, scale = _owned(tensors.pop(f"{name}.weight")), _owned(tensors.pop(f"{name}.weight_scale"))
     if scheme == "dynamic_int8":
@@ -300,7 +301,7 @@ def _build_module(scheme: str, tensors: dict[str, "torch.Tensor"], name: str) ->
     return WeightOnlyInt4Linear(weight, scale, zero, bias, (weight.shape[1] * 2) // scale.shape[1])
 
 
-def _load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Module":
+def load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Module":
     import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -313,8 +314,6 @@ def _load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Mod
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    from fastserve_cli.optimize.pruning import apply_pruned_heads
-
     model = apply_pruned_heads(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
     tensors = load_file(str(path / WEIGHT_FILE))
     for name in section["modules"]:
@@ -323,29 +322,3 @@ def _load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Mod
     if unexpected or [k for k in missing if k.rsplit(".", 1)[0] not in set(section["modules"])]:
         raise UserError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]}); re-run `fastserve optimize`")
     return model.eval()
-
-
-def load_causal_lm(path: str | Path, device: str = "cpu", dtype: "torch.dtype | None" = None) -> "nn.Module":
-    """Load a plain HF model directory or an optimize variant (quantized or pruned), in eval mode.
-
-    Quantized variants come back with their int8/int4 modules in place (CPU only, `dtype` ignored:
-    they compute in fp32/bf16 internally); everything else goes through `from_pretrained`. The result
-    supports the usual forward with `past_key_values` and `generate()`.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: not a model directory (no config.json); pass run/model or run/optimized/<variant>")
-    section = read_quantization_config(path)
-    if section is not None:
-        return _load_quantized(path, section, device)
-    from fastserve_cli.optimize.pruning import HEADS_KEY
-
-    if json.loads((path / "config.json").read_text(encoding="utf-8")).get(HEADS_KEY):
-        from fastserve_cli.optimize.pruning import load_head_pruned
-
-        return load_head_pruned(path, dtype or torch.float32).to(device).eval()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False)
-    return model.to(device).eval()

@@ -5,7 +5,7 @@ transformers config can describe the result: Llama gets `num_attention_heads` / 
 `intermediate_size` (with `head_dim` pinned) and round-trips through plain `from_pretrained`. GPT-2's
 attention in transformers 5 derives its width from `n_embd / n_head` and lost `prune_heads`, so a
 head-pruned GPT-2 keeps `n_head` (it fixes head_dim) and records the kept count in
-`fastserve_attention_heads`; `quantization.load_causal_lm` re-shapes the attention before loading the
+`fastserve_attention_heads`; `models.loader.load_causal_lm` re-shapes the attention before loading the
 weights (plain `from_pretrained` refuses the checkpoint on the shape mismatch instead of loading garbage).
 MLP-only pruning of GPT-2 just sets `n_inner`, a plain transformers config.
 
@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from fastserve_cli.core.errors import UserError
+from fastserve_cli.models.head_pruned import HEADS_KEY, is_conv1d, apply_pruned_heads
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
-
-HEADS_KEY = "fastserve_attention_heads"
 
 
 # ------------------------------------------------------------------ unstructured magnitude
@@ -135,12 +133,6 @@ def shape_of(model: "nn.Module") -> Shape:
 # ------------------------------------------------------------------ slicing modules
 
 
-def _is_conv1d(module: "nn.Module") -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
-
-
 def keep_outputs(module: "nn.Module", index: "torch.Tensor") -> "nn.Module":
     """A copy of a Linear/Conv1D that keeps only the output features in `index`."""
     import torch
@@ -148,7 +140,7 @@ def keep_outputs(module: "nn.Module", index: "torch.Tensor") -> "nn.Module":
     from transformers.pytorch_utils import Conv1D
 
     with torch.no_grad():
-        if _is_conv1d(module):
+        if is_conv1d(module):
             new = Conv1D(len(index), module.weight.shape[0])
             new.weight.copy_(module.weight[:, index])
         else:
@@ -166,7 +158,7 @@ def keep_inputs(module: "nn.Module", index: "torch.Tensor") -> "nn.Module":
     from transformers.pytorch_utils import Conv1D
 
     with torch.no_grad():
-        if _is_conv1d(module):
+        if is_conv1d(module):
             new = Conv1D(module.weight.shape[1], len(index))
             new.weight.copy_(module.weight[index])
         else:
@@ -179,7 +171,7 @@ def keep_inputs(module: "nn.Module", index: "torch.Tensor") -> "nn.Module":
 
 def _out_weight(module: "nn.Module") -> "torch.Tensor":
     """[out, in] view of a Linear/Conv1D weight."""
-    return module.weight.t() if _is_conv1d(module) else module.weight
+    return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def _head_features(heads: Iterable[int], head_dim: int, offset: int = 0) -> list[int]:
@@ -368,43 +360,3 @@ def _update_config(model: "nn.Module", heads: int, kv_heads: int, head_dim: int,
         layer.self_attn.num_key_value_groups = heads // kv_heads
         if hasattr(layer.self_attn, "num_heads"):
             layer.self_attn.num_heads = heads
-
-
-def apply_pruned_heads(model: "nn.Module") -> "nn.Module":
-    """Make GPT-2 attention modules match `fastserve_attention_heads` (shapes only; weights load after).
-
-    Needed because transformers 5's GPT2Attention sizes itself from n_embd; a no-op for other models.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    heads = getattr(model.config, HEADS_KEY, None)
-    if model.config.model_type != "gpt2" or not heads:
-        return model
-    head_dim = model.config.n_embd // model.config.n_head
-    width = heads * head_dim
-    for layer in model.transformer.h:
-        attn = layer.attn
-        if attn.c_attn.weight.shape[1] != 3 * width and _is_conv1d(attn.c_attn):
-            attn.c_attn = Conv1D(3 * width, model.config.n_embd)
-        if _is_conv1d(attn.c_proj) and attn.c_proj.weight.shape[0] != width:
-            attn.c_proj = Conv1D(model.config.n_embd, width)
-        attn.num_heads = heads
-        attn.split_size = width
-    return model
-
-
-def load_head_pruned(path: Path, dtype: "torch.dtype") -> "nn.Module":
-    """Load a GPT-2 directory whose config records pruned heads (plain from_pretrained cannot)."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    model = apply_pruned_heads(AutoModelForCausalLM.from_config(config))
-    state = load_file(str(Path(path) / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise UserError(f"{path}: weights do not match the pruned config (missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]}); re-run `fastserve optimize`")
-    model.tie_weights()
-    return model.to(dtype)

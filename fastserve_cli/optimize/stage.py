@@ -2,7 +2,7 @@
 
 Each variant is built from `model/` into `optimized/<name>/` (a staged directory, so a crash leaves the
 previous complete variant or nothing), then measured by loading it back with `load_causal_lm` exactly as
-`fastserve serve` will. The rows go through `report.add_rows`, which applies the recipe's gates; a broken
+`fastserve serve` will. The rows go through `core.report.add_rows`, which applies the recipe's gates; a broken
 gate fails the stage after the report is written.
 """
 
@@ -29,14 +29,17 @@ def run_optimize(recipe: Recipe, run: RunDir) -> StageResult:
 
     With no variants the report holds the baseline row alone (the quickstart's `fastserve run` path).
     """
-    from fastserve_cli.optimize.report import BASELINE, GateFailure, add_rows, current_report
+    from fastserve_cli.core.report import BASELINE, GateFailure, add_rows, current_report
+    from fastserve_cli.models.measure import measurement_key
 
     check_inputs(recipe, run)
     with quiet_loading():
         base, rows = measure_all(recipe, run)
     wanted = {v.name for v in recipe.optimize.variants} | {BASELINE}
-    stale = {r["name"] for r in current_report(run, recipe)["rows"] if r["backend"] == "torch" and r["name"] not in wanted}
-    failures = add_rows(run, recipe, [base, *rows], drop=stale)
+    key = measurement_key(run, recipe)
+    stale = {r["name"] for r in current_report(run, recipe, key)["rows"] if r["backend"] == "torch" and r["name"] not in wanted}
+    failures = add_rows(run, recipe, key, [base, *rows], drop=stale)
+    track_report(recipe, run)
     if failures:
         raise GateFailure(f"{len(failures)} gate(s) failed: " + "; ".join(failures) + f" (report: {run.report_path})")
     return StageResult(
@@ -47,7 +50,7 @@ def run_optimize(recipe: Recipe, run: RunDir) -> StageResult:
 
 def measure_all(recipe: Recipe, run: RunDir) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The baseline row and one row per variant (built here), with latencies timed together at the end."""
-    from fastserve_cli.optimize.report import ensure_baseline, measure_torch_row, remeasure_latency
+    from fastserve_cli.models.measure import ensure_baseline, measure_torch_row, remeasure_latency
 
     base = ensure_baseline(run, recipe, latency=False)
     rows = []
@@ -57,6 +60,24 @@ def measure_all(recipe: Recipe, run: RunDir) -> tuple[dict[str, Any], list[dict[
                                       details=details, latency=False))
     remeasure_latency(run, recipe, [base, *rows])
     return base, rows
+
+
+def track_report(recipe: Recipe, run: RunDir) -> None:
+    """The report's rows as run metrics (`<variant>.<metric>`) and the report itself as an artifact."""
+    from fastserve_cli.core.report import load_report
+    from fastserve_cli.core.tracking import Trackers
+
+    report = load_report(run)
+    trackers = Trackers(recipe.train.report_to, recipe.name, "optimize", run.root)
+    try:
+        for row in (report or {}).get("rows", []):
+            values = {k: row.get(k) for k in ("perplexity", "tokens_per_s", "size_bytes", "parameters")}
+            values.update({f"ratio_{k}": v for k, v in row.get("ratios", {}).items()})
+            trackers.log({f"{row['name']}.{k}": v for k, v in values.items()})
+        if report is not None:
+            trackers.log_json("optimize_report", report)
+    finally:
+        trackers.finish()
 
 
 @contextlib.contextmanager
@@ -122,7 +143,7 @@ def check_structured(variant: VariantConfig, config: Any) -> None:
 def build_variant(recipe: Recipe, run: RunDir, variant: VariantConfig) -> dict[str, Any]:
     """Write optimized/<name>/ for one variant (from the trained model or its `source` variant); returns
     the details for its report row."""
-    from fastserve_cli.models.quantized import load_causal_lm
+    from fastserve_cli.models.loader import load_causal_lm
 
     src = run.variant_dir(variant.source) if variant.source else run.model_dir
     model = load_causal_lm(src)
@@ -193,7 +214,7 @@ def calibration_batches(run: RunDir, count: int) -> list[dict[str, "torch.Tensor
     """Validation blocks as single-row batches with labels (for activation/gradient importance)."""
     import torch
 
-    from fastserve_cli.optimize.report import calibration_blocks
+    from fastserve_cli.models.measure import calibration_blocks
 
     return [{k: torch.tensor([v]) for k, v in block.items()} for block in calibration_blocks(run, count)]
 
@@ -211,7 +232,7 @@ def recover(recipe: Recipe, run: RunDir, model: "nn.Module", steps: int,
 
     from fastserve_cli.core.batches import BatchStream, load_splits
     from fastserve_cli.optimize.pruning import prunable_linears
-    from fastserve_cli.train.stage import make_optimizer, make_scheduler
+    from fastserve_cli.models.optim import make_optimizer, make_scheduler
 
     cfg = recipe.train.model_copy(update={"max_steps": steps, "warmup_steps": min(recipe.train.warmup_steps, steps // 10)})
     train_split, _ = load_splits(run.data_dir)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fastserve_cli.core.errors import UserError
+from fastserve_cli.models.compat import cache_kwargs, output_cache
 from fastserve_cli.serve.request import Request
 
 IN_PACK = "in-pack"  # req.kv marker: this request's KV is a row of the backend's PackedBatch
@@ -407,8 +408,8 @@ class TorchBackend(Backend):
         cache = _growable_cache(buffers=[(k[:n, :, pack.start:], v[:n, :, pack.start:])
                                          for k, v in zip(pack.kbufs, pack.vbufs)], length=pack.end - pack.start)
         with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                             logits_to_keep=1)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **cache_kwargs(self.model, cache))
         pack.end += 1
         pack.refresh()
         return out.logits[:, -1, :].float()
@@ -419,8 +420,8 @@ class TorchBackend(Backend):
 
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=_growable_cache(past), use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float(), [(layer.keys, layer.values) for layer in out.cache.layers]
+                             use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, _growable_cache(past)))
+        return out.logits[:, -1, :].float(), [(layer.keys, layer.values) for layer in output_cache(out).layers]
 
 
 def _headroom(length: int) -> int:
@@ -491,16 +492,9 @@ def _growable_layer_class():
 
 
 def _load_torch_model(model_dir: Path, device: str):
-    try:
-        from fastserve_cli.models.quantized import load_causal_lm
-    except ImportError:  # the optimize stage is not in this checkout
-        load_causal_lm = None
-    if load_causal_lm is not None:
-        return load_causal_lm(model_dir, device=device)
-    import torch
-    from transformers import AutoModelForCausalLM
+    from fastserve_cli.models.loader import load_causal_lm
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    return load_causal_lm(model_dir, device=device)
 
 
 class OnnxBackend(Backend):

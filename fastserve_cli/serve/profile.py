@@ -71,12 +71,9 @@ class PrefillProfile:
 
 def machine_key() -> dict[str, Any]:
     """What makes timings from another machine or thread count invalid here."""
-    try:
-        import torch
+    import torch
 
-        threads = torch.get_num_threads()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        threads = None
+    threads = torch.get_num_threads()
     return {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "torch_threads": threads, "node": platform.node()}
 
