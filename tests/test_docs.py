@@ -49,5 +49,5 @@ def test_recipe_reference_lists_every_field_with_its_default():
     keys = all_keys(Recipe)
     for key in keys:
         assert f"| `{key}` |" in page or f"## `{key}`" in page, key  # a top-level section is a heading
-    assert "`\"skip-join-mlfq\"`" in page  # a default, rendered as JSON
+    assert '`"skip-join-mlfq"`' in page  # a default, rendered as JSON
     assert "**required**" in page  # VariantConfig.name has no default

@@ -13,8 +13,11 @@ def on_nav(nav, config, files):  # MkDocs hook
 
     listed = {page.file.src_uri for page in nav.pages}
     extra = sorted(
-        (f.page for f in files.documentation_pages() if f.page is not None and f.src_uri not in listed
-         and f.inclusion.is_in_nav()),
+        (
+            f.page
+            for f in files.documentation_pages()
+            if f.page is not None and f.src_uri not in listed and f.inclusion.is_in_nav()
+        ),
         key=lambda page: page.file.src_uri,
     )
     if not extra:
