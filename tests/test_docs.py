@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import typing
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -27,10 +28,9 @@ def all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         keys.append(key)
-        sub = generator._model_in(field.annotation)
-        if sub is not None:
-            is_list = "list[" in str(field.annotation)
-            keys.extend(all_keys(sub, f"{key}[]." if is_list else f"{key}."))
+        for sub in generator._models_in(field.annotation):
+            many = typing.get_origin(field.annotation) in (list, dict)
+            keys.extend(all_keys(sub, f"{key}[]." if many else f"{key}."))
     return keys
 
 
