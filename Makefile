@@ -2,12 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= cpu,deepspeed,tracking,dev
+EXTRAS ?= cpu,deepspeed,tracking,dev,docs
 # Bounded torch so pip takes the local CPU wheel instead of a multi-GB CUDA build.
 TORCH_SPEC ?= torch>=2.6,<2.14
 STAMP := $(VENV)/.installed-$(shell echo "$(EXTRAS) $(TORCH_SPEC)" | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast docs bench clean
 
 setup: $(STAMP)
 
@@ -22,11 +22,16 @@ $(STAMP): pyproject.toml
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/fastserve run recipes/quickstart.yaml
 
-test: setup
+test: setup docs
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
+# The docs site under docs/ (site/ is the output); --strict turns broken links and missing pages into errors.
+# The recipe reference page is generated from the pydantic schema during the build (docs/hooks/recipe_reference.py).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site
