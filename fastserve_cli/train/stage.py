@@ -595,6 +595,7 @@ class Trainer:
     # -- final model -------------------------------------------------------------
     def save_model(self) -> None:
         """save_pretrained (safetensors) + tokenizer + generation config into model/, atomically."""
+        from fastserve_cli.models.eos import generation_eos
         from fastserve_cli.models.modeling import merge_lora, special_token_ids
 
         state_dict = self.accelerator.get_state_dict(self.model) if self.deepspeed else None
@@ -602,8 +603,11 @@ class Trainer:
             model = merge_lora(self.raw_model if not self.deepspeed else self.accelerator.unwrap_model(self.model))
             if state_dict is not None and self.cfg.lora is None:
                 model.load_state_dict(state_dict, strict=False)
+            known_eos = model.generation_config.eos_token_id  # a pretrained model's own list is kept
             for key, value in special_token_ids(self.tokenizer).items():
                 setattr(model.generation_config, key, value)
+            # Every token that ends a reply (EOS + the chat template's end of turn), so generate() stops.
+            model.generation_config.eos_token_id = generation_eos(self.tokenizer, known_eos)
             with staged_dir(self.run.model_dir) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
@@ -708,8 +712,12 @@ def write_samples(model, tokenizer, prompts: list[str], new_tokens: int, out: Pa
     """Greedy continuations of a few prompts, so a person can see what the model learned."""
     import torch
 
+    from fastserve_cli.models.eos import stop_token_ids
+
     if not prompts:
         return
+    # The serve engine's rule: stop at any token that ends a reply.
+    stop_ids = sorted(stop_token_ids(model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer=tokenizer))
     was_training = model.training
     model.eval()
     context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1 << 30)
@@ -721,7 +729,7 @@ def write_samples(model, tokenizer, prompts: list[str], new_tokens: int, out: Pa
             if budget < 1:
                 continue
             out_ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids)
             parts.append(f"### prompt: {prompt!r}\n{tokenizer.decode(out_ids[0], skip_special_tokens=False)}\n")
     model.train(was_training)
     atomic_write_text(out, "\n".join(parts))
