@@ -52,7 +52,10 @@ def chat_prompt(question: str) -> str:
 def chat_run(tmp_path_factory, tiny_gpt2_dir):
     """preprocess + train once; every test of this module reads the same run directory."""
     root = tmp_path_factory.mktemp("chat")
-    recipe = chat_recipe(root, tiny_gpt2_dir, export={"parity_steps": 8})
+    optimize = {"variants": [{"name": "int8", "method": "weight_only_int8"},
+                             {"name": "sparse", "method": "magnitude", "sparsity": 0.2}],
+                "eval_blocks": 2, "latency_prompt_tokens": 4, "latency_new_tokens": 4, "latency_repeats": 1}
+    recipe = chat_recipe(root, tiny_gpt2_dir, export={"parity_steps": 8}, optimize=optimize)
     run = prepare_run_dir(recipe)
     execute("preprocess", recipe, run)
     execute("train", recipe, run)
@@ -89,6 +92,18 @@ def test_generation_config_and_samples_list_end_of_turn(chat_run, tiny_gpt2_dir)
     assert run.stage("preprocess")["metrics"]["reply_end_tokens"] == ["<|endoftext|>", END]
     sample = run.samples_path.read_text()
     assert sample.rstrip().endswith(f"{QA[2][1]}{END}")  # stopped at end of turn, as the server does
+
+
+@pytest.mark.slow
+def test_optimize_variants_and_onnx_keep_the_list(chat_run):
+    recipe, run = chat_run
+    execute("optimize", recipe, run)
+    if not (run.onnx_dir / "model.onnx").is_file():
+        execute("export", recipe, run)
+    expected = json.loads((run.model_dir / "generation_config.json").read_text())["eos_token_id"]
+    for directory in (run.variant_dir("int8"), run.variant_dir("sparse"), run.onnx_dir):
+        assert json.loads((directory / "generation_config.json").read_text())["eos_token_id"] == expected
+        assert eos.model_dir_stop_ids(directory) == set(expected)
 
 
 @pytest.mark.slow
