@@ -197,6 +197,17 @@ def test_model_dirs_from_elsewhere_stop_at_every_listed_id(tiny_gpt2_dir, tmp_pa
     assert eos.model_dir_stop_ids(other) == {0, 7, 9}
 
 
+def test_onnx_side_files_derive_the_list_for_old_model_dirs(tiny_gpt2_dir, tmp_path):
+    from fastserve_cli.models.onnx import copy_side_files
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_gpt2_dir, old)
+    (old / "generation_config.json").unlink()  # a model directory saved without one
+    (tmp_path / "out").mkdir()
+    copy_side_files(old, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [0, 3]
+
+
 def test_sft_refuses_a_terminator_that_is_not_a_special_token(tmp_path):
     recipe = chat_recipe(tmp_path, None)
     recipe.tokenizer.extra_special_tokens = ["<|im_start|>"]  # <|im_end|> would be spelt out in pieces
