@@ -16,7 +16,7 @@ pytest.importorskip("mlflow")
 
 
 @pytest.fixture(scope="module")
-def tracked_run(preprocessed, corpus_root):
+def tracked_run(preprocessed, corpus_root):  # noqa: F811 (fixtures from test_train)
     recipe, run = fresh_run(preprocessed, corpus_root, "tracked", train={"report_to": ["tensorboard", "mlflow"]})
     execute("train", recipe, run)
     execute("optimize", recipe, run)

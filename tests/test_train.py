@@ -96,6 +96,8 @@ def test_train_writes_model_transformers_loads(preprocessed, corpus_root, archit
     assert model.config.vocab_size == len(tokenizer)
     assert tokenizer.chat_template and tokenizer.eos_token == "<|endoftext|>"
     assert (run.model_dir / "model.safetensors").is_file() and (run.model_dir / "generation_config.json").is_file()
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")  # a reply ends at EOS or at the end of turn
+    assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, end_of_turn]
     ids = tokenizer("def f(x):\n    return", return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -229,7 +231,7 @@ def pretrained_run(corpus_root, tiny_gpt2_dir) -> Path:
 def test_lora_finetune_merges_into_plain_model(pretrained_run, corpus_root, tiny_gpt2_dir):
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = corpus_root / "lora"
     shutil.copytree(pretrained_run, root / "run")
@@ -246,6 +248,8 @@ def test_lora_finetune_merges_into_plain_model(pretrained_run, corpus_root, tiny
     changed = [n for n, p in merged.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert any("c_attn" in n for n in changed)
     assert not any("wte" in n or "ln_" in n for n in changed)  # only LoRA-targeted matrices moved
+    tokenizer = AutoTokenizer.from_pretrained(run.model_dir)
+    assert merged.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
 def test_pretrained_bad_directories(preprocessed, corpus_root, tiny_gpt2_dir, tmp_path):

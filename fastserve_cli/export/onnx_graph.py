@@ -303,7 +303,13 @@ def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
     if not (out_dir / "generation_config.json").exists():  # older checkpoints: derive it from config.json
         from transformers import AutoConfig, GenerationConfig
 
-        GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(out_dir)
+        from fastserve_cli.models.eos import dir_tokenizer, generation_eos
+
+        generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir))
+        tokenizer = dir_tokenizer(Path(model_dir))
+        if tokenizer is not None and tokenizer.eos_token_id is not None:  # + the chat template's end of turn
+            generation.eos_token_id = generation_eos(tokenizer, generation.eos_token_id)
+        generation.save_pretrained(out_dir)
         copied.append("generation_config.json")
     return copied
 

@@ -367,6 +367,7 @@ def _preprocess(recipe: Recipe, run: RunDir, cfg: DataConfig, started: float, do
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fastserve_cli.core.console import err_console
+    from fastserve_cli.models.eos import check_chat_terminator, describe, reply_end_ids
 
     docs, info = load_documents(cfg, doc_cache)
     column = cfg.messages_column or cfg.text_column
@@ -376,6 +377,8 @@ def _preprocess(recipe: Recipe, run: RunDir, cfg: DataConfig, started: float, do
     tokenizer = build_tokenizer(recipe, train_docs, column, is_chat)
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise UserError("tokenizer: needs an eos_token and a pad_token")
+    if is_chat:
+        check_chat_terminator(tokenizer, trained=recipe.tokenizer.path is None)
     tokenize_start = time.perf_counter()
     progress = Progress(TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TextColumn("documents"),
                         TimeElapsedColumn(), console=err_console(), transient=True)
@@ -404,6 +407,7 @@ def _preprocess(recipe: Recipe, run: RunDir, cfg: DataConfig, started: float, do
         "block_size": cfg.block_size,
         "mode": cfg.mode,
         "vocab_size": len(tokenizer),
+        "reply_end_tokens": describe(tokenizer, reply_end_ids(tokenizer)),  # what train writes as eos_token_id
         "tokens_per_s": round(tokens / max(tokenize_s, 1e-9)),
         "total_s": round(time.perf_counter() - started, 2),
     }

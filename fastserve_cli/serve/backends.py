@@ -301,18 +301,10 @@ def _kv_geometry(config: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def _eos_ids(model_dir: Path, config: dict[str, Any]) -> set[int]:
-    ids: set[int] = set()
-    sources = [config]
-    gen = model_dir / "generation_config.json"
-    if gen.is_file():
-        sources.append(json.loads(gen.read_text(encoding="utf-8")))
-    for src in sources:
-        value = src.get("eos_token_id")
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(int(v) for v in value)
-    return ids
+    """Every token that ends a sequence (EOS ids of both configs + the chat template's end of turn)."""
+    from fastserve_cli.models.eos import model_dir_stop_ids
+
+    return model_dir_stop_ids(model_dir, config)
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:

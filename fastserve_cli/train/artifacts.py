@@ -39,8 +39,12 @@ def write_samples(model, tokenizer, prompts: list[str], new_tokens: int, out: Pa
     """Greedy continuations of a few prompts, so a person can see what the model learned."""
     import torch
 
+    from fastserve_cli.models.eos import stop_token_ids
+
     if not prompts:
         return
+    # The serve engine's rule: stop at any token that ends a reply.
+    stop_ids = sorted(stop_token_ids(model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer=tokenizer))
     was_training = model.training
     model.eval()
     context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1 << 30)
@@ -52,7 +56,7 @@ def write_samples(model, tokenizer, prompts: list[str], new_tokens: int, out: Pa
             if budget < 1:
                 continue
             out_ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids)
             parts.append(f"### prompt: {prompt!r}\n{tokenizer.decode(out_ids[0], skip_special_tokens=False)}\n")
     model.train(was_training)
     atomic_write_text(out, "\n".join(parts))

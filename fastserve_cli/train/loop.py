@@ -372,6 +372,7 @@ class Trainer:
     # -- final model -------------------------------------------------------------
     def save_model(self) -> None:
         """save_pretrained (safetensors) + tokenizer + generation config into model/, atomically."""
+        from fastserve_cli.models.eos import generation_eos
         from fastserve_cli.models.modeling import merge_lora, special_token_ids
 
         state_dict = self.accelerator.get_state_dict(self.model) if self.deepspeed else None
@@ -379,8 +380,11 @@ class Trainer:
             model = merge_lora(self.raw_model if not self.deepspeed else self.accelerator.unwrap_model(self.model))
             if state_dict is not None and self.cfg.lora is None:
                 model.load_state_dict(state_dict, strict=False)
+            known_eos = model.generation_config.eos_token_id  # a pretrained model's own list is kept
             for key, value in special_token_ids(self.tokenizer).items():
                 setattr(model.generation_config, key, value)
+            # Every token that ends a reply (EOS + the chat template's end of turn), so generate() stops.
+            model.generation_config.eos_token_id = generation_eos(self.tokenizer, known_eos)
             with staged_dir(self.run.model_dir) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
