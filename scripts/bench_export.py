@@ -23,18 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fastserve_cli.testing.models import GPT2_SMALL, TINY, gpt2_config, save_random_model
+
 
 def build_model(out: Path, tiny: bool, seed: int = 0) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    shape = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, bos_token_id=0, eos_token_id=0) if tiny else dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(GPT2Config(n_positions=1024, **shape))
-    model.save_pretrained(out)
-    return out
-
-
+    """Random weights, no tokenizer (prompts are random ids): tiny with a 512-id vocabulary, or GPT-2-small."""
+    config = gpt2_config(TINY, vocab_size=512, bos_token_id=0, eos_token_id=0) if tiny else gpt2_config(GPT2_SMALL)
+    return save_random_model(config, out, seed=seed)
 
 
 TORCH = "pytorch eager fp32"

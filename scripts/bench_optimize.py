@@ -8,7 +8,7 @@
 It runs the real stage (`fastserve_cli.core.pipeline.execute("optimize", ...)`) on a run directory built here:
 the model from a config (nothing is downloaded), validation blocks from the stdlib tokenized with a BPE
 trained on the spot. The report is the measurement: baseline and variants measured in the same process,
-same blocks, same prompt (definitions in fastserve_cli/report.py). Perplexity of a random-init model
+same blocks, same prompt (definitions in fastserve_cli/core/report.py). Perplexity of a random-init model
 means little (all variants sit near the vocabulary size); `--run` measures a trained model as well.
 Targets (issue #4): dynamic int8 >= 1.8x decode tokens/s at batch 1 and <= 0.3x linear weight bytes;
 structured pruning of 30% heads + neurons >= 1.3x; int8 perplexity +<= 3% on a trained model.
@@ -23,6 +23,10 @@ import platform
 import shutil
 import sys
 from pathlib import Path
+
+from fastserve_cli.testing.corpus import stdlib_sources
+from fastserve_cli.testing.models import GPT2_SMALL, TINY, gpt2_config, save_random_model, train_tokenizer
+from fastserve_cli.testing.runs import pack_blocks, save_blocks
 
 VARIANTS = [
     {"name": "int8", "method": "dynamic_int8"},
@@ -45,56 +49,14 @@ def build_run(root: Path, tiny: bool, source_run: Path | None, blocks: int) -> P
         os.symlink(source_run.resolve() / "model", run.model_dir)
         os.symlink(source_run.resolve() / "data", run.data_dir)
     else:
-        tokenizer_dir = root / "tokenizer"
-        train_tokenizer(tokenizer_dir)
-        build_model(run.model_dir, tokenizer_dir, tiny)
-        write_validation(tokenizer_dir, run.data_dir, blocks)
+        texts = stdlib_sources()
+        tokenizer = train_tokenizer(texts[::2], vocab_size=8192)
+        save_random_model(gpt2_config(TINY if tiny else GPT2_SMALL, tokenizer), run.model_dir, tokenizer)
+        validation = pack_blocks(tokenizer, texts[1::2], 256, limit=blocks)  # files the tokenizer was not trained on
+        save_blocks(validation, validation, run.data_dir)
     run.update_stage("preprocess", status="done", run_id="bench")
     run.update_stage("train", status="done", run_id="bench")
     return run.root
-
-
-def train_tokenizer(out: Path) -> None:
-    from fastserve_cli.core.tokenizer import train_bpe
-
-    tokenizer = train_bpe(stdlib_texts()[::2], vocab_size=8192, min_frequency=2, eos_token="<|endoftext|>",
-                          pad_token="<|pad|>", extra_special_tokens=[])
-    tokenizer.save_pretrained(out)
-
-
-def stdlib_texts() -> list[str]:
-    import sysconfig
-
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
-
-
-def build_model(out: Path, tokenizer_dir: Path, tiny: bool) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    shape = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tokenizer)) if tiny else dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(GPT2Config(n_positions=1024, eos_token_id=tokenizer.eos_token_id,
-                                                        bos_token_id=tokenizer.eos_token_id, **shape))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
-def write_validation(tokenizer_dir: Path, out: Path, blocks: int, block_size: int = 256) -> None:
-    from datasets import Dataset, DatasetDict
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids: list[int] = []
-    for text in stdlib_texts()[1::2]:  # files the tokenizer was not trained on
-        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-        if len(ids) > (blocks + 1) * block_size:
-            break
-    rows = [ids[i:i + block_size] for i in range(0, blocks * block_size, block_size)]
-    split = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * block_size] * len(rows), "labels": rows})
-    DatasetDict({"train": split, "validation": split}).save_to_disk(str(out))
 
 
 def run_report(root: Path, name: str, args: argparse.Namespace) -> dict:

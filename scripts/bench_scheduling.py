@@ -27,18 +27,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
-import sysconfig
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from subprocess import Popen
+from typing import Sequence
 
 from fastserve_cli.serve.simulate import bimodal_output_len, lognormal_prompt_len, summarize
+from fastserve_cli.testing.corpus import corpus_ids, cut_prompt, stdlib_texts
+from fastserve_cli.testing.models import GPT2Shape, gpt2_model_dir, train_tokenizer
+from fastserve_cli.testing.replay import Job, Stream, completion_body, http_client, replay, stream_completion
+from fastserve_cli.testing.server import cpu_seconds, fastserve_counters, running_server, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("fcfs", "skip-join-mlfq", "srpt-oracle")
@@ -51,171 +53,83 @@ CORPUS = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "hea
 
 def build_model(out: Path, layers: int, width: int) -> Path:
     """A random-init GPT-2 shape model with a stdlib-trained BPE, saved once (HF layout, safetensors)."""
-    model_dir = out / f"model-gpt2-{layers}x{width}"
-    if (model_dir / "config.json").is_file():
-        return model_dir
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    from fastserve_cli.core.rundir import staged_dir
-    from fastserve_cli.core.tokenizer import train_bpe
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [(stdlib / name).read_text(encoding="utf-8") for name in CORPUS]
-    tokenizer = train_bpe(texts, vocab_size=4096, min_frequency=2, eos_token="<|endoftext|>", pad_token="<|pad|>",
-                          extra_special_tokens=[])
-    config = GPT2Config(n_layer=layers, n_embd=width, n_head=max(1, width // 64), n_positions=1024,
-                        vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    with staged_dir(model_dir) as tmp:
-        AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return model_dir
+    return gpt2_model_dir(out / f"model-gpt2-{layers}x{width}", GPT2Shape(layers, width),
+                          lambda: train_tokenizer(stdlib_texts(CORPUS), vocab_size=4096))
 
 
-def prompt_texts(model_dir: Path, lengths: list[int]) -> list[str]:
-    """Prompts of about the wanted token counts, cut from stdlib sources at seeded offsets."""
+def make_jobs(model_dir: Path, seed: int, count: int) -> list[Job]:
+    """Unit-rate Poisson arrivals, lognormal prompt and bimodal output lengths; replaying at `rate` scales the
+    arrivals by 1/rate, which keeps the same requests at every load: loads differ only in how close together
+    they arrive. Prompts are cut from stdlib sources at seeded offsets to about the wanted token counts."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    ids = tokenizer.encode("\n".join((stdlib / name).read_text(encoding="utf-8") for name in CORPUS))
-    rng = random.Random(1)
-    out = []
-    for n in lengths:
-        start = rng.randrange(0, len(ids) - n)
-        out.append(tokenizer.decode(ids[start:start + n]))
-    return out
-
-
-def make_workload(seed: int, count: int) -> list[tuple[float, int, int]]:
-    """(unit-rate Poisson arrival, prompt tokens, output tokens); scaling the arrivals by 1/rate keeps the
-    same requests at every load, so loads differ only in how close together they arrive."""
     rng = random.Random(seed)
     t, rows = 0.0, []
     for _ in range(count):
         t += rng.expovariate(1.0)
         rows.append((t, lognormal_prompt_len(rng, median=64, sigma=0.8, cap=384), bimodal_output_len(rng)))
-    return rows
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids, cuts = corpus_ids(tokenizer, CORPUS), random.Random(1)
+    return [Job(arrival, cut_prompt(tokenizer, ids, length, cuts), out, length) for arrival, length, out in rows]
 
 
-# ---------------------------------------------------------------- server process
+# ---------------------------------------------------------------- servers and client
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
+@dataclass
 class Server:
-    """A `fastserve serve` process on 127.0.0.1 with one scheduler; stopped with SIGTERM."""
+    """A `fastserve serve` process on 127.0.0.1 with one scheduler."""
 
-    def __init__(self, model_dir: Path, scheduler: str, batch_size: int, threads: int, log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [sys.executable, "-m", "fastserve_cli", "serve", str(model_dir), "--port", str(self.port),
-               "--set", f"serve.scheduler={scheduler}", "--set", f"serve.max_batch_size={batch_size}",
-               "--set", "serve.model_name=bench", "--set", "serve.max_queue=100000"]
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not ready after {timeout:.0f} s; see {self.log.name}")
+    url: str
+    proc: Popen
+    log: Path
 
     def metrics(self) -> dict[str, float]:
         import httpx
 
-        return counters(httpx.get(self.url + "/metrics", timeout=10).text)
+        return fastserve_counters(httpx.get(self.url + "/metrics", timeout=10).text)
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (all its threads)."""
-        import psutil
-
-        times = psutil.Process(self.proc.pid).cpu_times()
-        return times.user + times.system
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        return cpu_seconds(self.proc.pid)
 
 
-# ---------------------------------------------------------------- client
+def start_servers(stack: contextlib.ExitStack, model_dir: Path, args) -> dict[str, Server]:
+    """One server per policy, all started at once, then waited for; `stack` stops them (SIGTERM)."""
+    env = {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    servers = {}
+    for policy in args.policies:
+        log = args.out / f"server-{policy}.log"
+        url, proc = stack.enter_context(running_server(
+            model_dir, "--set", f"serve.scheduler={policy}", "--set", f"serve.max_batch_size={args.batch_size}",
+            "--set", "serve.model_name=bench", "--set", "serve.max_queue=100000", env=env, log_path=log, ready=False))
+        servers[policy] = Server(url, proc, log)
+    for server in servers.values():
+        wait_ready(server.url, server.proc, 300.0, server.log)
+    return servers
 
 
-async def one_request(client, url: str, prompt: str, max_tokens: int, t0: float) -> tuple[float, float, float, int]:
-    """Stream one completion; returns (arrival, first token, finish) seconds since t0, and output tokens."""
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    sent = time.perf_counter() - t0
-    first, tokens = None, 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and first is None:
-                first = time.perf_counter() - t0
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    finish = time.perf_counter() - t0
-    if tokens != max_tokens:
-        raise RuntimeError(f"asked for {max_tokens} tokens with ignore_eos, got {tokens}")
-    return sent, first if first is not None else finish, finish, tokens
+def checked(stream: Stream, max_tokens: int) -> tuple[float, float, float, int]:
+    """The stream's (arrival, first token, finish, output tokens); a failed or short stream stops the benchmark."""
+    if stream.error is not None:
+        raise RuntimeError(stream.error)
+    if stream.tokens != max_tokens:
+        raise RuntimeError(f"asked for {max_tokens} tokens with ignore_eos, got {stream.tokens}")
+    return stream.record()
 
 
-async def replay(url: str, prompts: list[str], workload: list[tuple[float, int, int]], rate: float):
-    """Send each request at its arrival time (open loop); returns one record per request."""
-    import httpx
-
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
-        t0 = time.perf_counter()
-
-        async def at(arrival: float, prompt: str, max_tokens: int):
-            await asyncio.sleep(max(0.0, arrival / rate - (time.perf_counter() - t0)))
-            return await one_request(client, url, prompt, max_tokens, t0)
-
-        return await asyncio.gather(*(at(a, p, n) for (a, _, n), p in zip(workload, prompts)))
+async def replay_records(url: str, jobs: Sequence[Job], rate: float) -> list[tuple[float, float, float, int]]:
+    """The trace sent open-loop at `rate` x its unit rate; one checked record per request."""
+    streams = await replay(url, "bench", jobs, rate, ignore_eos=True)
+    return [checked(stream, job.max_tokens) for stream, job in zip(streams, jobs)]
 
 
-def counters(metrics_text: str) -> dict[str, float]:
-    """The `fastserve:*_total` counters of a Prometheus text page, by name (labels dropped)."""
-    values = {}
-    for line in metrics_text.splitlines():
-        if line.startswith("fastserve:") and "_total" in line.split(" ")[0].split("{")[0]:
-            values[line.split("{")[0].split(" ")[0]] = float(line.rsplit(" ", 1)[1])
-    return values
-
-
-async def generation_tokens(client, server: "Server") -> float:
+async def generation_tokens(client, server: Server) -> float:
     """The server's generation-token counter, read without blocking the event loop."""
-    return counters((await client.get(server.url + "/metrics")).text)["fastserve:generation_tokens_total"]
+    return fastserve_counters((await client.get(server.url + "/metrics")).text)["fastserve:generation_tokens_total"]
 
 
-async def measure_capacity(server: "Server", prompts: list[str], workload: list[tuple[float, int, int]],
-                           concurrency: int, seconds: float, warmup: float = 5.0, seed: int = 0) -> tuple[float, int]:
+async def measure_capacity(server: Server, jobs: Sequence[Job], concurrency: int, seconds: float,
+                           warmup: float = 5.0, seed: int = 0) -> tuple[float, int]:
     """Output tokens/s of this trace at saturation: its requests in a seeded random order (so any window has
     the trace's long/short mix and prompt lengths), `concurrency` always in flight (the batch stays full).
     Returns (tokens/s, requests issued inside the window).
@@ -223,19 +137,18 @@ async def measure_capacity(server: "Server", prompts: list[str], workload: list[
     Counted on the server's generation-token counter over `seconds` after a warm-up, so requests running at
     either edge count for the tokens they made inside it; the requests still in flight are then cancelled.
     """
-    import httpx
-
-    order = list(range(len(workload)))
+    order = list(range(len(jobs)))
     random.Random(seed).shuffle(order)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None)) as client:
+    async with http_client() as client:
         t0, issued = time.perf_counter(), 0
 
         async def worker() -> None:
             nonlocal issued
             while True:
-                i = order[issued % len(order)]
+                job = jobs[order[issued % len(order)]]
                 issued += 1
-                await one_request(client, server.url, prompts[i], workload[i][2], t0)
+                body = completion_body("bench", job.prompt, job.max_tokens, ignore_eos=True)
+                checked(await stream_completion(client, server.url, body, t0), job.max_tokens)
 
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
         await asyncio.sleep(warmup)
@@ -263,11 +176,11 @@ def batch_full_fraction(rows: list[tuple[float, float, float, int]], batch_size:
     return full / (end - start) if end > start else 0.0
 
 
-def measured_capacity(servers: dict, group: list[str], prompts: list[str], workload, args, label: str) -> float:
+def measured_capacity(servers: dict, group: list[str], jobs: list[Job], args, label: str) -> float:
     """Requests/s of this trace at saturation on the group's servers, all busy at once (their mean)."""
-    mean_output = sum(n for *_, n in workload) / len(workload)
-    rates = asyncio.run(gather(*(measure_capacity(servers[p], prompts, workload, 2 * args.batch_size,
-                                                  args.capacity_seconds) for p in group)))
+    mean_output = sum(job.max_tokens for job in jobs) / len(jobs)
+    rates = asyncio.run(gather(*(measure_capacity(servers[p], jobs, 2 * args.batch_size, args.capacity_seconds)
+                                 for p in group)))
     capacity = sum(rate for rate, _ in rates) / len(rates) / mean_output
     print(f"{label} {'+'.join(group)}: capacity {capacity * mean_output:.0f} output tokens/s at {2 * args.batch_size} "
           f"in flight ({', '.join(f'{r:.0f} over {n} requests' for r, n in rates)}) -> {capacity:.2f} requests/s",
@@ -355,6 +268,30 @@ def plot(results: dict, loads: list[float], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def run_group(servers: dict[str, Server], group: list[str], jobs: list[Job], rho: float, args) -> tuple:
+    """Replay the trace to the group's servers at the same moments, at rho x the capacity measured just before;
+    returns (capacities and effective rho, summary per policy, records per policy)."""
+    before = args.capacity or measured_capacity(servers, group, jobs, args, f"rho={rho} before")
+    started, cpu = time.perf_counter(), {p: servers[p].cpu_seconds() for p in group}
+    runs = asyncio.run(gather(*(replay_records(servers[p].url, jobs, rho * before) for p in group)))
+    # Measured again after the replay: the load this replay really ran at is its offered load over
+    # the machine's capacity around it (the mean of both), printed as the effective rho.
+    after = args.capacity or measured_capacity(servers, group, jobs, args, f"rho={rho} after")
+    effective = rho * before / ((before + after) / 2)
+    summaries = {}
+    for policy, rows in zip(group, runs):
+        summaries[policy] = summary = summarize(rows)
+        summary["batch_full_fraction"] = batch_full_fraction(rows, args.batch_size)
+        summary["server_cpu_s"] = servers[policy].cpu_seconds() - cpu[policy]
+        summary["effective_rho"] = effective
+        print(f"rho={rho} {policy}{'' if len(group) < 2 else ' (with ' + ', '.join(set(group) - {policy}) + ')'}: "
+              f"{time.perf_counter() - started:.0f} s, mean JCT {summary['mean_jct']:.2f} s, "
+              f"per-token {1000 * summary['mean_per_token_latency']:.1f} ms, "
+              f"batch full {100 * summary['batch_full_fraction']:.0f}% of the time, "
+              f"server CPU {summary['server_cpu_s']:.0f} s", flush=True)
+    return {"before_rps": before, "after_rps": after, "effective_rho": effective}, summaries, runs
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -380,11 +317,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     model_dir = build_model(args.out, args.layers, args.width)
-    workload = make_workload(args.seed, args.requests)
-    prompts = prompt_texts(model_dir, [p for _, p, _ in workload])
-    mean_output = sum(n for *_, n in workload) / len(workload)
-    print(f"model {model_dir.name}; {len(workload)} requests, mean output {mean_output:.1f} tokens, "
-          f"{sum(1 for *_, n in workload if n >= 256)} long ones", flush=True)
+    jobs = make_jobs(model_dir, args.seed, args.requests)
+    mean_output = sum(job.max_tokens for job in jobs) / len(jobs)
+    print(f"model {model_dir.name}; {len(jobs)} requests, mean output {mean_output:.1f} tokens, "
+          f"{sum(1 for job in jobs if job.max_tokens >= 256)} long ones", flush=True)
 
     # One server per policy, all up from the start. By default (--together) each policy replays the trace beside
     # an fcfs server at the same moments, so each comparison sees the same machine. This VM's cores flip between
@@ -392,35 +328,14 @@ def main() -> None:
     # policy, one seed's fcfs turn at rho=0.5 ran 36% slower than the MLFQ turn after it. Side by side, two
     # servers still share the cores unevenly over short windows (two identical fcfs servers measured 601 and
     # 705 tokens/s in the same 25 s), which a replay of a minute or more mostly averages out.
-    servers = {p: Server(model_dir, p, args.batch_size, args.threads, args.out / f"server-{p}.log") for p in args.policies}
     results: dict = {str(rho): {} for rho in args.loads}
     records: dict = {str(rho): {} for rho in args.loads}
-    try:
-        for server in servers.values():
-            server.wait_ready()
-        capacities: dict = {str(rho): {} for rho in args.loads}
+    capacities: dict = {str(rho): {} for rho in args.loads}
+    with contextlib.ExitStack() as stack:
+        servers = start_servers(stack, model_dir, args)
         for rho in args.loads:
             for group in replay_groups(list(servers), args.together):
-                before = args.capacity or measured_capacity(servers, group, prompts, workload, args, f"rho={rho} before")
-                started, cpu = time.perf_counter(), {p: servers[p].cpu_seconds() for p in group}
-                runs = asyncio.run(gather(*(replay(servers[p].url, prompts, workload, rho * before) for p in group)))
-                # Measured again after the replay: the load this replay really ran at is its offered load over
-                # the machine's capacity around it (the mean of both), printed as the effective rho.
-                after = args.capacity or measured_capacity(servers, group, prompts, workload, args, f"rho={rho} after")
-                effective = rho * before / ((before + after) / 2)
-                capacities[str(rho)]["+".join(group)] = {"before_rps": before, "after_rps": after,
-                                                        "effective_rho": effective}
-                summaries = {}
-                for policy, rows in zip(group, runs):
-                    summaries[policy] = summary = summarize(rows)
-                    summary["batch_full_fraction"] = batch_full_fraction(rows, args.batch_size)
-                    summary["server_cpu_s"] = servers[policy].cpu_seconds() - cpu[policy]
-                    summary["effective_rho"] = effective
-                    print(f"rho={rho} {policy}{'' if len(group) < 2 else ' (with ' + ', '.join(set(group) - {policy}) + ')'}: "
-                          f"{time.perf_counter() - started:.0f} s, mean JCT {summary['mean_jct']:.2f} s, "
-                          f"per-token {1000 * summary['mean_per_token_latency']:.1f} ms, "
-                          f"batch full {100 * summary['batch_full_fraction']:.0f}% of the time, "
-                          f"server CPU {summary['server_cpu_s']:.0f} s", flush=True)
+                capacities[str(rho)]["+".join(group)], summaries, runs = run_group(servers, group, jobs, rho, args)
                 for policy, rows in zip(group, runs):
                     if policy == "fcfs" and "fcfs" in results[str(rho)]:  # a later pair's own baseline
                         continue
@@ -429,9 +344,6 @@ def main() -> None:
                     if policy != "fcfs" and "fcfs" in summaries:
                         summaries[policy]["paired_fcfs"] = summaries["fcfs"]
         counters = {policy: server.metrics() for policy, server in servers.items()}
-    finally:
-        for server in servers.values():
-            server.stop()
 
     report = {"model": model_dir.name, "requests": args.requests, "seed": args.seed, "batch_size": args.batch_size,
               "threads": args.threads, "together": args.together, "capacity_rps": capacities,

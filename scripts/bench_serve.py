@@ -18,143 +18,64 @@ The model (GPT-2-small shape, 124M, random init, fp32) and its tokenizer are bui
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
-import sysconfig
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fastserve_cli.serve.launch import free_port, running_server, wait_ready  # noqa: E402
-
+from fastserve_cli.core.stats import percentile
+from fastserve_cli.testing.corpus import corpus_ids, cut_prompt, stdlib_sources
+from fastserve_cli.testing.models import GPT2_SMALL, gpt2_model_dir, train_tokenizer
+from fastserve_cli.testing.replay import Job, Stream, replay_sync
+from fastserve_cli.testing.server import free_port, running_process, running_server
 
 # ------------------------------------------------------------------ model and workload
 
 
 def ensure_model(model_dir: Path) -> Path:
-    """GPT-2-small shape (12 layers, 768 wide, vocab 50257), random init, fp32, with a stdlib BPE tokenizer."""
-    if (model_dir / "config.json").is_file():
-        return model_dir
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config
+    """GPT-2-small shape (12 layers, 768 wide), random init, fp32, with a 50257-token BPE of the stdlib tree."""
 
-    from fastserve_cli.core.tokenizer import train_bpe
+    def tokenizer():
+        return train_tokenizer(stdlib_sources(recursive=True, errors="ignore"), 50257, chat_tokens=True)
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [p.read_text(encoding="utf-8", errors="ignore") for p in sorted(stdlib.rglob("*.py"))]
-    tokenizer = train_bpe(texts, vocab_size=50257, min_frequency=2, eos_token="<|endoftext|>", pad_token="<|pad|>",
-                          extra_special_tokens=["<|im_start|>", "<|im_end|>"])
-    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    model.generation_config.save_pretrained(model_dir)
-    return model_dir
-
-
-@dataclass
-class Job:
-    arrival: float  # seconds after the start of the replay
-    prompt: str
-    prompt_len: int
-    max_tokens: int
+    return gpt2_model_dir(model_dir, replace(GPT2_SMALL, vocab_size=None), tokenizer)
 
 
 def make_workload(tokenizer, n: int, rate: float, seed: int, max_out: int) -> list[Job]:
     """Poisson arrivals at `rate`/s; prompts of 16-256 tokens; Pareto(1.5) output lengths from 16, capped."""
     rng = random.Random(seed)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    corpus = tokenizer("\n".join((stdlib / m).read_text(encoding="utf-8") for m in
-                                 ("textwrap.py", "argparse.py", "json/decoder.py")))["input_ids"]
+    corpus = corpus_ids(tokenizer, ("textwrap.py", "argparse.py", "json/decoder.py"))
     jobs, t = [], 0.0
     for _ in range(n):
         t += rng.expovariate(rate)
-        length = rng.randint(16, 256)
-        start = rng.randrange(0, len(corpus) - length)
-        prompt = tokenizer.decode(corpus[start:start + length])
+        prompt = cut_prompt(tokenizer, corpus, rng.randint(16, 256), rng)
         out = min(max_out, int(16 * (1 - rng.random()) ** (-1 / 1.5)))
-        jobs.append(Job(t, prompt, len(tokenizer(prompt)["input_ids"]), out))
+        jobs.append(Job(t, prompt, out, len(tokenizer(prompt)["input_ids"])))
     return jobs
 
 
 # ------------------------------------------------------------------ results
 
 
-@dataclass
-class Trace:
-    arrival: float
-    first_token: float | None = None
-    end: float | None = None
-    token_times: list[float] = field(default_factory=list)
-    tokens: int = 0
-    error: str | None = None
-
-
-def summarize(name: str, traces: list[Trace]) -> dict:
-    ok = [t for t in traces if t.error is None and t.end is not None]
-    makespan = max(t.end for t in ok) - min(t.arrival for t in traces)
-    jct = sorted(t.end - t.arrival for t in ok)
-    ttft = sorted(t.first_token - t.arrival for t in ok if t.first_token is not None)
+def summarize(name: str, streams: list[Stream]) -> dict:
+    """Throughput over the makespan, TTFT, inter-token latency and JCT percentiles (`core.stats.percentile`)."""
+    ok = [t for t in streams if t.error is None and t.end is not None]
+    makespan = max(t.end for t in ok) - min(t.sent for t in streams)
+    jct = [t.end - t.sent for t in ok]
+    ttft = [t.first_token - t.sent for t in ok if t.first_token is not None]
     itl = [b - a for t in ok for a, b in zip(t.token_times, t.token_times[1:])]
-
-    def pct(values, q):
-        return values[min(len(values) - 1, int(q * len(values)))] if values else None
-
-    return {"system": name, "requests": len(traces), "errors": len(traces) - len(ok),
+    return {"system": name, "requests": len(streams), "errors": len(streams) - len(ok),
             "generated_tokens": sum(t.tokens for t in ok), "makespan_s": makespan,
             "throughput_tok_s": sum(t.tokens for t in ok) / makespan,
-            "ttft_mean_s": statistics.fmean(ttft) if ttft else None, "ttft_p99_s": pct(ttft, 0.99),
+            "ttft_mean_s": statistics.fmean(ttft) if ttft else None, "ttft_p99_s": percentile(ttft, 99) if ttft else None,
             "itl_mean_s": statistics.fmean(itl) if itl else None,
-            "jct_p50_s": pct(jct, 0.5), "jct_mean_s": statistics.fmean(jct), "jct_p99_s": pct(jct, 0.99)}
+            "jct_p50_s": percentile(jct, 50), "jct_mean_s": statistics.fmean(jct), "jct_p99_s": percentile(jct, 99)}
 
 
 # ------------------------------------------------------------------ HTTP replay (our server, transformers serve)
-
-
-async def replay_http(url: str, model: str, jobs: list[Job], extra: dict) -> list[Trace]:
-    """Send each job at its arrival time as a streaming completion; record token timings."""
-    import httpx
-
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600), limits=httpx.Limits(max_connections=1000)) as http:
-        start = time.perf_counter()
-
-        async def one(job: Job) -> Trace:
-            await asyncio.sleep(max(0.0, job.arrival - (time.perf_counter() - start)))
-            trace = Trace(arrival=time.perf_counter() - start)
-            body = {"model": model, "prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0,
-                    "stream": True, "stream_options": {"include_usage": True}, **extra}
-            try:
-                async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
-                    if response.status_code != 200:
-                        trace.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                        return trace
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        now = time.perf_counter() - start
-                        if chunk.get("usage"):
-                            trace.tokens = chunk["usage"]["completion_tokens"]
-                        if chunk.get("choices") and chunk["choices"][0].get("text"):
-                            trace.first_token = trace.first_token or now
-                            trace.token_times.append(now)
-                trace.end = time.perf_counter() - start
-                trace.tokens = trace.tokens or len(trace.token_times)
-            except httpx.HTTPError as err:
-                trace.error = repr(err)
-            return trace
-
-        return await asyncio.gather(*[one(j) for j in jobs])
 
 
 def bench_fastserve(model_dir: Path, jobs: list[Job], backend: str, args) -> dict:
@@ -163,11 +84,10 @@ def bench_fastserve(model_dir: Path, jobs: list[Job], backend: str, args) -> dic
     with running_server(model_dir, "--backend", backend, "--model-name", "bench", *threads, "--scheduler", args.scheduler,
                         "--max-batch-size", str(args.max_batch_size), "--max-queue", "100000",
                         "--kv-cache-memory", "4GiB", log_path=log) as (url, _):
-        asyncio.run(replay_http(url, "bench", jobs[:2], {"ignore_eos": True}))  # warm-up
-        traces = asyncio.run(replay_http(url, "bench", jobs, {"ignore_eos": True}))
-        single = asyncio.run(replay_http(url, "bench", [Job(0.0, jobs[0].prompt, jobs[0].prompt_len, 128)],
-                                         {"ignore_eos": True}))[0]
-    result = summarize(f"fastserve ({backend})", traces)
+        replay_sync(url, "bench", jobs[:2], ignore_eos=True)  # warm-up
+        streams = replay_sync(url, "bench", jobs, ignore_eos=True)
+        single = replay_sync(url, "bench", [Job(0.0, jobs[0].prompt, 128, jobs[0].prompt_len)], ignore_eos=True)[0]
+    result = summarize(f"fastserve ({backend})", streams)
     result["batch1_decode_tok_s"] = (len(single.token_times) - 1) / (single.token_times[-1] - single.token_times[0])
     return result
 
@@ -176,22 +96,12 @@ def bench_transformers_serve(model_dir: Path, jobs: list[Job], args) -> dict:
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir), "--continuous-batching",
            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32"]
-    log = open(Path(args.out).with_suffix(".transformers-serve.log"), "w")
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, timeout=300)
-        asyncio.run(replay_http(url, str(model_dir), jobs[:2], {}))
-        traces = asyncio.run(replay_http(url, str(model_dir), jobs, {}))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-    return summarize("transformers serve --continuous-batching", traces)
+    with running_process(cmd, url, env, Path(args.out).with_suffix(".transformers-serve.log"), ready_timeout=300):
+        replay_sync(url, str(model_dir), jobs[:2])
+        streams = replay_sync(url, str(model_dir), jobs)
+    return summarize("transformers serve --continuous-batching", streams)
 
 
 # ------------------------------------------------------------------ HF generate baselines (virtual clock)
@@ -235,8 +145,8 @@ def bench_hf(model, tokenizer, jobs: list[Job], batch_size: int) -> dict:
         duration, steps = hf_generate(model, tokenizer, batch)
         for job in batch:
             mine = steps[:job.max_tokens]
-            traces.append(Trace(arrival=job.arrival, first_token=clock + mine[0], end=clock + duration,
-                                token_times=[clock + s for s in mine], tokens=job.max_tokens))
+            traces.append(Stream(sent=job.arrival, first_token=clock + mine[0], end=clock + duration,
+                                 token_times=[clock + s for s in mine], tokens=job.max_tokens))
         clock += duration
         i += len(batch)
     label = "HF generate, one at a time" if batch_size == 1 else f"HF generate, static batches of {batch_size}"

@@ -1,59 +1,30 @@
-"""Shared fixtures: tiny tokenizers and models built from configs (nothing comes from a hub)."""
+"""Shared fixtures: tiny tokenizers and models built from configs (nothing comes from a hub).
+
+The builders live in `fastserve_cli.testing` (the benchmarks use them too); the names below stay importable
+from here for tests that import them from conftest.
+"""
 
 from __future__ import annotations
 
 import os
-import sysconfig
 from pathlib import Path
 
 import pytest
+
+from fastserve_cli.testing.corpus import SAMPLE_MODULES, STDLIB, stdlib_texts
+from fastserve_cli.testing.models import make_tiny_model, tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-SAMPLE_MODULES = ["json/__init__.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "string.py",
-                  "heapq.py", "bisect.py", "fnmatch.py", "glob.py", "shlex.py", "colorsys.py", "keyword.py"]
-
-
-def stdlib_texts() -> list[str]:
-    return [(STDLIB / name).read_text(encoding="utf-8") for name in SAMPLE_MODULES]
+__all__ = ["SAMPLE_MODULES", "STDLIB", "make_tiny_model", "stdlib_texts"]
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A 512-token byte-level BPE trained on a few stdlib modules, saved in the HF layout."""
-    from fastserve_cli.core.tokenizer import train_bpe
-
-    path = tmp_path_factory.mktemp("tokenizer")
-    tokenizer = train_bpe(stdlib_texts(), vocab_size=512, min_frequency=2, eos_token="<|endoftext|>",
-                          pad_token="<|pad|>", extra_special_tokens=["<|im_start|>", "<|im_end|>"])
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def make_tiny_model(architecture: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
-    """A 2-layer, 64-wide model with random weights, saved with its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    if architecture == "gpt2":
-        config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=512, **common)
-    elif architecture == "llama":
-        config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=512, **common)
-    else:
-        raise ValueError(architecture)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    return out
+    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE_MODULES, STDLIB
+from fastserve_cli.testing.corpus import SAMPLE_MODULES, STDLIB
 
 FASTSERVE = [sys.executable, "-m", "fastserve_cli"]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tiny_model
 from fastserve_cli.core.errors import UserError
+from fastserve_cli.testing.models import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def write_validation_data(run, tokenizer_dir: Path, blocks: int = 12, block_size
     from datasets import Dataset, DatasetDict
     from transformers import AutoTokenizer
 
-    from conftest import stdlib_texts
+    from fastserve_cli.testing.corpus import stdlib_texts
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = [t for text in stdlib_texts() for t in tokenizer(text)["input_ids"]][: blocks * 2 * block_size]

@@ -8,11 +8,12 @@ import math
 import pytest
 
 from fastserve_cli.core.errors import UserError
+from fastserve_cli.core.stats import percentile
 from fastserve_cli.serve.mlfq import OracleSRPT, SkipJoinMLFQ
 from fastserve_cli.serve.profile import PrefillProfile, load_cached, measure_profile
 from fastserve_cli.serve.scheduler import FCFSScheduler, make_scheduler
 from fastserve_cli.serve.simulate import (
-    LinearCost, SimRequest, make_trace, mean_service_time, percentile, sim_records, simulate, summarize,
+    LinearCost, SimRequest, make_trace, mean_service_time, sim_records, simulate, summarize,
 )
 
 UNIT = LinearCost(t0=0.0, td=1.0, tp=1.0)  # one unit per decode step, one unit per prompt token

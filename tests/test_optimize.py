@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from optimize_helpers import make_trained_run
+from fastserve_cli.testing.runs import make_trained_run
 
 VARIANTS = [
     {"name": "int8", "method": "dynamic_int8"},

@@ -12,8 +12,7 @@ from fastserve_cli.core.errors import UserError
 from fastserve_cli.core.pipeline import Stage, execute, prepare_run_dir, run_pipeline
 from fastserve_cli.core.recipe import Recipe, resolve_paths
 from fastserve_cli.core.rundir import StageResult
-
-from conftest import SAMPLE_MODULES, STDLIB
+from fastserve_cli.testing.corpus import SAMPLE_MODULES, STDLIB
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ from fastserve_cli.core.errors import UserError
 from fastserve_cli.core.pipeline import execute, prepare_run_dir
 from fastserve_cli.core.recipe import Recipe, resolve_paths
 from fastserve_cli.core.rundir import RunDir
-
-from conftest import stdlib_texts
+from fastserve_cli.testing.corpus import stdlib_texts
 
 DOCS = stdlib_texts()
 
@@ -205,8 +204,7 @@ def test_glob_expansion_matches_glob_and_prunes_excluded_trees(pattern):
     import os
 
     from fastserve_cli.core.sources import expand_glob
-
-    from conftest import STDLIB
+    from fastserve_cli.testing.corpus import STDLIB
 
     exclude = ["*/site-packages/*", "*/test/*", "*/tests/*"]
     full = f"{STDLIB}/{pattern}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fastserve_cli.serve.profile import PrefillProfile
+from fastserve_cli.testing.engine import greedy_request, make_engine, run_until_finished
+from fastserve_cli.testing.server import prometheus_samples, running_server
 
 MAX_NEW = 20
 
@@ -25,52 +27,23 @@ def reference_greedy(model_dir, prompts: list[list[int]], steps: int) -> list[li
     return outputs
 
 
-def make_engine(model_dir, scheduler_name: str, device_tokens: int, host_tokens: int, max_batch_size: int = 2):
-    from transformers import AutoTokenizer
-
-    from fastserve_cli.serve.backends import TorchBackend
-    from fastserve_cli.serve.engine import Engine
-    from fastserve_cli.serve.kv_cache import KVCacheManager
-    from fastserve_cli.serve.metrics import Metrics
+def mlfq_engine(model_dir, scheduler_name: str, device_tokens: int, host_tokens: int, max_batch_size: int = 2):
+    """A quantum far below one iteration: every request is demoted after each run, so the MLFQ keeps rotating
+    requests through the batch and the caches of the ones left out must move to make room."""
     from fastserve_cli.serve.scheduler import make_scheduler
 
-    backend = TorchBackend(model_dir, device="cpu")
-    per_token = backend.kv_bytes_per_token
-    kv = KVCacheManager(backend, device_budget=device_tokens * per_token, host_budget=host_tokens * per_token)
-    # A quantum far below one iteration: every request is demoted after each run, so the MLFQ keeps rotating
-    # requests through the batch and the caches of the ones left out must move to make room.
     profile = PrefillProfile(lengths=[1, 64], prefill_times=[1e-4, 1e-3], decode_s=1e-4)
     scheduler = make_scheduler(scheduler_name, base_quantum_s=1e-4, estimate_prefill_s=profile.prefill_s,
                                starvation_s=60.0, max_started=16)
-    engine = Engine(backend, scheduler, kv, AutoTokenizer.from_pretrained(model_dir), Metrics("tiny"),
-                    max_batch_size=max_batch_size, token_budget=256)
-    return engine
+    return make_engine(model_dir, "torch", scheduler, device_tokens=device_tokens, host_tokens=host_tokens,
+                       max_batch_size=max_batch_size, token_budget=256, device="cpu", metrics_name="tiny")
 
 
 def run_to_completion(engine, prompts: list[list[int]]) -> list[list[int]]:
-    import time
-
-    from fastserve_cli.serve.request import Request, SamplingParams
-
-    reqs = [Request(prompt_ids=p, params=SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0, ignore_eos=True),
-                    arrival_time=time.perf_counter()) for p in prompts]
-    engine.submit(reqs)
-    for _ in range(10_000):
-        if all(r.finished for r in reqs):
-            break
-        engine.step()
+    reqs = [greedy_request(p, MAX_NEW) for p in prompts]
+    run_until_finished(engine, reqs)
     assert all(r.finish_reason == "length" for r in reqs), [r.finish_reason for r in reqs]
     return [r.output_ids for r in reqs]
-
-
-def prometheus_values(text: str) -> dict[str, float]:
-    """Sample name -> value from the exposition text (labels dropped; one model per engine)."""
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.split("{")[0].split(" ")[0], line.rsplit(" ", 1)[1]
-            values[name] = float(value)
-    return values
 
 
 def prompts_for(n: int) -> list[list[int]]:
@@ -82,7 +55,7 @@ def test_offload_and_reload_keep_greedy_outputs(tiny_model_dir, host_tokens):
     prompts = prompts_for(6)
     expected = reference_greedy(tiny_model_dir, prompts, MAX_NEW)
     # Device room for about two and a half caches: the other started requests must leave the device.
-    engine = make_engine(tiny_model_dir, "skip-join-mlfq", device_tokens=100, host_tokens=host_tokens)
+    engine = mlfq_engine(tiny_model_dir, "skip-join-mlfq", device_tokens=100, host_tokens=host_tokens)
     moves = []
     to_host = engine.backend.to_host
 
@@ -95,7 +68,7 @@ def test_offload_and_reload_keep_greedy_outputs(tiny_model_dir, host_tokens):
     assert run_to_completion(engine, prompts) == expected
     stats = engine.scheduler.stats
     assert stats.preemptions > 0 and stats.demotions > 0
-    exported = prometheus_values(engine.metrics.render().decode())
+    exported = prometheus_samples(engine.metrics.render().decode())
     assert exported["fastserve:scheduler_preemptions_total"] == stats.preemptions
     assert exported["fastserve:scheduler_demotions_total"] == stats.demotions
     offloaded = engine.kv.offloaded_bytes
@@ -113,8 +86,8 @@ def test_offload_and_reload_keep_greedy_outputs(tiny_model_dir, host_tokens):
 
 def test_fcfs_and_mlfq_agree_without_memory_pressure(tiny_gpt2_dir):
     prompts = prompts_for(4)
-    fcfs = run_to_completion(make_engine(tiny_gpt2_dir, "fcfs", 10_000, 0), prompts)
-    mlfq = make_engine(tiny_gpt2_dir, "skip-join-mlfq", 10_000, 0)
+    fcfs = run_to_completion(mlfq_engine(tiny_gpt2_dir, "fcfs", 10_000, 0), prompts)
+    mlfq = mlfq_engine(tiny_gpt2_dir, "skip-join-mlfq", 10_000, 0)
     assert run_to_completion(mlfq, prompts) == fcfs
     assert mlfq.kv.offloads == 0 and mlfq.scheduler.stats.preemptions > 0
 
@@ -125,40 +98,12 @@ def test_fcfs_and_mlfq_agree_without_memory_pressure(tiny_gpt2_dir):
 @pytest.fixture(scope="module")
 def mlfq_server(tiny_gpt2_dir, tmp_path_factory):
     """A real `fastserve serve` process: skip-join-mlfq, one request per iteration, KV room for 128 tokens."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    args = ["--scheduler", "skip-join-mlfq", "--max-batch-size", "1", "--kv-cache-memory", "128KiB",
+            "--set", "serve.base_quantum_s=0.0005", "--model-name", "tiny"]
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "fastserve_cli", "serve", str(tiny_gpt2_dir), "--port", str(port),
-           "--scheduler", "skip-join-mlfq", "--max-batch-size", "1", "--kv-cache-memory", "128KiB",
-           "--set", "serve.base_quantum_s=0.0005", "--model-name", "tiny"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(240):
-                assert proc.poll() is None, log_path.read_text()
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-            else:
-                raise AssertionError(f"server not ready: {log_path.read_text()}")
-            yield url
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+    with running_server(tiny_gpt2_dir, *args, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+                        log_path=log_path) as (url, _):
+        yield url
 
 
 @pytest.mark.slow
@@ -205,7 +150,7 @@ def test_server_greedy_outputs_survive_preemption_and_offload(mlfq_server, tiny_
     prompts = ["import os\n", "class Parser:\n", "def main(argv):\n    ", "for i in range(10):", "x = {'a': 1,"]
     expected = reference_greedy(tiny_gpt2_dir, [tokenizer.encode(p) for p in prompts], 40)
     client = OpenAI(base_url=mlfq_server + "/v1", api_key="none")
-    before = prometheus_values(httpx.get(mlfq_server + "/metrics").text)
+    before = prometheus_samples(httpx.get(mlfq_server + "/metrics").text)
 
     def complete(prompt: str) -> str:
         out = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0,
@@ -215,7 +160,7 @@ def test_server_greedy_outputs_survive_preemption_and_offload(mlfq_server, tiny_
     with ThreadPoolExecutor(len(prompts)) as pool:
         texts = list(pool.map(complete, prompts))
     assert texts == [tokenizer.decode(ids) for ids in expected]
-    after = prometheus_values(httpx.get(mlfq_server + "/metrics").text)
+    after = prometheus_samples(httpx.get(mlfq_server + "/metrics").text)
     gained = {k: after[k] - before.get(k, 0.0) for k in after if k.endswith("_total")}
     assert gained["fastserve:scheduler_preemptions_total"] > 0 and gained["fastserve:scheduler_demotions_total"] > 0
     assert gained["fastserve:kv_cache_offloads_total"] > 0 and gained["fastserve:kv_cache_reloads_total"] > 0

@@ -9,7 +9,7 @@ import signal
 import httpx
 import pytest
 
-from fastserve_cli.serve.launch import running_server
+from fastserve_cli.testing.server import running_server
 
 KEY = "sk-test-123"
 NAME = "tiny"
@@ -189,7 +189,7 @@ def test_503_while_the_model_loads(tiny_gpt2_dir):
     from fastserve_cli.core.recipe import ServeConfig
     from fastserve_cli.serve import ServeTarget, build_engine
     from fastserve_cli.serve.api import ServerState, create_app
-    from fastserve_cli.serve.launch import free_port, wait_ready
+    from fastserve_cli.testing.server import free_port, wait_ready
 
     gate = threading.Event()
 

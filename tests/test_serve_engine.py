@@ -12,36 +12,13 @@ from fastserve_cli.core.errors import UserError
 from fastserve_cli.serve.kv_cache import parse_bytes
 from fastserve_cli.serve.request import Request, SamplingParams
 from fastserve_cli.serve.scheduler import make_scheduler, take_in_order
+from fastserve_cli.testing.engine import greedy_request, make_engine, run_until_finished
 
 PROMPTS = ["def foo(x):\n    return", "import os\nimport", "class A:\n", "x = [1, 2,", "for i in range(10):\n"]
 
 
-def build_engine(model_dir, backend="torch", device_tokens=100_000, host_tokens=100_000, max_batch_size=4):
-    from transformers import AutoTokenizer
-
-    from fastserve_cli.serve.backends import load_backend
-    from fastserve_cli.serve.engine import Engine
-    from fastserve_cli.serve.kv_cache import KVCacheManager
-    from fastserve_cli.serve.metrics import Metrics
-
-    be = load_backend(backend, model_dir)
-    kv = KVCacheManager(be, device_tokens * be.kv_bytes_per_token, host_tokens * be.kv_bytes_per_token)
-    return Engine(be, make_scheduler("fcfs"), kv, AutoTokenizer.from_pretrained(model_dir), Metrics("t"),
-                  max_batch_size=max_batch_size, token_budget=512)
-
-
-def run_all(engine, reqs: list[Request], timeout: float = 60.0) -> None:
-    """Submit everything, step the engine on this thread until all requests finish."""
-    engine.submit(reqs)
-    deadline = time.monotonic() + timeout
-    while not all(r.finished for r in reqs):
-        assert time.monotonic() < deadline, "engine did not finish in time"
-        engine.step()
-
-
 def greedy_requests(tokenizer, lengths) -> list[Request]:
-    return [Request(tokenizer(p).input_ids, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True), time.perf_counter())
-            for p, n in zip(PROMPTS, lengths)]
+    return [greedy_request(tokenizer(p).input_ids, n) for p, n in zip(PROMPTS, lengths)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -69,9 +46,9 @@ def assert_matches_generate(model_dir, reqs):
 
 def test_torch_greedy_batched_equals_generate(tiny_model_dir):
     """Five requests of different lengths join and leave a batch of 4; each equals generate() greedy."""
-    engine = build_engine(tiny_model_dir)
+    engine = make_engine(tiny_model_dir)
     reqs = greedy_requests(engine.tokenizer, [8, 16, 5, 12, 10])
-    run_all(engine, reqs)
+    run_until_finished(engine, reqs)
     assert_matches_generate(tiny_model_dir, reqs)
     assert engine.backend.packed is not None and engine.iterations < sum(r.params.max_new_tokens for r in reqs)
 
@@ -79,11 +56,11 @@ def test_torch_greedy_batched_equals_generate(tiny_model_dir):
 @pytest.mark.parametrize("host_tokens, expect", [(100_000, "offloads"), (0, "recompute_preemptions")])
 def test_kv_pressure_offload_or_recompute_keeps_outputs(tiny_gpt2_dir, host_tokens, expect):
     """A device budget smaller than the batch forces offload to the host pool (or recompute without one)."""
-    engine = build_engine(tiny_gpt2_dir, device_tokens=40, host_tokens=host_tokens, max_batch_size=3)
+    engine = make_engine(tiny_gpt2_dir, device_tokens=40, host_tokens=host_tokens, max_batch_size=3)
     reqs = greedy_requests(engine.tokenizer, [10, 14, 8, 12])
     # a round-robin scheduler makes every iteration touch other requests' caches
     engine.scheduler = RoundRobin()
-    run_all(engine, reqs)
+    run_until_finished(engine, reqs)
     assert getattr(engine.kv, expect) > 0
     assert_matches_generate(tiny_gpt2_dir, reqs)
     assert engine.kv.used(engine.live, "device") == 0  # everything freed
@@ -93,7 +70,7 @@ def test_priority_order_is_asked_only_when_caches_must_move(tiny_gpt2_dir):
     """Ranking every live request costs most of an MLFQ step; with room to spare nobody is ranked."""
     calls = {"roomy": 0, "tight": 0}
     for budget in ("roomy", "tight"):
-        engine = build_engine(tiny_gpt2_dir, device_tokens=100_000 if budget == "roomy" else 40, host_tokens=100_000,
+        engine = make_engine(tiny_gpt2_dir, device_tokens=100_000 if budget == "roomy" else 40, host_tokens=100_000,
                               max_batch_size=3)
         engine.scheduler = RoundRobin()
         order = engine.scheduler.priority_order
@@ -103,7 +80,7 @@ def test_priority_order_is_asked_only_when_caches_must_move(tiny_gpt2_dir):
             return order()
 
         engine.scheduler.priority_order = counted
-        run_all(engine, greedy_requests(engine.tokenizer, [10, 14, 8, 12]))
+        run_until_finished(engine, greedy_requests(engine.tokenizer, [10, 14, 8, 12]))
     assert calls["roomy"] == 0
     assert calls["tight"] > 0
 
@@ -169,14 +146,14 @@ def test_pack_survives_random_membership_changes(tiny_gpt2_dir, tmp_path, backen
 
         export_onnx(tiny_gpt2_dir, tmp_path / "onnx", parity_steps=2)
         model_dir = tmp_path / "onnx"
-    engine = build_engine(model_dir, backend=backend, max_batch_size=4)
+    engine = make_engine(model_dir, backend=backend, max_batch_size=4)
     engine.scheduler = RandomSubset(seed=3)
     tok = engine.tokenizer
     text = " ".join(PROMPTS * 8)
     prompts = [tok(text).input_ids[:n] for n in (3, 60, 12, 40, 7, 25)]
     reqs = [Request(ids, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True), time.perf_counter())
             for ids, n in zip(prompts, (30, 12, 45, 20, 38, 16))]
-    run_all(engine, reqs)
+    run_until_finished(engine, reqs)
     assert_matches_generate(tiny_gpt2_dir, reqs)
     if backend == "torch":
         assert engine.backend.repacks * 4 < engine.backend.swaps, (engine.backend.repacks, engine.backend.swaps)
@@ -191,10 +168,10 @@ def test_swapping_rows_in_the_pack_keeps_outputs(tiny_gpt2_dir, tmp_path, backen
 
         export_onnx(tiny_gpt2_dir, tmp_path / "onnx", parity_steps=2)
         model_dir = tmp_path / "onnx"
-    engine = build_engine(model_dir, backend=backend, max_batch_size=2)
+    engine = make_engine(model_dir, backend=backend, max_batch_size=2)
     engine.scheduler = RotatingPair()
     reqs = greedy_requests(engine.tokenizer, [9, 7, 11])
-    run_all(engine, reqs)
+    run_until_finished(engine, reqs)
     assert_matches_generate(tiny_gpt2_dir, reqs)
     assert engine.backend.swaps > engine.backend.repacks  # 8 and 3 here: a newcomer longer than the pack repacks
 
@@ -203,14 +180,14 @@ def test_onnx_backend_greedy_equals_generate(tiny_gpt2_dir, tmp_path):
     from fastserve_cli.export.onnx_graph import export_onnx
 
     export_onnx(tiny_gpt2_dir, tmp_path / "onnx", parity_steps=2)
-    engine = build_engine(tmp_path / "onnx", backend="onnx")
+    engine = make_engine(tmp_path / "onnx", backend="onnx")
     reqs = greedy_requests(engine.tokenizer, [6, 12, 4, 9])
-    run_all(engine, reqs)
+    run_until_finished(engine, reqs)
     assert_matches_generate(tiny_gpt2_dir, reqs)
 
 
 def test_engine_thread_abort_frees_kv(tiny_gpt2_dir):
-    engine = build_engine(tiny_gpt2_dir)
+    engine = make_engine(tiny_gpt2_dir)
     done = threading.Event()
     outputs = []
 
@@ -237,7 +214,7 @@ def test_engine_thread_abort_frees_kv(tiny_gpt2_dir):
 def test_seeded_sampling_reproducible_and_top_k_1_is_greedy(tiny_gpt2_dir):
     from fastserve_cli.serve.sampling import make_generator
 
-    engine = build_engine(tiny_gpt2_dir)
+    engine = make_engine(tiny_gpt2_dir)
     ids = engine.tokenizer("def f(").input_ids
 
     def sampled(seed, **kw):
@@ -248,7 +225,7 @@ def test_seeded_sampling_reproducible_and_top_k_1_is_greedy(tiny_gpt2_dir):
     a, b, c = sampled(7), sampled(7), sampled(8)
     k1 = sampled(1, top_k=1)
     greedy = Request(ids, SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True), 0.0)
-    run_all(engine, [a, b, c, k1, greedy])
+    run_until_finished(engine, [a, b, c, k1, greedy])
     assert a.output_ids == b.output_ids != c.output_ids
     assert k1.output_ids == greedy.output_ids
 
@@ -298,9 +275,9 @@ def test_torch_backend_serves_int8_variant(tiny_gpt2_dir, tmp_path):
     out.mkdir()
     model = load_causal_lm(tiny_gpt2_dir)
     save_quantized(model, "dynamic_int8", quantize_model(model, "dynamic_int8"), tiny_gpt2_dir, out)
-    engine = build_engine(out)
+    engine = make_engine(out)
     reqs = greedy_requests(engine.tokenizer, [8, 12, 5])
-    run_all(engine, reqs)
+    run_until_finished(engine, reqs)
     reference = load_causal_lm(out)
     for r in reqs:
         ids = torch.tensor([r.prompt_ids])

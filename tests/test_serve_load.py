@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+from fastserve_cli.testing.load import load_test
 
 
 @pytest.mark.slow
 def test_64_streaming_clients(tiny_gpt2_dir, tmp_path):
     """The issue's load test is 64 clients x 60 s (scripts/load_serve.py); CI runs 10 s of it."""
-    report = load_script("load_serve").load_test(tiny_gpt2_dir, clients=64, duration=10, log_path=tmp_path / "log")
+    report = load_test(tiny_gpt2_dir, clients=64, duration=10, log_path=tmp_path / "log")
     assert report.errors == [] and report.missing_done == 0 and report.requests >= 64
     assert report.rss_growth <= 0.10, (report.rss_warm_mib, report.rss_mid_mib, report.rss_after_mib)
 
@@ -34,7 +22,7 @@ def test_onnx_server_greedy_equals_generate(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastserve_cli.export.onnx_graph import export_onnx
-    from fastserve_cli.serve.launch import running_server
+    from fastserve_cli.testing.server import running_server
 
     export_onnx(tiny_model_dir, tmp_path / "onnx", parity_steps=2)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -18,8 +18,7 @@ from fastserve_cli.core.errors import UserError
 from fastserve_cli.core.pipeline import execute, prepare_run_dir
 from fastserve_cli.core.recipe import Recipe, dump_recipe, resolve_paths
 from fastserve_cli.core.rundir import RunDir
-
-from conftest import stdlib_texts
+from fastserve_cli.testing.corpus import stdlib_texts
 
 TRAIN = {"per_device_train_batch_size": 4, "logging_steps": 1, "eval_steps": 4, "save_steps": 4,
          "warmup_steps": 2, "eval_max_batches": 2, "max_steps": 8}

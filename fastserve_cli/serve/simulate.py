@@ -17,6 +17,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from fastserve_cli.core.stats import percentile
+
 
 @dataclass
 class SimRequest:
@@ -139,16 +141,6 @@ def mean_service_time(trace: Sequence[SimRequest], cost: LinearCost, batch_size:
     """Time one request occupies the machine at full batch: prefill plus decode steps sharing an iteration."""
     per_step = cost.t0 / batch_size + cost.td
     return sum(cost.tp * r.prompt_len + per_step * (r.max_new_tokens - 1) for r in trace) / len(trace)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), without needing numpy."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def summarize(records: Iterable[tuple[float, float, float, int]]) -> dict[str, float]:
