@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fastserve_cli.serve.engine import QueueFull, StepOutput
+from fastserve_cli.serve.errors import install_error_handlers, reject_invalid_text
 from fastserve_cli.serve.protocol import (
     ChatCompletionRequest, CompletionRequest, LogprobFormatter, OpenAIError, bad_request, chat_prompt,
     check_supported, completion_prompts, new_id, now_s, resolve_max_tokens, sampling_params, usage)
@@ -84,18 +84,7 @@ def create_app(state: ServerState) -> FastAPI:
                   lifespan=lifespan)
     app.state.fastserve = state
 
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(_: HTTPRequest, err: OpenAIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: HTTPRequest, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return JSONResponse(bad_request(f"the request body is not valid JSON: {first.get('msg')}").body(), 400)
-        param = ".".join(loc) or None
-        return JSONResponse(bad_request(f"{param or 'body'}: {first.get('msg', 'invalid request')}", param).body(), 400)
+    install_error_handlers(app)
 
     def authorized(request: HTTPRequest) -> None:
         if not state.api_key:
@@ -112,7 +101,7 @@ def create_app(state: ServerState) -> FastAPI:
                               code="model_loading")
         return state.loaded
 
-    guard = [Depends(authorized)]
+    guard = [Depends(authorized), Depends(reject_invalid_text)]
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -160,8 +149,8 @@ def create_app(state: ServerState) -> FastAPI:
     def check_common(body) -> None:
         check_supported(body)
         if body.model != state.model_name:
-            raise bad_request(f"model '{body.model}' does not exist; this server serves '{state.model_name}'",
-                              param="model")
+            raise OpenAIError(404, f"model '{body.model}' does not exist; this server serves '{state.model_name}'",
+                              param="model", code="model_not_found")
         if body.stream_options is not None and not body.stream:
             raise bad_request("'stream_options' is only allowed with 'stream': true", param="stream_options")
 

@@ -57,7 +57,7 @@ class _Common(BaseModel):
     top_k: Optional[int] = Field(None, ge=-1, description="vLLM extension; 0 or -1 = off.")
     n: int = Field(1, ge=1, le=16)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1, description="A signed 64-bit integer.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)

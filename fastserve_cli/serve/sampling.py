@@ -17,7 +17,8 @@ def make_generator(seed: int | None):
     import torch
 
     gen = torch.Generator()
-    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
+    seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
+    gen.manual_seed(seed & (2**64 - 1))  # torch takes [0, 2**64); seed + k for choice k may pass 2**63
     return gen
 
 
