@@ -17,7 +17,7 @@ from fastserve_cli.serve.request import SamplingParams
 MAX_LOGPROBS = 20
 # Fields OpenAI defines that we accept only at their "off" value; anything else is a 400 naming the field.
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "echo": (False,), "best_of": (1,), "logit_bias": ({},), "suffix": ("",), "tools": ([],),
+    "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],),
     "tool_choice": ("none",), "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (False,),
     "response_format": ({"type": "text"},), "store": (False,), "metadata": ({},), "modalities": (["text"],),
     "service_tier": ("auto", "default"), "reasoning_effort": (), "prediction": (), "audio": (),
@@ -64,6 +64,7 @@ class _Common(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS.")
     user: Optional[str] = None
+    logit_bias: Optional[dict[str, Any]] = Field(None, description="Token id -> bias in [-100, 100] added to its logit.")
 
     def unsupported_fields(self) -> list[str]:
         extra = self.model_extra or {}
