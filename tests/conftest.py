@@ -65,3 +65,29 @@ def tiny_model_dir(request, tmp_path_factory, tiny_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return make_tiny_model("gpt2", tiny_tokenizer_dir, tmp_path_factory.mktemp("model-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_dir(tmp_path_factory, tiny_gpt2_dir) -> Path:
+    """The tiny GPT-2 exported to ONNX (the export stage's layout)."""
+    from fastserve_cli.models.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx-gpt2") / "onnx"
+    export_onnx(tiny_gpt2_dir, out, parity_steps=2)
+    return out
+
+
+@pytest.fixture(scope="session", params=["torch", "onnx"])
+def tiny_server(request, tiny_gpt2_dir, tmp_path_factory):
+    """A `fastserve serve` process (model name 'tiny', no API key) over the tiny GPT-2 on the torch backend or its
+    ONNX export: (url, openai client, backend). Shared by the API feature tests, one server per backend."""
+    from openai import OpenAI
+
+    from fastserve_cli.serve.launch import running_server
+
+    target = tiny_gpt2_dir if request.param == "torch" else request.getfixturevalue("tiny_onnx_dir")
+    log = tmp_path_factory.mktemp(f"serve-{request.param}") / "server.log"
+    with running_server(target, "--model-name", "tiny", "--backend", request.param, log_path=log) as (url, proc):
+        yield url, OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60), request.param
+    text = log.read_text()
+    assert proc.returncode == 0 and "Traceback" not in text, text[-3000:]

@@ -5,26 +5,12 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from fastserve_cli.serve.launch import running_server
-
 NAME = "tiny"
 
 
-@pytest.fixture(scope="module", params=["torch", "onnx"])
-def served(request, tiny_gpt2_dir, tmp_path_factory):
-    """(url, openai client, backend) for a server over the tiny GPT-2 or its ONNX export."""
-    from openai import OpenAI
-
-    target = tiny_gpt2_dir
-    if request.param == "onnx":
-        from fastserve_cli.models.onnx import export_onnx
-
-        target = tmp_path_factory.mktemp("bias-onnx") / "onnx"
-        export_onnx(tiny_gpt2_dir, target, parity_steps=2)
-    log = tmp_path_factory.mktemp("bias-log") / "server.log"
-    with running_server(target, "--model-name", NAME, "--backend", request.param, log_path=log) as (url, proc):
-        yield url, OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60), request.param
-    assert proc.returncode == 0, log.read_text()[-2000:]
+@pytest.fixture
+def served(tiny_server):
+    return tiny_server
 
 
 def greedy_ranking(model_dir, prompt: str) -> tuple[list[int], list[int]]:

@@ -22,8 +22,10 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from fastserve_cli.serve.embeddings import EmbeddingRequest, create_embeddings
 from fastserve_cli.serve.engine import QueueFull, StepOutput
 from fastserve_cli.serve.errors import install_error_handlers, reject_invalid_text
+from fastserve_cli.serve.logit_bias import parse_logit_bias
 from fastserve_cli.serve.protocol import (
     ChatCompletionRequest, CompletionRequest, LogprobFormatter, OpenAIError, bad_request, chat_prompt,
     check_supported, completion_prompts, new_id, now_s, resolve_max_tokens, sampling_params, usage)
@@ -146,11 +148,20 @@ def create_app(state: ServerState) -> FastAPI:
         job.add_prompt(ids, sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None), 0)
         return await job.respond()
 
+    @app.post("/v1/embeddings", dependencies=guard)
+    async def embeddings(body: EmbeddingRequest):
+        loaded = ready()
+        check_model(body.model)
+        return await create_embeddings(body, loaded, state.model_name)
+
+    def check_model(model: str) -> None:
+        if model != state.model_name:
+            raise OpenAIError(404, f"model '{model}' does not exist; this server serves '{state.model_name}'",
+                              param="model", code="model_not_found")
+
     def check_common(body) -> None:
         check_supported(body)
-        if body.model != state.model_name:
-            raise OpenAIError(404, f"model '{body.model}' does not exist; this server serves '{state.model_name}'",
-                              param="model", code="model_not_found")
+        check_model(body.model)
         if body.stream_options is not None and not body.stream:
             raise bad_request("'stream_options' is only allowed with 'stream': true", param="stream_options")
 
@@ -169,6 +180,7 @@ class Job:
         self.prompt_tokens = 0
         self.queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
+        self.logit_bias = parse_logit_bias(getattr(body, "logit_bias", None), len(loaded.tokenizer))
 
     def add_prompt(self, ids: list[int], params, first_index: int) -> None:
         budget_tokens = self.loaded.kv_budget // self.loaded.kv_bytes_per_token
@@ -180,7 +192,7 @@ class Job:
         now = time.perf_counter()
         for k in range(self.body.n):
             seed = None if params.seed is None else params.seed + k
-            choice_params = type(params)(**{**params.__dict__, "seed": seed})
+            choice_params = type(params)(**{**params.__dict__, "seed": seed, "logit_bias": self.logit_bias})
             req = Request(prompt_ids=list(ids), params=choice_params, arrival_time=now)
             req.generator = make_generator(seed)
             index = first_index + k
