@@ -77,17 +77,29 @@ def tiny_onnx_dir(tmp_path_factory, tiny_gpt2_dir) -> Path:
     return out
 
 
-@pytest.fixture(scope="session", params=["torch", "onnx"])
-def tiny_server(request, tiny_gpt2_dir, tmp_path_factory):
-    """A `fastserve serve` process (model name 'tiny', no API key) over the tiny GPT-2 on the torch backend or its
-    ONNX export: (url, openai client, backend). Shared by the API feature tests, one server per backend."""
+def _served(target: Path, backend: str, log: Path):
+    """A `fastserve serve` process (model name 'tiny', no API key): yields (url, openai client, backend)."""
     from openai import OpenAI
 
     from fastserve_cli.serve.launch import running_server
 
-    target = tiny_gpt2_dir if request.param == "torch" else request.getfixturevalue("tiny_onnx_dir")
-    log = tmp_path_factory.mktemp(f"serve-{request.param}") / "server.log"
-    with running_server(target, "--model-name", "tiny", "--backend", request.param, log_path=log) as (url, proc):
-        yield url, OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60), request.param
+    with running_server(target, "--model-name", "tiny", "--backend", backend, log_path=log) as (url, proc):
+        yield url, OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60), backend
     text = log.read_text()
     assert proc.returncode == 0 and "Traceback" not in text, text[-3000:]
+
+
+@pytest.fixture(scope="session")
+def tiny_torch_server(tiny_gpt2_dir, tmp_path_factory):
+    yield from _served(tiny_gpt2_dir, "torch", tmp_path_factory.mktemp("serve-torch") / "server.log")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_server(tiny_onnx_dir, tmp_path_factory):
+    yield from _served(tiny_onnx_dir, "onnx", tmp_path_factory.mktemp("serve-onnx") / "server.log")
+
+
+@pytest.fixture(params=["torch", "onnx"])
+def tiny_server(request):
+    """The API feature tests' server, once per backend (each server is shared by the whole session)."""
+    return request.getfixturevalue(f"tiny_{request.param}_server")

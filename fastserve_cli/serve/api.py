@@ -30,6 +30,7 @@ from fastserve_cli.serve.protocol import (
     ChatCompletionRequest, CompletionRequest, LogprobFormatter, OpenAIError, bad_request, chat_prompt,
     check_supported, completion_prompts, new_id, now_s, resolve_max_tokens, sampling_params, usage)
 from fastserve_cli.serve.request import Request
+from fastserve_cli.serve.responses import ResponsesRequest, create_response
 from fastserve_cli.serve.sampling import make_generator
 
 log = logging.getLogger("fastserve.api")
@@ -153,6 +154,12 @@ def create_app(state: ServerState) -> FastAPI:
         loaded = ready()
         check_model(body.model)
         return await create_embeddings(body, loaded, state.model_name)
+
+    @app.post("/v1/responses", dependencies=guard)
+    async def responses(body: ResponsesRequest, request: HTTPRequest):
+        loaded = ready()
+        check_model(body.model)
+        return await create_response(body, loaded, request, Job)
 
     def check_model(model: str) -> None:
         if model != state.model_name:
