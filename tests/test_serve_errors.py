@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from fastserve_cli.serve.launch import running_server
+from serve_helpers import make_short_context_model
 
 KEY = "sk-errors"
 NAME = "tiny"
@@ -100,20 +101,6 @@ def test_unknown_model_route_and_method_are_openai_shaped(server):
     assert info.value.body["code"] == "model_not_found"
     assert_openai_error(httpx.get(f"{server}/v1/nope"), 404)
     assert_openai_error(httpx.get(f"{server}/v1/completions"), 405)
-
-
-def make_short_context_model(tokenizer_dir, out, context: int):
-    """What the train stage writes for `data.block_size: <context>`: a GPT-2 with n_positions = context."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=context, vocab_size=len(tokenizer),
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def test_default_scheduler_starts_on_a_64_token_model(tiny_tokenizer_dir, tmp_path):

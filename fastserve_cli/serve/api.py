@@ -26,6 +26,7 @@ from fastserve_cli.serve.embeddings import EmbeddingRequest, create_embeddings
 from fastserve_cli.serve.engine import QueueFull, StepOutput
 from fastserve_cli.serve.errors import install_error_handlers, reject_invalid_text
 from fastserve_cli.serve.logit_bias import parse_logit_bias
+from fastserve_cli.serve.openapi import install_openapi
 from fastserve_cli.serve.protocol import (
     ChatCompletionRequest, CompletionRequest, LogprobFormatter, OpenAIError, bad_request, chat_prompt,
     check_supported, completion_prompts, new_id, now_s, resolve_max_tokens, sampling_params, usage)
@@ -88,6 +89,8 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.fastserve = state
 
     install_error_handlers(app)
+    install_openapi(app, bool(state.api_key), state.model_name, lambda: state.loaded and {
+        "vocab": len(state.loaded.tokenizer), "context": state.loaded.max_context})
 
     def authorized(request: HTTPRequest) -> None:
         if not state.api_key:

@@ -35,7 +35,7 @@ MAX_BATCH_TOKENS = 2048  # padded tokens per forward: bounds memory and how long
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # JSON types as the spec says: no "1" -> 1, no false -> 0
 
     model: str
     input: Union[str, list[str], list[int], list[list[int]]] = Field(

@@ -48,7 +48,7 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # JSON types as the spec says: no "1" -> 1, no false -> 0
 
     model: str
     max_tokens: Optional[int] = None
@@ -57,7 +57,7 @@ class _Common(BaseModel):
     top_k: Optional[int] = Field(None, ge=-1, description="vLLM extension; 0 or -1 = off.")
     n: int = Field(1, ge=1, le=16)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1, description="A signed 64-bit integer.")
+    seed: Optional[int] = Field(None, description="Any integer; only its low 64 bits are used.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -77,7 +77,7 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # JSON types as the spec says: no "1" -> 1, no false -> 0
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Optional[Union[str, list[dict[str, Any]]]] = None

@@ -33,11 +33,11 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "prompt_cache_key": (), "safety_identifier": (), "stream_options": (), "input_transformations": (),
 }
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
-TEXT_PARTS = ("input_text", "output_text", "text")
+TEXT_PARTS = ("input_text", "output_text")
 
 
 class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # JSON types as the spec says: no "1" -> 1, no false -> 0
 
     model: str
     input: Union[str, list[dict[str, Any]]] = Field(..., description="A string, or a list of message items.")
@@ -68,9 +68,9 @@ def to_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     if not body.input:
         raise bad_request("'input' must hold at least one message", param="input")
     for i, item in enumerate(body.input):
-        kind = item.get("type", "message")
-        if kind != "message" or item.get("role") not in ROLES:
-            what = f"item type '{kind}'" if kind != "message" else f"role {item.get('role')!r}"
+        kind, role = item.get("type", "message"), item.get("role")
+        if kind != "message" or not isinstance(role, str) or role not in ROLES:
+            what = f"item type {kind!r}" if kind != "message" else f"role {role!r}"
             raise bad_request(f"input[{i}]: {what} is not supported; send messages with role user, assistant, "
                               "system or developer and text content", param=f"input[{i}]")
         messages.append({"role": ROLES[item["role"]], "content": _text(item.get("content"), i)})

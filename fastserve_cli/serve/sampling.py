@@ -19,7 +19,7 @@ def make_generator(seed: int | None):
 
     gen = torch.Generator()
     seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
-    gen.manual_seed(seed & (2**64 - 1))  # torch takes [0, 2**64); seed + k for choice k may pass 2**63
+    gen.manual_seed(seed & (2**64 - 1))  # torch takes [0, 2**64): any integer seed is folded to its low 64 bits
     return gen
 
 
