@@ -86,3 +86,24 @@ def test_bad_requests(tiny_server, body, status, param):
     r = httpx.post(f"{url}/v1/embeddings", json={"model": NAME, **body}, timeout=60)
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_embeddings_beside_generation(tiny_server):
+    """Embeddings run in a worker thread next to the engine: a concurrent greedy completion is unchanged and
+    both answer."""
+    import asyncio
+
+    url, client, _ = tiny_server
+    body = {"model": NAME, "prompt": "for i in", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    alone = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    texts = [("x = " + "y" * i) for i in range(200)]
+
+    async def both():
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(http.post(f"{url}/v1/completions", json=body),
+                                        http.post(f"{url}/v1/embeddings", json={"model": NAME, "input": texts}))
+
+    completion, embeddings = asyncio.run(both())
+    assert completion.status_code == embeddings.status_code == 200
+    assert completion.json()["choices"][0]["text"] == alone
+    assert len(embeddings.json()["data"]) == 200

@@ -42,6 +42,6 @@ def test_schemathesis_finds_nothing(tiny_tokenizer_dir, tmp_path):
     with running_server(model, "--model-name", "tiny", env={"FASTSERVE_API_KEY": KEY}, log_path=log) as (url, _):
         cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run", f"{url}/openapi.json",
                "-H", f"Authorization: Bearer {KEY}", "--max-examples", "15", "--seed", "1", "--no-color"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its cache goes there
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert "Traceback" not in log.read_text()

@@ -100,8 +100,8 @@ def correct(spec: dict[str, Any], has_api_key: bool, model_name: str) -> dict[st
                 ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
             if path == "/health":
                 ok["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}
-                responses["503"] = {"description": "The model is still loading",
-                                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}}
+                health = {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}
+                responses["503"] = {"description": "The model is still loading", "content": health}
     return spec
 
 

@@ -9,8 +9,9 @@ response.created, response.in_progress, response.output_item.added, response.con
 response.output_text.delta..., response.output_text.done, response.content_part.done,
 response.output_item.done, response.completed (its response has status "incomplete" and
 `incomplete_details.reason: "max_output_tokens"` when the limit cut the answer; OpenAI would end with
-`response.incomplete`, which the official client's `responses.stream()` helper cannot finish on). Nothing is stored: `store: true`, `previous_response_id`, tools, reasoning and non-text
-formats are refused with a 400 naming the field.
+`response.incomplete`, which the official client's `responses.stream()` helper cannot finish on).
+Nothing is stored: `store: true`, `previous_response_id`, tools, reasoning and non-text formats are refused
+with a 400 naming the field.
 """
 
 from __future__ import annotations
