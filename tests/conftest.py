@@ -36,3 +36,41 @@ def tiny_model_dir(request, tmp_path_factory, tiny_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return make_tiny_model("gpt2", tiny_tokenizer_dir, tmp_path_factory.mktemp("model-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_dir(tmp_path_factory, tiny_gpt2_dir) -> Path:
+    """The tiny GPT-2 exported to ONNX (the export stage's layout)."""
+    from fastserve_cli.models.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx-gpt2") / "onnx"
+    export_onnx(tiny_gpt2_dir, out, parity_steps=2)
+    return out
+
+
+def _served(target: Path, backend: str, log: Path):
+    """A `fastserve serve` process (model name 'tiny', no API key): yields (url, openai client, backend)."""
+    from openai import OpenAI
+
+    from fastserve_cli.serve.launch import running_server
+
+    with running_server(target, "--model-name", "tiny", "--backend", backend, log_path=log) as (url, proc):
+        yield url, OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60), backend
+    text = log.read_text()
+    assert proc.returncode == 0 and "Traceback" not in text, text[-3000:]
+
+
+@pytest.fixture(scope="session")
+def tiny_torch_server(tiny_gpt2_dir, tmp_path_factory):
+    yield from _served(tiny_gpt2_dir, "torch", tmp_path_factory.mktemp("serve-torch") / "server.log")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_server(tiny_onnx_dir, tmp_path_factory):
+    yield from _served(tiny_onnx_dir, "onnx", tmp_path_factory.mktemp("serve-onnx") / "server.log")
+
+
+@pytest.fixture(params=["torch", "onnx"])
+def tiny_server(request):
+    """The API feature tests' server, once per backend (each server is shared by the whole session)."""
+    return request.getfixturevalue(f"tiny_{request.param}_server")

@@ -20,14 +20,18 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from fastserve_cli.serve.embeddings import EmbeddingRequest, create_embeddings
 from fastserve_cli.serve.engine import QueueFull, StepOutput
+from fastserve_cli.serve.errors import install_error_handlers, reject_invalid_text
+from fastserve_cli.serve.logit_bias import parse_logit_bias
+from fastserve_cli.serve.openapi import install_openapi
 from fastserve_cli.serve.protocol import (
     ChatCompletionRequest, CompletionRequest, LogprobFormatter, OpenAIError, bad_request, chat_prompt,
     check_supported, completion_prompts, new_id, now_s, resolve_max_tokens, sampling_params, usage)
 from fastserve_cli.serve.request import Request
+from fastserve_cli.serve.responses import ResponsesRequest, create_response
 from fastserve_cli.serve.sampling import make_generator
 
 log = logging.getLogger("fastserve.api")
@@ -84,18 +88,9 @@ def create_app(state: ServerState) -> FastAPI:
                   lifespan=lifespan)
     app.state.fastserve = state
 
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(_: HTTPRequest, err: OpenAIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: HTTPRequest, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return JSONResponse(bad_request(f"the request body is not valid JSON: {first.get('msg')}").body(), 400)
-        param = ".".join(loc) or None
-        return JSONResponse(bad_request(f"{param or 'body'}: {first.get('msg', 'invalid request')}", param).body(), 400)
+    install_error_handlers(app)
+    install_openapi(app, bool(state.api_key), state.model_name, lambda: state.loaded and {
+        "vocab": len(state.loaded.tokenizer), "context": state.loaded.max_context})
 
     def authorized(request: HTTPRequest) -> None:
         if not state.api_key:
@@ -112,7 +107,7 @@ def create_app(state: ServerState) -> FastAPI:
                               code="model_loading")
         return state.loaded
 
-    guard = [Depends(authorized)]
+    guard = [Depends(authorized), Depends(reject_invalid_text)]
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -157,11 +152,26 @@ def create_app(state: ServerState) -> FastAPI:
         job.add_prompt(ids, sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None), 0)
         return await job.respond()
 
+    @app.post("/v1/embeddings", dependencies=guard)
+    async def embeddings(body: EmbeddingRequest):
+        loaded = ready()
+        check_model(body.model)
+        return await create_embeddings(body, loaded, state.model_name)
+
+    @app.post("/v1/responses", dependencies=guard)
+    async def responses(body: ResponsesRequest, request: HTTPRequest):
+        loaded = ready()
+        check_model(body.model)
+        return await create_response(body, loaded, request, Job)
+
+    def check_model(model: str) -> None:
+        if model != state.model_name:
+            raise OpenAIError(404, f"model '{model}' does not exist; this server serves '{state.model_name}'",
+                              param="model", code="model_not_found")
+
     def check_common(body) -> None:
         check_supported(body)
-        if body.model != state.model_name:
-            raise bad_request(f"model '{body.model}' does not exist; this server serves '{state.model_name}'",
-                              param="model")
+        check_model(body.model)
         if body.stream_options is not None and not body.stream:
             raise bad_request("'stream_options' is only allowed with 'stream': true", param="stream_options")
 
@@ -180,6 +190,7 @@ class Job:
         self.prompt_tokens = 0
         self.queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
+        self.logit_bias = parse_logit_bias(getattr(body, "logit_bias", None), len(loaded.tokenizer))
 
     def add_prompt(self, ids: list[int], params, first_index: int) -> None:
         budget_tokens = self.loaded.kv_budget // self.loaded.kv_bytes_per_token
@@ -191,7 +202,7 @@ class Job:
         now = time.perf_counter()
         for k in range(self.body.n):
             seed = None if params.seed is None else params.seed + k
-            choice_params = type(params)(**{**params.__dict__, "seed": seed})
+            choice_params = type(params)(**{**params.__dict__, "seed": seed, "logit_bias": self.logit_bias})
             req = Request(prompt_ids=list(ids), params=choice_params, arrival_time=now)
             req.generator = make_generator(seed)
             index = first_index + k

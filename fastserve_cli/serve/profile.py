@@ -132,12 +132,17 @@ def measure_backend(backend: Any, batch_size: int, repeats: int = 3, decode_cont
         backend.prefill(req)
         backend.release(req)
 
+    # The timed decodes (one warm-up + `repeats`) advance every row by one position each: the rows' context
+    # must leave that room, or a model with a short context (block_size 64, or 8) decodes past its positions.
+    max_context = int(backend.max_context)
+    repeats = max(1, min(repeats, max_context // 2 - 1))
+    decode_context = max(1, min(decode_context, max_context - repeats - 1))
     rows = [fake(decode_context) for _ in range(batch_size)]
     for req in rows:
         backend.prefill(req)
         req.output_ids.append(0)
     try:
-        max_len = max(1, int(backend.max_context) - repeats - 2)
+        max_len = max(1, max_context - repeats - 2)
         key = {"model": str(Path(backend.model_dir).resolve()), "backend": backend.name}
         return measure_profile(prefill, lambda b: backend.decode(rows), max_len, batch_size, key, repeats)
     finally:

@@ -17,7 +17,7 @@ from fastserve_cli.serve.request import SamplingParams
 MAX_LOGPROBS = 20
 # Fields OpenAI defines that we accept only at their "off" value; anything else is a 400 naming the field.
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "echo": (False,), "best_of": (1,), "logit_bias": ({},), "suffix": ("",), "tools": ([],),
+    "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],),
     "tool_choice": ("none",), "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (False,),
     "response_format": ({"type": "text"},), "store": (False,), "metadata": ({},), "modalities": (["text"],),
     "service_tier": ("auto", "default"), "reasoning_effort": (), "prediction": (), "audio": (),
@@ -48,7 +48,7 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # JSON types as the spec says: no "1" -> 1, no false -> 0
 
     model: str
     max_tokens: Optional[int] = None
@@ -57,13 +57,14 @@ class _Common(BaseModel):
     top_k: Optional[int] = Field(None, ge=-1, description="vLLM extension; 0 or -1 = off.")
     n: int = Field(1, ge=1, le=16)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, description="Any integer; only its low 64 bits are used.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS.")
     user: Optional[str] = None
+    logit_bias: Optional[dict[str, Any]] = Field(None, description="Token id -> bias in [-100, 100] added to its logit.")
 
     def unsupported_fields(self) -> list[str]:
         extra = self.model_extra or {}
@@ -76,7 +77,7 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # JSON types as the spec says: no "1" -> 1, no false -> 0
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Optional[Union[str, list[dict[str, Any]]]] = None

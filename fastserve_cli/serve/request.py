@@ -29,6 +29,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # number of top alternatives to return per token; None = no logprobs
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit (serve/logit_bias.py)
 
     @property
     def greedy(self) -> bool:

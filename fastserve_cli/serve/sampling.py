@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from fastserve_cli.serve.logit_bias import apply_logit_bias
 from fastserve_cli.serve.request import Request, SamplingParams
 
 
@@ -17,7 +18,8 @@ def make_generator(seed: int | None):
     import torch
 
     gen = torch.Generator()
-    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
+    seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
+    gen.manual_seed(seed & (2**64 - 1))  # torch takes [0, 2**64): any integer seed is folded to its low 64 bits
     return gen
 
 
@@ -53,7 +55,7 @@ def sample_row(row, req: Request) -> tuple[int, tuple[float, list[tuple[int, flo
     import torch
 
     params = req.params
-    row = _penalize(row, req)
+    row = _penalize(apply_logit_bias(row, params.logit_bias), req)
     if params.greedy:
         token = int(row.argmax())
     else:
@@ -73,7 +75,7 @@ def sample_row(row, req: Request) -> tuple[int, tuple[float, list[tuple[int, flo
 def sample(logits, reqs: list[Request]) -> list[tuple[int, tuple | None]]:
     """Tokens for a batch; the all-greedy, no-extras case is one vectorized argmax."""
     plain = all(r.params.greedy and r.params.logprobs is None and r.params.presence_penalty == 0
-                and r.params.frequency_penalty == 0 for r in reqs)
+                and r.params.frequency_penalty == 0 and not r.params.logit_bias for r in reqs)
     if plain:
         return [(int(t), None) for t in logits.argmax(-1).tolist()]
     return [sample_row(logits[i], r) for i, r in enumerate(reqs)]
