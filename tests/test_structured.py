@@ -64,6 +64,23 @@ def test_fifty_seeds_validate_on_both_backends(tiny_gpt2_dir, tmp_path, backend)
     assert cache.get(GrammarSpec.json_schema(SCHEMA)) is compiled and cache.hits == 1
 
 
+def test_grammar_cache_is_a_bounded_lru(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from fastserve_cli.serve.grammar import GrammarCache, GrammarSpec
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    cache = GrammarCache(tok, len(tok), [tok.eos_token_id], capacity=2)
+    a, b, c = (GrammarSpec.choice([w], "guided_choice") for w in ("a", "b", "c"))
+    first = cache.get(a)
+    cache.get(b)
+    assert cache.get(a) is first  # a hit refreshes a ...
+    cache.get(c)  # ... so c evicts b
+    assert cache.get(a) is first and (cache.hits, cache.misses) == (2, 3)
+    cache.get(b)
+    assert cache.misses == 4
+
+
 @pytest.fixture(scope="module")
 def server(tiny_gpt2_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
