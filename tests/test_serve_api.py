@@ -112,7 +112,7 @@ def test_n_seed_stop_logprobs(client):
     ({"prompt": "x " * 600}, "prompt"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "tools": [{"type": "function"}]}, "tools"),
-    ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format.type"),
     ({"prompt": "x", "temperature": 5}, "temperature"),
 ])
 def test_invalid_requests_are_400_in_openai_shape(server, body, param):

@@ -27,12 +27,14 @@ from fastserve_cli.serve.engine import QueueFull, StepOutput
 from fastserve_cli.serve.errors import install_error_handlers, reject_invalid_text
 from fastserve_cli.serve.logit_bias import parse_logit_bias
 from fastserve_cli.serve.openapi import install_openapi
+from fastserve_cli.serve.grammar import GrammarCache, GrammarError, GrammarSpec, request_spec
 from fastserve_cli.serve.protocol import (
     ChatCompletionRequest, CompletionRequest, LogprobFormatter, OpenAIError, bad_request, chat_prompt,
     check_supported, completion_prompts, new_id, now_s, resolve_max_tokens, sampling_params, usage)
 from fastserve_cli.serve.request import Request
 from fastserve_cli.serve.responses import ResponsesRequest, create_response
 from fastserve_cli.serve.sampling import make_generator
+from fastserve_cli.serve.tools import ToolCallStreamer, ToolError, grammar_spec, parse_tool_calls, tool_config
 
 log = logging.getLogger("fastserve.api")
 
@@ -47,9 +49,13 @@ class Loaded:
     kv_bytes_per_token: int
     kv_budget: int
     logprobs: LogprobFormatter = field(init=False)
+    grammars: GrammarCache = field(init=False)
 
     def __post_init__(self) -> None:
         self.logprobs = LogprobFormatter(self.tokenizer)
+        backend = self.engine.backend
+        self.grammars = GrammarCache(self.tokenizer, backend.config.get("vocab_size") or len(self.tokenizer),
+                                     sorted(backend.eos_token_ids))
 
 
 class ServerState:
@@ -135,6 +141,7 @@ def create_app(state: ServerState) -> FastAPI:
         prompts = completion_prompts(body, loaded.tokenizer)
         max_tokens = [resolve_max_tokens(body.max_tokens, len(p), loaded.max_context, 16) for p in prompts]
         job = Job(loaded, "completion", body, request)
+        job.grammar = await compile_grammar(loaded, constraint(body))
         for i, (ids, mt) in enumerate(zip(prompts, max_tokens)):
             job.add_prompt(ids, sampling_params(body, mt, body.logprobs), first_index=i * body.n)
         return await job.respond()
@@ -145,10 +152,19 @@ def create_app(state: ServerState) -> FastAPI:
         check_common(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        ids = chat_prompt(body, loaded.tokenizer)
+        try:
+            tools = tool_config(body.tools, body.tool_choice, body.parallel_tool_calls)
+        except ToolError as err:
+            raise bad_request(str(err), param=err.param) from None
+        ids = chat_prompt(body, loaded.tokenizer, tools.tools if tools.active else None)
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = resolve_max_tokens(requested, len(ids), loaded.max_context, None)
         job = Job(loaded, "chat", body, request)
+        job.parse_tools = tools.active
+        spec, tool_spec = constraint(body), grammar_spec(tools)
+        if spec is not None and tool_spec is not None:
+            raise bad_request(f"'{spec.param}' cannot be combined with tool_choice '{tools.choice}'", param="tool_choice")
+        job.grammar = await compile_grammar(loaded, spec or tool_spec)
         job.add_prompt(ids, sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None), 0)
         return await job.respond()
 
@@ -168,6 +184,21 @@ def create_app(state: ServerState) -> FastAPI:
         if model != state.model_name:
             raise OpenAIError(404, f"model '{model}' does not exist; this server serves '{state.model_name}'",
                               param="model", code="model_not_found")
+    def constraint(body) -> GrammarSpec | None:
+        try:
+            return request_spec(body.response_format, {k: getattr(body, k) for k in
+                                                       ("guided_json", "guided_regex", "guided_choice", "structured_outputs")})
+        except GrammarError as err:
+            raise bad_request(str(err), param=err.param) from None
+
+    async def compile_grammar(loaded: Loaded, spec: GrammarSpec | None):
+        """Compile off the event loop (a cold schema takes a while; a cached one is a lookup)."""
+        if spec is None:
+            return None
+        try:
+            return await asyncio.to_thread(loaded.grammars.get, spec)
+        except GrammarError as err:
+            raise bad_request(str(err), param=err.param) from None
 
     def check_common(body) -> None:
         check_supported(body)
@@ -191,6 +222,8 @@ class Job:
         self.queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
         self.logit_bias = parse_logit_bias(getattr(body, "logit_bias", None), len(loaded.tokenizer))
+        self.grammar = None  # grammar.CompiledSpec: each choice gets its own matcher
+        self.parse_tools = False  # chat with tools offered: tool calls are parsed out of the text
 
     def add_prompt(self, ids: list[int], params, first_index: int) -> None:
         budget_tokens = self.loaded.kv_budget // self.loaded.kv_bytes_per_token
@@ -205,6 +238,7 @@ class Job:
             choice_params = type(params)(**{**params.__dict__, "seed": seed, "logit_bias": self.logit_bias})
             req = Request(prompt_ids=list(ids), params=choice_params, arrival_time=now)
             req.generator = make_generator(seed)
+            req.grammar = self.grammar.new_state() if self.grammar is not None else None
             index = first_index + k
             req.on_output = lambda out, i=index: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
             self.index[id(req)] = index
@@ -267,6 +301,7 @@ class Job:
         """SSE chunks in OpenAI's shape, then an optional usage chunk, then `data: [DONE]`."""
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
         offsets = {self.index[id(r)]: 0 for r in self.reqs}
+        streamers = {i: ToolCallStreamer() for i in offsets} if self.parse_tools else {}
         try:
             if self.kind == "chat":
                 for i in sorted(offsets):
@@ -274,6 +309,10 @@ class Job:
                                                   "logprobs": None, "finish_reason": None}], include_usage))
             async for index, out in self._outputs():
                 if not out.text and not out.finished and not out.logprobs:
+                    continue
+                if index in streamers:
+                    for choice in self._tool_choices(index, out, streamers[index]):
+                        yield self._sse(self._chunk([choice], include_usage))
                     continue
                 choice = self._choice(index, out.text, out.logprobs, out.finish_reason, final=False,
                                       offset=offsets[index])
@@ -298,10 +337,30 @@ class Job:
         if self.body.logprobs:
             logprobs = self.loaded.logprobs.chat(entries)
         if final:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                    "finish_reason": reason}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            calls = []
+            if self.parse_tools:
+                message["content"], calls = parse_tool_calls(text)
+            if calls:
+                message["tool_calls"] = calls
+                reason = "tool_calls" if reason == "stop" else reason
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
         delta = {"content": text} if text else {}
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+    def _tool_choices(self, index: int, out: StepOutput, streamer: ToolCallStreamer) -> list[dict[str, Any]]:
+        """Streamed chat choices when tools are offered: content and tool-call deltas, then the finish."""
+        logprobs = self.loaded.logprobs.chat(out.logprobs) if self.body.logprobs and out.logprobs else None
+        choices = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
+                   for d in streamer.feed(out.text, final=out.finished)]
+        if out.finished:
+            reason = "tool_calls" if out.finish_reason == "stop" and streamer.num_calls else out.finish_reason
+            choices.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})
+        if logprobs is not None:
+            if not choices:
+                choices.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": None})
+            choices[0]["logprobs"] = logprobs
+        return choices
 
     def _chunk(self, choices: list, include_usage: bool, usage_: dict | None = None) -> dict[str, Any]:
         obj = "text_completion" if self.kind == "completion" else "chat.completion.chunk"

@@ -215,7 +215,9 @@ class Engine:
         if logprob is not None:
             out.logprobs.append((token, logprob[0], logprob[1]))
         reason = None
-        if token in self.backend.eos_token_ids and not req.params.ignore_eos:
+        if req.grammar is not None and req.grammar.terminated:
+            reason = "stop"  # the grammar accepted EOS: the constrained output is complete
+        elif token in self.backend.eos_token_ids and not req.params.ignore_eos:
             reason = "stop"
         elif req.detok.add(token):
             reason = "stop"

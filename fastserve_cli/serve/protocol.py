@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from fastserve_cli.serve.request import SamplingParams
+from fastserve_cli.serve.tools import template_message, tools_system_text
 
 MAX_LOGPROBS = 20
 # Fields OpenAI defines that we accept only at their "off" value; anything else is a 400 naming the field.
@@ -65,6 +66,12 @@ class _Common(BaseModel):
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS.")
     user: Optional[str] = None
     logit_bias: Optional[dict[str, Any]] = Field(None, description="Token id -> bias in [-100, 100] added to its logit.")
+    # Structured outputs (serve/grammar.py): OpenAI's response_format, or one vLLM-style extra.
+    response_format: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = Field(None, description="vLLM extension: a JSON schema.")
+    guided_regex: Optional[str] = Field(None, description="vLLM extension: a regular expression.")
+    guided_choice: Optional[list[str]] = Field(None, description="vLLM extension: one of these strings.")
+    structured_outputs: Optional[dict[str, Any]] = Field(None, description="vLLM extension: {json|regex|choice}.")
 
     def unsupported_fields(self) -> list[str]:
         extra = self.model_extra or {}
@@ -82,6 +89,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Optional[Union[str, list[dict[str, Any]]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # assistant turns that called tools
+    tool_call_id: Optional[str] = None  # role "tool": which call this result answers
 
 
 class ChatCompletionRequest(_Common):
@@ -89,6 +98,9 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 # ------------------------------------------------------------------ validation
@@ -140,8 +152,8 @@ def completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
     return prompts
 
 
-def chat_prompt(body: ChatCompletionRequest, tokenizer) -> list[int]:
-    """Render messages with the tokenizer's chat template (text content only)."""
+def chat_prompt(body: ChatCompletionRequest, tokenizer, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Render messages (text content, tool calls and results) and `tools` with the tokenizer's chat template."""
     messages = []
     for i, m in enumerate(body.messages):
         content = m.content
@@ -156,9 +168,17 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer) -> list[int]:
         if m.model_extra:
             name = next(iter(m.model_extra))
             raise bad_request(f"messages[{i}].{name} is not supported by this server", param=f"messages[{i}].{name}")
-        messages.append({"role": m.role, "content": content or ""})
+        message = {"role": m.role, "content": content or ""}
+        if m.tool_calls:
+            message = template_message({**message, "tool_calls": m.tool_calls})
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
+    if tools and "tools" not in (tokenizer.chat_template or ""):  # a template without a tools section
+        messages.insert(0, {"role": "system", "content": tools_system_text(tools)})
+        tools = None
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=True)
     except Exception as err:  # jinja errors from the template (e.g. a role it does not accept)
         raise bad_request(f"'messages' could not be rendered by the model's chat template: {err}", param="messages")
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):

@@ -66,6 +66,7 @@ class Request:
     generator: Any = None  # torch.Generator when seeded
     on_output: Callable[[Any], None] | None = None  # engine thread -> API layer, one call per step
     detok: Any = None  # engine-owned incremental detokenizer
+    grammar: Any = None  # grammar.GrammarState when the output is constrained (masked in sampling)
 
     def __post_init__(self) -> None:
         self.request_id = self.request_id or f"req-{self.seq}"

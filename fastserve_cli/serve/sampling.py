@@ -4,6 +4,8 @@ Greedy rows take the argmax (so the server's greedy output equals `model.generat
 apply OpenAI's presence/frequency penalties, temperature, top-k and top-p, then draw with the request's own
 `torch.Generator` (seeded per request, so a fixed `seed` reproduces the output whatever else is batched).
 Logprobs are those of the penalized distribution before temperature, as OpenAI documents them.
+Constrained requests (`req.grammar`, see grammar.py) have their rows masked first, so every sampling mode
+and the logprobs see only the tokens the grammar allows.
 """
 
 from __future__ import annotations
@@ -68,12 +70,24 @@ def sample_row(row, req: Request) -> tuple[int, tuple[float, list[tuple[int, flo
     top = []
     if params.logprobs > 0:
         values, ids = torch.topk(logprobs, params.logprobs)
-        top = [(int(i), float(v)) for i, v in zip(ids, values)]
+        top = [(int(i), float(v)) for i, v in zip(ids, values) if v > float("-inf")]  # masked tokens are not alternatives
     return token, (float(logprobs[token]), top)
 
 
 def sample(logits, reqs: list[Request]) -> list[tuple[int, tuple | None]]:
-    """Tokens for a batch; the all-greedy, no-extras case is one vectorized argmax."""
+    """Tokens for a batch; constrained rows are masked (one batched fill) and their matchers advanced."""
+    if not any(r.grammar is not None for r in reqs):
+        return _sample(logits, reqs)
+    from fastserve_cli.serve.grammar import accept_tokens, mask_logits
+
+    mask_logits(logits, reqs)
+    out = _sample(logits, reqs)
+    accept_tokens([token for token, _ in out], reqs)
+    return out
+
+
+def _sample(logits, reqs: list[Request]) -> list[tuple[int, tuple | None]]:
+    """The all-greedy, no-extras case is one vectorized argmax."""
     plain = all(r.params.greedy and r.params.logprobs is None and r.params.presence_penalty == 0
                 and r.params.frequency_penalty == 0 and not r.params.logit_bias for r in reqs)
     if plain:

@@ -1,0 +1,276 @@
+"""Structured-outputs benchmark: grammar engines (xgrammar vs llguidance) and the served cost of a JSON schema.
+
+Part 1, in this process, per tokenizer (the 512-token test BPE and the 50k BPE of the 124M model): tokenizer
+set-up, compile of a JSON schema (cold: a new schema), and the per-token mask time along random walks through
+the grammar (a uniformly random allowed token each step, restarting when the grammar ends). llguidance is
+measured when importable (`pip install llguidance`; it is not a dependency of fastserve).
+
+Part 2, a real `fastserve serve` process on the 124M GPT-2 shape (random weights, fcfs scheduler, as
+bench_serve): batch 1 and 16 concurrent streamed chat requests, each `--tokens` long, unconstrained vs
+constrained by a JSON schema whose instances are long (an array of at least 1000 strings, so every request
+runs to max_tokens). Rounds interleave the modes; reported: aggregate throughput (completion tokens /
+makespan), mean inter-token latency, their spread over rounds, and the constrained/unconstrained ratio. Also
+the server-side cost of a cold vs cached schema (latency of a 1-token request, new schema vs the same one).
+
+    flock /tmp/fastserve-bench.lock .venv/bin/python scripts/bench_structured.py --model-dir /tmp/bench/gpt2-124m
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from fastserve_cli.serve.launch import running_server  # noqa: E402
+
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    "email": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
+    "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
+                "required": ["city"]}}, "required": ["name", "age", "tags"], "additionalProperties": False}
+# minItems keeps the grammar open, so constrained requests run to max_tokens exactly like ignore_eos ones.
+LONG_SCHEMA = {"type": "object", "properties": {"lines": {"type": "array", "items": {"type": "string"}, "minItems": 1000}},
+               "required": ["lines"], "additionalProperties": False}
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# ------------------------------------------------------------------ part 1: engines
+
+
+def _walk(fill, accept, allowed, restart, steps: int, seed: int) -> list[float]:
+    """Per-token mask times (ms) along a random walk of `steps` tokens."""
+    rng, times = random.Random(seed), []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fill()
+        times.append((time.perf_counter() - t0) * 1e3)
+        ids = allowed()
+        if not ids:
+            restart()
+            continue
+        token = rng.choice(ids)
+        if not accept(token):
+            restart()
+    return times
+
+
+def _allowed_ids(bitmask_row, vocab: int) -> list[int]:
+    import torch
+
+    bits = bitmask_row.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(32, dtype=torch.int64)
+    flags = ((bits.unsqueeze(-1) >> shifts) & 1).flatten()[:vocab]
+    return flags.nonzero().flatten().tolist()
+
+
+def bench_xgrammar(tok, vocab: int, eos: int, steps: int) -> dict:
+    import xgrammar as xgr
+
+    t0 = time.perf_counter()
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab, stop_token_ids=[eos])
+    compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+    setup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiler.compile_json_schema(json.dumps({**SCHEMA, "title": "another"}), any_whitespace=False)
+    compile2_s = time.perf_counter() - t0
+    matcher = xgr.GrammarMatcher(compiled)
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+    times = _walk(lambda: matcher.fill_next_token_bitmask(bitmask, 0), lambda t: matcher.accept_token(t),
+                  lambda: [t for t in _allowed_ids(bitmask[0], vocab) if t != eos] or [],
+                  matcher.reset, steps, 0)
+    return {"setup_s": setup, "compile_s": compile_s, "compile_new_schema_s": compile2_s, "mask_ms": times}
+
+
+def bench_llguidance(tok, vocab: int, eos: int, steps: int) -> dict | None:
+    try:
+        import llguidance
+        import llguidance.hf
+        import llguidance.torch as llt
+    except ImportError:
+        return None
+    t0 = time.perf_counter()
+    lltok = llguidance.hf.from_tokenizer(tok, n_vocab=vocab, eos_token=eos)
+    setup = time.perf_counter() - t0
+    options = {"whitespace_flexible": False}
+    t0 = time.perf_counter()
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults=options)
+    matcher = llguidance.LLMatcher(lltok, grammar)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    llguidance.LLMatcher(lltok, llguidance.LLMatcher.grammar_from_json_schema({**SCHEMA, "title": "another"},
+                                                                               defaults=options))
+    compile2_s = time.perf_counter() - t0
+    bitmask = llt.allocate_token_bitmask(1, vocab)
+    times = _walk(lambda: llt.fill_next_token_bitmask(matcher, bitmask, 0), lambda t: matcher.consume_token(t),
+                  lambda: [t for t in _allowed_ids(bitmask[0], vocab) if t != eos] or [],
+                  matcher.reset, steps, 0)
+    assert not matcher.is_error(), matcher.get_error()
+    return {"setup_s": setup, "compile_s": compile_s, "compile_new_schema_s": compile2_s, "mask_ms": times}
+
+
+def tiny_tokenizer(path: Path) -> Path:
+    if not (path / "tokenizer.json").is_file():
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import stdlib_texts
+
+        from fastserve_cli.core.tokenizer import train_bpe
+
+        train_bpe(stdlib_texts(), vocab_size=512, min_frequency=2, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                  extra_special_tokens=["<|im_start|>", "<|im_end|>"]).save_pretrained(path)
+    return path
+
+
+def part_engines(model_dir: Path, steps: int) -> dict:
+    from transformers import AutoTokenizer
+
+    report = {}
+    for label, path in (("bpe-512 (tests)", tiny_tokenizer(model_dir.parent / "tokenizer-512")),
+                        ("bpe-50k (124M)", model_dir)):
+        tok = AutoTokenizer.from_pretrained(path)
+        vocab, eos = len(tok), tok.eos_token_id
+        report[label] = {"xgrammar": bench_xgrammar(tok, vocab, eos, steps),
+                         "llguidance": bench_llguidance(tok, vocab, eos, steps)}
+    return report
+
+
+# ------------------------------------------------------------------ part 2: serving
+
+
+async def run_batch(url: str, batch: int, tokens: int, fmt: dict | None) -> dict:
+    import httpx
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "Write JSON."}], "max_tokens": tokens,
+            "temperature": 1.0, "stream": True, "stream_options": {"include_usage": True}}
+    if fmt is None:
+        body["ignore_eos"] = True
+    else:
+        body["response_format"] = fmt
+
+    async def one(client, seed: int) -> tuple[int, float, float]:
+        stamps, used = [], 0
+        async with client.stream("POST", f"{url}/v1/chat/completions", json={**body, "seed": seed}) as r:
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    used = chunk["usage"]["completion_tokens"]
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    stamps.append(time.perf_counter())
+        return used, stamps[0], stamps[-1]
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(client, s) for s in range(batch)))
+        makespan = time.perf_counter() - t0
+    total = sum(u for u, _, _ in results)
+    itl = statistics.mean((last - first) / max(1, u - 1) for u, first, last in results)
+    return {"tokens": total, "throughput": total / makespan, "itl_ms": itl * 1e3}
+
+
+def cold_vs_cached(url: str, rounds: int) -> dict:
+    import httpx
+
+    def latency(schema: dict) -> float:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+        t0 = time.perf_counter()
+        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600).raise_for_status()
+        return time.perf_counter() - t0
+
+    cold, cached = [], []
+    for i in range(rounds):
+        schema = {**SCHEMA, "title": f"schema-{i}-{random.random()}"}
+        cold.append(latency(schema))
+        cached.append(latency(schema))
+    return {"cold_s": cold, "cached_s": cached}
+
+
+def part_serve(model_dir: Path, rounds: int, tokens: int, batches: list[int]) -> dict:
+    fmt = {"type": "json_schema", "json_schema": {"name": "lines", "schema": LONG_SCHEMA}}
+    results: dict = {}
+    args = ["--model-name", "m", "--scheduler", "fcfs", "--max-batch-size", str(max(batches))]
+    with running_server(model_dir, *args, log_path=Path("/tmp/bench_structured_server.log")) as (url, _):
+        asyncio.run(run_batch(url, 2, 8, fmt))  # warm-up (compiles the schema, touches the model)
+        asyncio.run(run_batch(url, 2, 8, None))
+        for r in range(rounds):
+            for batch in batches:
+                for mode in (("plain", "json") if r % 2 == 0 else ("json", "plain")):
+                    out = asyncio.run(run_batch(url, batch, tokens, fmt if mode == "json" else None))
+                    results.setdefault(f"{mode} b{batch}", []).append(out)
+                    print(f"round {r} batch {batch} {mode}: {out['throughput']:.1f} tok/s, ITL {out['itl_ms']:.1f} ms"
+                          f" ({out['tokens']} tokens)", flush=True)
+        results["compile"] = cold_vs_cached(url, 3)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/bench/gpt2-124m"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--mask-steps", type=int, default=2000)
+    ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bench_structured.json"))
+    args = ap.parse_args()
+    from bench_serve import ensure_model
+
+    model_dir = ensure_model(args.model_dir)
+    report = {"engines": part_engines(model_dir, args.mask_steps)}
+    print_engines(report["engines"])
+    if not args.skip_serve:
+        report["serve"] = part_serve(model_dir, args.rounds, args.tokens, [int(b) for b in args.batches.split(",")])
+        print_serve(report["serve"], [int(b) for b in args.batches.split(",")])
+    args.out.write_text(json.dumps(report, indent=1))
+
+
+def print_engines(engines: dict) -> None:
+    print("\n| tokenizer | engine | tokenizer set-up s | compile s (first / new schema) | mask ms/token p50 / mean / p99 |")
+    print("|---|---|---|---|---|")
+    for label, per in engines.items():
+        for name, r in per.items():
+            if r is None:
+                print(f"| {label} | {name} | not installed | | |")
+                continue
+            m = r["mask_ms"]
+            print(f"| {label} | {name} | {r['setup_s']:.3f} | {r['compile_s']:.3f} / {r['compile_new_schema_s']:.3f} | "
+                  f"{pct(m, 0.5):.4f} / {statistics.mean(m):.4f} / {pct(m, 0.99):.4f} |")
+
+
+def print_serve(serve: dict, batches: list[int]) -> None:
+    print("\n| batch | mode | throughput tok/s (min..max) | mean ITL ms (min..max) | json/plain throughput |")
+    print("|---|---|---|---|---|")
+    for b in batches:
+        plain = statistics.mean(x["throughput"] for x in serve[f"plain b{b}"])
+        for mode in ("plain", "json"):
+            runs = serve[f"{mode} b{b}"]
+            tp, itl = [x["throughput"] for x in runs], [x["itl_ms"] for x in runs]
+            ratio = statistics.mean(tp) / plain
+            print(f"| {b} | {mode} | {statistics.mean(tp):.1f} ({min(tp):.1f}..{max(tp):.1f}) | "
+                  f"{statistics.mean(itl):.1f} ({min(itl):.1f}..{max(itl):.1f}) | {ratio:.3f} |")
+        pairs = [j["throughput"] / p["throughput"] for j, p in zip(serve[f"json b{b}"], serve[f"plain b{b}"])]
+        print(f"|   | per-round ratio | {', '.join(f'{x:.3f}' for x in pairs)} | | |")
+    c = serve["compile"]
+    print(f"\nschema cold vs cached (1-token request latency, s): cold {', '.join(f'{x:.3f}' for x in c['cold_s'])}; "
+          f"cached {', '.join(f'{x:.3f}' for x in c['cached_s'])}")
+
+
+if __name__ == "__main__":
+    main()
