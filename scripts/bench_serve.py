@@ -23,25 +23,17 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from fastserve_cli.core.stats import percentile
-from fastserve_cli.testing.corpus import corpus_ids, cut_prompt, stdlib_sources
-from fastserve_cli.testing.models import GPT2_SMALL, gpt2_model_dir, train_tokenizer
+from fastserve_cli.testing.corpus import corpus_ids, cut_prompt
+from fastserve_cli.testing.models import gpt2_small_dir
 from fastserve_cli.testing.replay import Job, Stream, replay_sync
 from fastserve_cli.testing.server import free_port, running_process, running_server
 
 # ------------------------------------------------------------------ model and workload
 
 
-def ensure_model(model_dir: Path) -> Path:
-    """GPT-2-small shape (12 layers, 768 wide), random init, fp32, with a 50257-token BPE of the stdlib tree."""
-
-    def tokenizer():
-        return train_tokenizer(stdlib_sources(recursive=True, errors="ignore"), 50257, chat_tokens=True)
-
-    return gpt2_model_dir(model_dir, replace(GPT2_SMALL, vocab_size=None), tokenizer)
 
 
 def make_workload(tokenizer, n: int, rate: float, seed: int, max_out: int) -> list[Job]:
@@ -198,7 +190,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = ensure_model(args.model_dir)
+    model_dir = gpt2_small_dir(args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     jobs = make_workload(tokenizer, args.requests, args.rate, args.seed, args.max_out)
     print(f"workload: {len(jobs)} requests over {jobs[-1].arrival:.1f} s, prompts "

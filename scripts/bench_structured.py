@@ -22,15 +22,11 @@ import asyncio
 import json
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from fastserve_cli.serve.launch import running_server  # noqa: E402
+from fastserve_cli.testing.models import gpt2_small_dir, tiny_tokenizer
+from fastserve_cli.testing.server import running_server
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
@@ -124,16 +120,6 @@ def bench_llguidance(tok, vocab: int, eos: int, steps: int) -> dict | None:
     return {"setup_s": setup, "compile_s": compile_s, "compile_new_schema_s": compile2_s, "mask_ms": times}
 
 
-def tiny_tokenizer(path: Path) -> Path:
-    if not (path / "tokenizer.json").is_file():
-        sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import stdlib_texts
-
-        from fastserve_cli.core.tokenizer import train_bpe
-
-        train_bpe(stdlib_texts(), vocab_size=512, min_frequency=2, eos_token="<|endoftext|>", pad_token="<|pad|>",
-                  extra_special_tokens=["<|im_start|>", "<|im_end|>"]).save_pretrained(path)
-    return path
 
 
 def part_engines(model_dir: Path, steps: int) -> dict:
@@ -230,9 +216,7 @@ def main() -> None:
     ap.add_argument("--skip-serve", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_structured.json"))
     args = ap.parse_args()
-    from bench_serve import ensure_model
-
-    model_dir = ensure_model(args.model_dir)
+    model_dir = gpt2_small_dir(args.model_dir)
     report = {"engines": part_engines(model_dir, args.mask_steps)}
     print_engines(report["engines"])
     if not args.skip_serve:

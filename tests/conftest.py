@@ -52,7 +52,7 @@ def _served(target: Path, backend: str, log: Path):
     """A `fastserve serve` process (model name 'tiny', no API key): yields (url, openai client, backend)."""
     from openai import OpenAI
 
-    from fastserve_cli.serve.launch import running_server
+    from fastserve_cli.testing.server import running_server
 
     with running_server(target, "--model-name", "tiny", "--backend", backend, log_path=log) as (url, proc):
         yield url, OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60), backend

@@ -18,7 +18,7 @@ from fastserve_cli.core.errors import UserError
 from fastserve_cli.core.pipeline import execute, prepare_run_dir
 from fastserve_cli.core.recipe import Recipe, resolve_paths
 from fastserve_cli.models import eos
-from fastserve_cli.serve.launch import running_server
+from fastserve_cli.testing.server import running_server
 
 QA = [("What is the capital of France?", "Paris."), ("Who wrote Hamlet?", "Shakespeare."),
       ("What is two plus two?", "Four.")]

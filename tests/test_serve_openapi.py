@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fastserve_cli.serve.launch import running_server
+from fastserve_cli.testing.server import running_server
 from serve_helpers import make_short_context_model
 
 KEY = "sk-spec"

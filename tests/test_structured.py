@@ -10,7 +10,7 @@ import httpx
 import jsonschema
 import pytest
 
-from fastserve_cli.serve.launch import running_server
+from fastserve_cli.testing.server import running_server
 
 NAME = "tiny"
 # Every instance is short (no free-length strings or numbers), so even a random model finishes well within

@@ -8,7 +8,7 @@ import httpx
 import jsonschema
 import pytest
 
-from fastserve_cli.serve.launch import running_server
+from fastserve_cli.testing.server import running_server
 from fastserve_cli.serve.tools import ToolCallStreamer, parse_tool_calls
 
 NAME = "tiny"

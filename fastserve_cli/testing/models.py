@@ -118,3 +118,16 @@ def gpt2_model_dir(out: Path, shape: GPT2Shape, make_tokenizer: Callable[[], Any
         return Path(out)
     tokenizer = make_tokenizer()
     return save_random_model(gpt2_config(shape, tokenizer), out, tokenizer, seed)
+
+
+def gpt2_small_dir(model_dir: Path) -> Path:
+    """The benchmarks' model: GPT-2-small shape (12 layers, 768 wide), random init, fp32, with a 50257-token
+    BPE of the stdlib tree (built once, then reused from `model_dir`)."""
+    from dataclasses import replace
+
+    from fastserve_cli.testing.corpus import stdlib_sources
+
+    def tokenizer():
+        return train_tokenizer(stdlib_sources(recursive=True, errors="ignore"), 50257, chat_tokens=True)
+
+    return gpt2_model_dir(model_dir, replace(GPT2_SMALL, vocab_size=None), tokenizer)
