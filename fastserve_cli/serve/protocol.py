@@ -43,6 +43,8 @@ def bad_request(message: str, param: str | None = None) -> OpenAIError:
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
