@@ -41,7 +41,7 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_onnx_dir(tmp_path_factory, tiny_gpt2_dir) -> Path:
     """The tiny GPT-2 exported to ONNX (the export stage's layout)."""
-    from fastserve_cli.models.onnx import export_onnx
+    from fastserve_cli.export.onnx_graph import export_onnx
 
     out = tmp_path_factory.mktemp("onnx-gpt2") / "onnx"
     export_onnx(tiny_gpt2_dir, out, parity_steps=2)

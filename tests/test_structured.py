@@ -43,7 +43,7 @@ def test_fifty_seeds_validate_on_both_backends(tiny_gpt2_dir, tmp_path, backend)
 
     model_dir = tiny_gpt2_dir
     if backend == "onnx":
-        from fastserve_cli.models.onnx import export_onnx
+        from fastserve_cli.export.onnx_graph import export_onnx
 
         export_onnx(tiny_gpt2_dir, tmp_path / "onnx", parity_steps=2)
         model_dir = tmp_path / "onnx"
