@@ -35,9 +35,8 @@ def check_output(text: str, finish_reason: str) -> bool:
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_fifty_seeds_validate_on_both_backends(tiny_gpt2_dir, tmp_path, backend):
     """Temperature 1 on random weights, 50 seeds batched 16 at a time: every output is schema-valid JSON."""
-    from test_serve_engine import build_engine, run_all
-
     from fastserve_cli.serve.grammar import GrammarCache, GrammarSpec
+    from fastserve_cli.testing.engine import make_engine, run_until_finished
     from fastserve_cli.serve.request import Request, SamplingParams
     from fastserve_cli.serve.sampling import make_generator
 
@@ -47,7 +46,7 @@ def test_fifty_seeds_validate_on_both_backends(tiny_gpt2_dir, tmp_path, backend)
 
         export_onnx(tiny_gpt2_dir, tmp_path / "onnx", parity_steps=2)
         model_dir = tmp_path / "onnx"
-    engine = build_engine(model_dir, backend=backend, max_batch_size=16)
+    engine = make_engine(model_dir, backend=backend, max_batch_size=16)
     tok = engine.tokenizer
     cache = GrammarCache(tok, engine.backend.config["vocab_size"], sorted(engine.backend.eos_token_ids))
     compiled = cache.get(GrammarSpec.json_schema(SCHEMA))
@@ -57,7 +56,7 @@ def test_fifty_seeds_validate_on_both_backends(tiny_gpt2_dir, tmp_path, backend)
         req = Request(prompt, SamplingParams(max_new_tokens=BUDGET, temperature=1.0, seed=seed), time.perf_counter())
         req.generator, req.grammar = make_generator(seed), compiled.new_state()
         reqs.append(req)
-    run_all(engine, reqs, timeout=120)
+    run_until_finished(engine, reqs)
     finished = [check_output(tok.decode(r.output_ids, skip_special_tokens=True), r.finish_reason) for r in reqs]
     assert sum(finished) >= 45  # the rest were cut by max_tokens ("length")
     assert all(r.output_ids[-1] in engine.backend.eos_token_ids for r in reqs if r.finish_reason == "stop")
