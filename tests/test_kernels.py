@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from fastserve_cli.models.kernels import (fuse_activations, head_bypassed, linear_cross_entropy, onednn_linears, onednn_padded_rows,
                                    supports_fused_loss)
+from fastserve_cli.testing.models import TINY, gpt2_config, tiny_llama_config
 from fastserve_cli.train.loop import summed_token_loss
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=96,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return GPT2LMHeadModel(gpt2_config(TINY, positions=64, vocab_size=96, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0))
 
 
 @pytest.mark.parametrize("chunk_rows", [7, 64, None])
@@ -89,8 +90,7 @@ def test_supported_models():
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                        num_key_value_heads=2, vocab_size=96, max_position_embeddings=64))
+    return LlamaForCausalLM(tiny_llama_config(positions=64, vocab_size=96))
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")

@@ -69,12 +69,13 @@ def gpt2_config(shape: GPT2Shape, tokenizer=None, positions: int = 1024, **overr
                       **{**ids, **overrides})
 
 
-def tiny_llama_config(tokenizer, positions: int = 512):
-    """Llama with grouped-query attention (4 heads, 2 KV heads), 2 layers, 64 wide."""
+def tiny_llama_config(tokenizer=None, positions: int = 512, **overrides: Any):
+    """Llama with grouped-query attention (4 heads, 2 KV heads), 2 layers, 64 wide; ids as `gpt2_config`."""
     from transformers import LlamaConfig
 
+    ids = token_ids(tokenizer) if tokenizer is not None else {}
     return LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=positions, **token_ids(tokenizer))
+                       num_key_value_heads=2, max_position_embeddings=positions, **{**ids, **overrides})
 
 
 def save_random_model(config, out: Path, tokenizer=None, seed: int = 0) -> Path:
