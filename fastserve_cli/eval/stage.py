@@ -105,6 +105,7 @@ def check_gates(gates: dict[str, dict[str, Any]], results: dict[str, Any]) -> li
 def run_eval(recipe: Recipe, run: RunDir) -> StageResult:
     cfg = recipe.eval
     if not cfg.tasks:
+        results_path(run).unlink(missing_ok=True)  # no stale table from an earlier configuration
         return StageResult(outputs=[], metrics={"tasks": 0})
     _require_lm_eval()
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
