@@ -241,7 +241,7 @@ class EvalConfig(Section):
     num_fewshot: int | None = Field(None, ge=0)
     limit: float | None = Field(None, gt=0, description="Documents per task (a fraction when < 1); all when unset.")
     batch_size: int = Field(8, ge=1)
-    max_length: int | None = Field(None, ge=8, description="Tokens per scored sequence; the model's context when unset.")
+    max_length: int | None = Field(None, ge=8, description="Tokens per scored window; the model's context when unset.")
 
     @field_validator("sources")
     @classmethod

@@ -60,7 +60,7 @@ def evaluate_source(lm, tasks: dict[str, Any], cfg, manager) -> dict[str, dict[s
     per_task: dict[str, dict[str, float]] = {}
     for task_dict in tasks.values():
         res = simple_evaluate(model=lm, tasks=list(_task_objects(task_dict)), num_fewshot=cfg.num_fewshot,
-                              limit=_limit(cfg.limit), log_samples=False, bootstrap_iters=0, verbosity="WARNING",
+                              limit=_limit(cfg.limit), log_samples=False, bootstrap_iters=0, verbosity="ERROR",
                               task_manager=manager)
         for name, values in (res or {}).get("results", {}).items():
             metrics = _metrics(values)
@@ -108,20 +108,21 @@ def run_eval(recipe: Recipe, run: RunDir) -> StageResult:
         results_path(run).unlink(missing_ok=True)  # no stale table from an earlier configuration
         return StageResult(outputs=[], metrics={"tasks": 0})
     _require_lm_eval()
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     sources = [src_mod.resolve_source(run, s.source, s.via) for s in cfg.sources]  # every source checked first
     plan = plan_tasks(cfg.tasks)
     manager = task_manager(plan)
     check_names(plan, manager)
     tasks = load_tasks(plan, manager)
+    max_length = cfg.max_length  # None: the model's context (config.json), which train sets to the block size
     results: dict[str, Any] = {}
     for src in sources:
         started = time.time()
         results[src.label] = {"source": src.source, "via": src.via, "backend": src.backend,
-                              "dir": run.rel(src.model_dir), "tasks": _run_source(src, tasks, cfg, run, manager)}
+                              "dir": run.rel(src.model_dir), "tasks": _run_source(src, tasks, cfg, max_length, run, manager)}
         results[src.label]["duration_s"] = round(time.time() - started, 2)
     failures = check_gates(recipe.gates.eval, results)
-    document = {"tasks": plan.names, "num_fewshot": cfg.num_fewshot, "limit": cfg.limit,
+    document = {"tasks": plan.names, "num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "max_length": max_length,
                 "sources": results, "gates": recipe.gates.eval, "gate_failures": failures}
     atomic_write_json(results_path(run), document)
     if failures:
@@ -133,9 +134,10 @@ def run_eval(recipe: Recipe, run: RunDir) -> StageResult:
     return StageResult(outputs=[RESULTS], metrics=metrics)
 
 
-def _run_source(src, tasks: dict[str, Any], cfg, run: RunDir, manager) -> dict[str, dict[str, float]]:
+def _run_source(src, tasks: dict[str, Any], cfg, max_length: int | None, run: RunDir, manager
+                ) -> dict[str, dict[str, float]]:
     if src.via == "server":
         log_path = run.root / "eval" / f"server-{src.label.replace('@', '-')}.log"
         with src_mod.running_server(src, log_path) as url:
-            return evaluate_source(src_mod.server_model(src, url, cfg.batch_size, cfg.max_length), tasks, cfg, manager)
-    return evaluate_source(src_mod.in_process_model(src, cfg.batch_size, cfg.max_length), tasks, cfg, manager)
+            return evaluate_source(src_mod.server_model(src, url, cfg.batch_size, max_length), tasks, cfg, manager)
+    return evaluate_source(src_mod.in_process_model(src, cfg.batch_size, max_length), tasks, cfg, manager)
