@@ -23,8 +23,17 @@ def print_results(document: dict[str, Any]) -> None:
             for metric, value in metrics.items():
                 if not metric.endswith("_stderr"):
                     rows.setdefault((task, metric), {})[label] = value
+    def cell(label: str, task: str, metric: str, values: dict[str, float]) -> str:
+        if label not in values:
+            return "-"
+        delta = sources[label].get("deltas", {}).get(task, {}).get(metric)
+        return format_value(values[label]) + ("" if delta is None else f" [dim]({delta:+.3g})[/dim]")
+
     for (task, metric), values in rows.items():
-        table.add_row(task, metric, *(format_value(values[s]) if s in values else "-" for s in sources))
+        table.add_row(task, metric, *(cell(s, task, metric, values) for s in sources))
     out_console().print(table)
+    baselines = {e["baseline"] for e in sources.values() if e.get("baseline")}
+    if baselines:
+        out_console().print(f"[dim](in brackets: the difference to {baselines.pop()})[/dim]")
     for line in document.get("gate_failures", []):
         out_console().print(f"[red]gate failed[/red] {line}")

@@ -82,6 +82,21 @@ def _limit(limit: float | None) -> int | float | None:
     return int(limit) if limit is not None and limit >= 1 else limit
 
 
+def add_deltas(results: dict[str, Any]) -> None:
+    """Each source's metrics minus the trained model's (`model`, else the first source), per task: what an
+    optimization or the export cost in quality."""
+    if len(results) < 2:
+        return
+    baseline = "model" if "model" in results else next(iter(results))
+    base = results[baseline]["tasks"]
+    for label, entry in results.items():
+        if label != baseline:
+            entry["baseline"] = baseline
+            entry["deltas"] = {task: {m: v - base[task][m] for m, v in values.items()
+                                      if not m.endswith("_stderr") and m in base.get(task, {})}
+                               for task, values in entry["tasks"].items() if task in base}
+
+
 def check_gates(gates: dict[str, dict[str, Any]], results: dict[str, Any]) -> list[str]:
     """One line per broken bound: `source: gates.eval.TASK.METRIC: value < min bound`."""
     failures = []
@@ -121,6 +136,7 @@ def run_eval(recipe: Recipe, run: RunDir) -> StageResult:
         results[src.label] = {"source": src.source, "via": src.via, "backend": src.backend,
                               "dir": run.rel(src.model_dir), "tasks": _run_source(src, tasks, cfg, max_length, run, manager)}
         results[src.label]["duration_s"] = round(time.time() - started, 2)
+    add_deltas(results)
     failures = check_gates(recipe.gates.eval, results)
     document = {"tasks": plan.names, "num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "max_length": max_length,
                 "sources": results, "gates": recipe.gates.eval, "gate_failures": failures}
