@@ -112,3 +112,19 @@ def test_server_gives_the_same_accuracy_as_lm_eval_hf(run_dir):
     for label in ("model@server", "onnx"):
         assert result.metrics[f"{label}.stdlib_next_line.acc"] == reference["acc,none"]
         assert result.metrics[f"{label}.stdlib_next_line.acc_norm"] == reference["acc_norm,none"]
+
+
+def test_gate_bounds_min_max_and_unmeasured():
+    from fastserve_cli.eval.stage import add_deltas, check_gates
+
+    results = {"model": {"tasks": {"t": {"acc": 0.5, "bits_per_byte": 2.0}}},
+               "int8": {"tasks": {"t": {"acc": 0.4, "bits_per_byte": 2.5}}}}
+    add_deltas(results)
+    assert results["int8"]["deltas"]["t"] == pytest.approx({"acc": -0.1, "bits_per_byte": 0.5})
+    gates = {"t": {"acc": 0.45, "bits_per_byte": {"max": 2.2}, "f1": 0.1}}
+    assert check_gates(gates, results) == [
+        "model: gates.eval.t.f1: not measured (is t in eval.tasks and f1 one of its metrics?)",
+        "int8: gates.eval.t.acc: 0.4 is below the minimum 0.45",
+        "int8: gates.eval.t.bits_per_byte: 2.5 is above the maximum 2.2",
+        "int8: gates.eval.t.f1: not measured (is t in eval.tasks and f1 one of its metrics?)",
+    ]
