@@ -199,6 +199,49 @@ def export(
     run_stage_command("export", target, set_, as_json)
 
 
+@app.command("eval")
+def eval_(
+    target: str = TargetArgument,
+    task: Optional[list[str]] = typer.Option(None, "--task", help="lm-eval task/group name or task YAML path (repeatable); sets eval.tasks."),
+    source: Optional[list[str]] = typer.Option(None, "--source", help="model, a variant, onnx; SOURCE@server to go through `fastserve serve` (repeatable); sets eval.sources."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="Documents per task; sets eval.limit."),
+    set_: Optional[list[str]] = SetOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """lm-evaluation-harness tasks on the model, optimize variants and ONNX export, side by side (gates: exit 2)."""
+    from fastserve_cli.core.pipeline import STAGES, execute, prepare_run_dir
+    from fastserve_cli.eval.report import print_results
+    from fastserve_cli.eval.stage import EvalGateFailure, load_results
+
+    sources = [json.dumps({"source": s.split("@")[0], "via": "server"} if s.endswith("@server") else s) for s in source or []]
+    tasks = [str(Path(t).resolve()) if Path(t).exists() else t for t in task or []]  # paths: relative to the cwd
+    overrides = [*(set_ or []), *([f"eval.tasks={json.dumps(tasks)}"] if tasks else []),
+                 *([f"eval.sources=[{', '.join(sources)}]"] if sources else []),
+                 *([f"eval.limit={limit}"] if limit is not None else [])]
+    STAGES["eval"].load()
+    recipe = load_target(target, overrides)
+    run = prepare_run_dir(recipe)
+
+    def show(status: str) -> None:
+        document = load_results(run)
+        if as_json:
+            stdout_json({"stage": "eval", "status": status, "run_dir": str(run.root), "results": document})
+        elif document is not None:
+            print_results(document)
+        else:
+            from fastserve_cli.core.console import err_console
+
+            err_console().print("eval: eval.tasks is empty, nothing was evaluated (set it in the recipe or pass --task)")
+
+    try:
+        with json_safe_stdout(as_json):
+            execute("eval", recipe, run)
+    except EvalGateFailure:  # the table (or JSON) first, then the one-line error naming source, gate and value
+        show("failed")
+        raise
+    show("done")
+
+
 @app.command()
 def serve(
     target: Optional[str] = typer.Argument(

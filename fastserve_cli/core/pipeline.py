@@ -42,6 +42,7 @@ STAGES: dict[str, Stage] = {
         Stage("train", ("seed", "model", "train"), ("preprocess",)),
         Stage("optimize", ("optimize", "gates"), ("train",)),
         Stage("export", ("export", "optimize", "gates"), ("train",)),
+        Stage("eval", ("eval", "gates"), ("train",)),
     )
 }
 STAGE_ORDER = list(STAGES)
@@ -61,11 +62,17 @@ def input_files_digest(recipe: Recipe) -> list[tuple[str, int, int]] | str:
 def upstream_of(stage: Stage, recipe: Recipe) -> tuple[str, ...]:
     if stage.name == "export" and recipe.export.source != "model":
         return ("train", "optimize")
+    if stage.name == "eval":
+        sources = {s.source for s in recipe.eval.sources} if recipe.eval.tasks else set()
+        extra = (("optimize",) if sources - {"model", "onnx"} else ()) + (("export",) if "onnx" in sources else ())
+        return stage.upstream + extra
     return stage.upstream
 
 
 def stage_fingerprint(stage: Stage, recipe: Recipe, run: RunDir) -> str:
     parts: dict[str, Any] = {"sections": recipe.section_dump(*stage.sections)}
+    if stage.name != "eval" and "gates" in parts["sections"]:  # eval gates re-run the eval stage only
+        parts["sections"]["gates"].pop("eval", None)
     parts["upstream"] = {up: (run.stage(up) or {}).get("run_id") for up in upstream_of(stage, recipe)}
     if stage.name == "preprocess":
         parts["files"] = input_files_digest(recipe)

@@ -229,12 +229,47 @@ class ServeConfig(Section):
         "(from 2**(levels-1) - 1 base quanta of service on). null: levels without end, as in FastServe's code.")
 
 
+class EvalSourceConfig(Section):
+    """One artifact to evaluate, and how it is run."""
+
+    source: str = Field(..., description="`model`, an optimize variant name, or `onnx`.")
+    via: Literal["process", "server"] = Field(
+        "process", description="process: lm-eval runs the model in the stage's process (its `hf` model for torch "
+        "directories, ours for ONNX); server: `fastserve serve` on a free port and lm-eval's `local-completions`.")
+
+
+class EvalConfig(Section):
+    """lm-evaluation-harness tasks run on the run's artifacts (the eval stage; needs `pip install fastserve[eval]`)."""
+
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task or group names, or paths to task YAML "
+                             "files/folders (local tasks); our offline tasks: stdlib_code, stdlib_next_line, stdlib_files.")
+    sources: list[EvalSourceConfig | str] = Field(default_factory=lambda: ["model"], description="Artifacts to "
+                                                   "evaluate: `model`, variant names, `onnx`, or {source: X, via: server}.")
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: float | None = Field(None, gt=0, description="Documents per task (a fraction when < 1); all when unset.")
+    batch_size: int = Field(8, ge=1)
+    max_length: int | None = Field(None, ge=8, description="Tokens per scored window; the model's context when unset.")
+
+    @field_validator("sources")
+    @classmethod
+    def _as_configs(cls, sources: list[EvalSourceConfig | str]) -> list[EvalSourceConfig | str]:
+        configs = [EvalSourceConfig(source=s) if isinstance(s, str) else s for s in sources]
+        labels = [c.source + ("@server" if c.via == "server" else "") for c in configs]
+        dupes = sorted({n for n in labels if labels.count(n) > 1})
+        if dupes:
+            raise ValueError(f"sources are repeated: {', '.join(dupes)}")
+        return configs
+
+
 class GatesConfig(Section):
     """Bounds an optimize variant must meet; a broken gate fails the stage."""
 
     max_perplexity_increase: float | None = Field(None, ge=0, description="Relative, e.g. 0.03 = +3%.")
     min_speedup: float | None = Field(None, gt=0)
     max_size_ratio: float | None = Field(None, gt=0)
+    eval: dict[str, dict[str, float | dict[Literal["min", "max"], float]]] = Field(
+        default_factory=dict, description="Eval stage: {TASK: {METRIC: min}} (or {METRIC: {max: X}} for metrics "
+        "where lower is better, e.g. bits_per_byte); every evaluated source must meet each bound.")
 
 
 class Recipe(Section):
@@ -248,6 +283,7 @@ class Recipe(Section):
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
 
     def section_dump(self, *names: str) -> dict[str, Any]:
@@ -276,6 +312,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     recipe.data.paths = [_resolve(base, p) for p in recipe.data.paths]  # type: ignore[misc]
     recipe.tokenizer.path = _resolve(base, recipe.tokenizer.path)
     recipe.model.pretrained = _resolve(base, recipe.model.pretrained)
+    recipe.eval.tasks = [_resolve(base, t) if t.endswith((".yaml", ".yml")) or "/" in t else t
+                         for t in recipe.eval.tasks]
     recipe.run_dir = _resolve(base, recipe.run_dir) if recipe.run_dir else str(Path("runs", recipe.name).resolve())
     return recipe
 

@@ -139,6 +139,10 @@ def create_app(state: ServerState) -> FastAPI:
         loaded = ready()
         check_common(body)
         prompts = completion_prompts(body, loaded.tokenizer)
+        if body.echo:  # prompt log-probabilities (lm-eval's log-likelihood tasks): scoring.py
+            from fastserve_cli.serve.scoring import echo_completion
+
+            return await echo_completion(loaded, body, prompts, lambda: Job(loaded, "completion", body, request))
         max_tokens = [resolve_max_tokens(body.max_tokens, len(p), loaded.max_context, 16) for p in prompts]
         job = Job(loaded, "completion", body, request)
         job.grammar = await compile_grammar(loaded, constraint(body))

@@ -74,6 +74,11 @@ class Backend:
         """One model call on torch tensors -> (last-position logits [B, V] float32, present KV per layer)."""
         raise NotImplementedError
 
+    def prompt_logits(self, ids: list[int]):
+        """Logits of every position of `ids` ([T, V] float32) from a forward of its own: no cache is kept and the
+        decode pack is not touched (prompt scoring for `echo`; see scoring.py)."""
+        raise NotImplementedError
+
     @property
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
@@ -406,6 +411,15 @@ class TorchBackend(Backend):
         pack.refresh()
         return out.logits[:, -1, :].float()
 
+    def prompt_logits(self, ids: list[int]):
+        import torch
+
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        positions = torch.arange(len(ids), device=self.device).unsqueeze(0)
+        with torch.inference_mode():
+            out = self.model(input_ids=x, attention_mask=torch.ones_like(x), position_ids=positions, use_cache=False)
+        return out.logits[0].float()
+
     def forward(self, input_ids, attention_mask, position_ids, past):
         """A prefill (past None) or a call over `past` tensors copied into a fresh cache."""
         import torch
@@ -504,6 +518,25 @@ class OnnxBackend(Backend):
         self.num_layers = self.session.num_layers
         self.num_kv_heads, self.head_dim = self.session.num_kv_heads, self.session.head_dim
         self.kv_dtype_bytes = np.dtype(self.session.kv_dtype).itemsize
+        self.threads = threads
+        self._scoring_session = None
+
+    def prompt_logits(self, ids: list[int]):
+        """The serving session keeps only the last position's logits (a graph cut, see OnnxCausalLM); scoring
+        opens a second session on the full graph the first time a client asks for prompt logprobs."""
+        import numpy as np
+        import torch
+
+        from fastserve_cli.models.onnx import OnnxCausalLM
+
+        session = self.session
+        if session.last_logits_only:
+            if self._scoring_session is None:
+                self._scoring_session = OnnxCausalLM(self.model_dir, threads=self.threads, spin=False)
+            session = self._scoring_session
+        x = np.asarray([ids], dtype=np.int64)
+        logits, _ = session.step(x, np.ones_like(x), np.arange(len(ids), dtype=np.int64)[None, :])
+        return torch.from_numpy(np.ascontiguousarray(logits[0], dtype=np.float32))
 
     def forward(self, input_ids, attention_mask, position_ids, past):
         import numpy as np

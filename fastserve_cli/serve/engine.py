@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,7 @@ class Engine:
         self.live: list[Request] = []
         self._inbox: deque[Request] = deque()
         self._aborts: deque[Request] = deque()
+        self._calls: deque[tuple[Any, Future]] = deque()  # work for the backend between iterations (`call`)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -118,6 +120,27 @@ class Engine:
             self._aborts.extend(r for r in reqs if not r.finished)
             self._cond.notify()
 
+    def call(self, fn) -> Future:
+        """Run `fn()` on the engine thread between two iterations (so it never overlaps a forward or a pack
+        change): prompt scoring uses the backend this way. The HTTP side awaits the returned future."""
+        future: Future = Future()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the engine is shutting down")
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def _run_calls(self) -> None:
+        with self._cond:
+            calls, self._calls = list(self._calls), deque()
+        for fn, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as err:  # handed to the awaiting request, the engine keeps going
+                    future.set_exception(err)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="fastserve-engine", daemon=True)
         self._thread.start()
@@ -139,11 +162,15 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._inbox and not self._aborts and not self.live:
+                while not self._stopping and not self._inbox and not self._aborts and not self.live and not self._calls:
                     self._cond.wait()
                 if self._stopping:
+                    calls, self._calls = list(self._calls), deque()
+                    for _, future in calls:
+                        future.cancel()
                     return
             try:
+                self._run_calls()
                 self.step()
             except Exception as err:  # keep serving: fail the live requests, not the process
                 log.exception("engine iteration failed")

@@ -83,6 +83,8 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs when "
+                       "`logprobs` is set; `max_tokens` may then be 0): how lm-eval scores log-likelihood tasks.")
 
 
 class ChatMessage(BaseModel):
