@@ -42,6 +42,7 @@ class DataConfig(Section):
     on_decode_error: Literal["error", "skip"] = Field("error", description="What to do with a text file that is not valid UTF-8.")
     num_proc: int = Field(1, ge=1, description="Processes for tokenizing; 1 is fastest on 2 cores (tokenizers already uses both).")
     batch_size: int = Field(256, ge=1, description="Documents per tokenizer batch (encoded by a worker thread while the previous one is packed).")
+    min_feedback: float | None = Field(None, description="Read data.paths as serve request logs (serve.log_requests) and keep exchanges whose latest feedback rating is >= this; a corrected answer replaces the reply. Needs data.messages_column: messages.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -49,6 +50,8 @@ class DataConfig(Section):
             raise ValueError("set either data.paths or data.dataset, not both")
         if self.mode == "sft" and not self.messages_column:
             raise ValueError("data.mode=sft needs data.messages_column (the column of chat messages)")
+        if self.min_feedback is not None and (self.messages_column != "messages" or self.dataset):
+            raise ValueError("data.min_feedback reads request logs from data.paths: set data.messages_column: messages")
         return self
 
 
@@ -215,6 +218,7 @@ class ServeConfig(Section):
     num_threads: int | None = Field(None, ge=1, description="Intra-op threads (torch / onnxruntime); all cores when unset.")
     fast_kernels: bool = Field(True, description="torch backend on CPU: fp32 Linear layers through oneDNN and GPT-2's GELU fused (same math, faster decode).")
     api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>`; FASTSERVE_API_KEY also sets it.")
+    log_requests: str | None = Field(None, description="Off by default. A JSONL path: each finished chat exchange (messages, reply, usage; never the API key) is appended, and POST /v1/feedback rates it. See docs/feedback.md.")
     starvation_s: float = Field(3.0, gt=0)
     base_quantum_s: float | None = Field(None, gt=0, description="Skip-join MLFQ base quantum; measured at start-up when unset.")
     mlfq_levels: int | None = Field(

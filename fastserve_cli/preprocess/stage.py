@@ -166,6 +166,10 @@ def load_documents(cfg: DataConfig, cache_dir: str) -> tuple[Any, dict[str, Any]
             reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
             raise UserError(f"data.dataset {cfg.dataset}: could not load it ({reason}); offline machines need local data.paths") from None
         info["source"] = cfg.dataset
+    elif cfg.min_feedback is not None:  # serve request logs -> well-rated conversations (core/feedback_log.py)
+        from fastserve_cli.preprocess.feedback import load_rated
+
+        ds, info = load_rated(cfg, find_files(cfg), cache_dir)
     else:
         files = find_files(cfg)
         fmt = detect_format(cfg, files)

@@ -14,9 +14,7 @@ import hmac
 import json
 import logging
 import threading
-import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
@@ -24,28 +22,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fastserve_cli.serve.engine import QueueFull, StepOutput
+from fastserve_cli.serve.feedback import install as install_feedback
+from fastserve_cli.serve.handling import Loaded, Plan, engine_requests, make_choice, plan_chat, plan_completion, response_body
 from fastserve_cli.serve.protocol import (
-    ChatCompletionRequest, CompletionRequest, LogprobFormatter, OpenAIError, bad_request, chat_prompt,
-    check_supported, completion_prompts, new_id, now_s, resolve_max_tokens, sampling_params, usage)
+    ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request, new_id, now_s, usage)
 from fastserve_cli.serve.request import Request
-from fastserve_cli.serve.sampling import make_generator
 
 log = logging.getLogger("fastserve.api")
-
-
-@dataclass
-class Loaded:
-    """Everything the endpoints need once the model is up."""
-
-    engine: Any
-    tokenizer: Any
-    max_context: int
-    kv_bytes_per_token: int
-    kv_budget: int
-    logprobs: LogprobFormatter = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.logprobs = LogprobFormatter(self.tokenizer)
 
 
 class ServerState:
@@ -58,6 +41,7 @@ class ServerState:
         self.loaded: Loaded | None = None
         self.load_error: BaseException | None = None
         self.on_load_error: Callable[[], None] | None = None
+        self.request_log = None  # serve/feedback.py RequestLog when serve.log_requests is set
         self.created = now_s()
 
     def load(self) -> None:
@@ -113,6 +97,7 @@ def create_app(state: ServerState) -> FastAPI:
         return state.loaded
 
     guard = [Depends(authorized)]
+    install_feedback(app, state, guard)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -136,34 +121,12 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions", dependencies=guard)
     async def completions(body: CompletionRequest, request: HTTPRequest):
         loaded = ready()
-        check_common(body)
-        prompts = completion_prompts(body, loaded.tokenizer)
-        max_tokens = [resolve_max_tokens(body.max_tokens, len(p), loaded.max_context, 16) for p in prompts]
-        job = Job(loaded, "completion", body, request)
-        for i, (ids, mt) in enumerate(zip(prompts, max_tokens)):
-            job.add_prompt(ids, sampling_params(body, mt, body.logprobs), first_index=i * body.n)
-        return await job.respond()
+        return await Job(loaded, plan_completion(body, loaded, state.model_name), request).respond()
 
     @app.post("/v1/chat/completions", dependencies=guard)
     async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
         loaded = ready()
-        check_common(body)
-        if body.top_logprobs is not None and not body.logprobs:
-            raise bad_request("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        ids = chat_prompt(body, loaded.tokenizer)
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = resolve_max_tokens(requested, len(ids), loaded.max_context, None)
-        job = Job(loaded, "chat", body, request)
-        job.add_prompt(ids, sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None), 0)
-        return await job.respond()
-
-    def check_common(body) -> None:
-        check_supported(body)
-        if body.model != state.model_name:
-            raise bad_request(f"model '{body.model}' does not exist; this server serves '{state.model_name}'",
-                              param="model")
-        if body.stream_options is not None and not body.stream:
-            raise bad_request("'stream_options' is only allowed with 'stream': true", param="stream_options")
+        return await Job(loaded, plan_chat(body, loaded, state.model_name), request, state.request_log).respond()
 
     return app
 
@@ -171,33 +134,17 @@ def create_app(state: ServerState) -> FastAPI:
 class Job:
     """One client request: its engine requests (choices), their outputs, and the response/stream."""
 
-    def __init__(self, loaded: Loaded, kind: str, body, http: HTTPRequest) -> None:
-        self.loaded, self.kind, self.body, self.http = loaded, kind, body, http
-        self.id = new_id("cmpl" if kind == "completion" else "chatcmpl")
+    def __init__(self, loaded: Loaded, plan: Plan, http: HTTPRequest, log=None) -> None:
+        self.loaded, self.plan, self.kind, self.body, self.http = loaded, plan, plan.kind, plan.body, http
+        self.log = log  # a RequestLog: finished chat exchanges are appended to it
+        self.id = new_id("cmpl" if self.kind == "completion" else "chatcmpl")
         self.created = now_s()
-        self.reqs: list[Request] = []
-        self.index: dict[int, int] = {}  # id(req) -> choice index
-        self.prompt_tokens = 0
+        self.prompt_tokens = plan.prompt_tokens
         self.queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
-
-    def add_prompt(self, ids: list[int], params, first_index: int) -> None:
-        budget_tokens = self.loaded.kv_budget // self.loaded.kv_bytes_per_token
-        if len(ids) + params.max_new_tokens > budget_tokens:
-            raise bad_request(f"prompt + max_tokens = {len(ids) + params.max_new_tokens} tokens do not fit in the "
-                              f"KV-cache budget ({budget_tokens} tokens); lower max_tokens or raise --kv-cache-memory",
-                              param="max_tokens")
-        self.prompt_tokens += len(ids)
-        now = time.perf_counter()
-        for k in range(self.body.n):
-            seed = None if params.seed is None else params.seed + k
-            choice_params = type(params)(**{**params.__dict__, "seed": seed})
-            req = Request(prompt_ids=list(ids), params=choice_params, arrival_time=now)
-            req.generator = make_generator(seed)
-            index = first_index + k
-            req.on_output = lambda out, i=index: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
-            self.index[id(req)] = index
-            self.reqs.append(req)
+        pairs = engine_requests(plan, lambda i: lambda out: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, out)))
+        self.reqs: list[Request] = [req for _, req in pairs]
+        self.index: dict[int, int] = {id(req): i for i, req in pairs}  # id(req) -> choice index
 
     def submit(self) -> None:
         try:
@@ -241,9 +188,10 @@ class Job:
             watcher.cancel()
             self.abort()
         choices = [self._choice(i, "".join(texts[i]), entries[i], reasons[i], final=True) for i in sorted(texts)]
-        obj = "text_completion" if self.kind == "completion" else "chat.completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
-                "choices": choices, "usage": usage(self.prompt_tokens, sum(r.num_generated for r in self.reqs))}
+        response = response_body(self.plan, self.id, self.created, choices, sum(r.num_generated for r in self.reqs))
+        if self.log is not None:
+            self.log.log_chat(self.id, self.body, choices[0]["message"]["content"], response["usage"], reasons[0])
+        return response
 
     async def _watch_disconnect(self) -> None:
         while True:
@@ -256,6 +204,7 @@ class Job:
         """SSE chunks in OpenAI's shape, then an optional usage chunk, then `data: [DONE]`."""
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
         offsets = {self.index[id(r)]: 0 for r in self.reqs}
+        first_text: list[str] = []  # choice 0, for the request log
         try:
             if self.kind == "chat":
                 for i in sorted(offsets):
@@ -267,6 +216,11 @@ class Job:
                 choice = self._choice(index, out.text, out.logprobs, out.finish_reason, final=False,
                                       offset=offsets[index])
                 offsets[index] += len(out.text)
+                if index == 0 and self.log is not None:
+                    first_text.append(out.text)
+                    if out.finished:
+                        self.log.log_chat(self.id, self.body, "".join(first_text), usage(
+                            self.prompt_tokens, sum(r.num_generated for r in self.reqs)), out.finish_reason)
                 yield self._sse(self._chunk([choice], include_usage))
             if include_usage:
                 yield self._sse(self._chunk([], include_usage, usage(self.prompt_tokens,
@@ -279,18 +233,7 @@ class Job:
             self.abort()
 
     def _choice(self, index: int, text: str, entries: list, reason: str | None, final: bool, offset: int = 0):
-        logprobs = None
-        if self.kind == "completion":
-            if self.body.logprobs is not None:
-                logprobs = self.loaded.logprobs.completion(entries, offset)
-            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-        if self.body.logprobs:
-            logprobs = self.loaded.logprobs.chat(entries)
-        if final:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                    "finish_reason": reason}
-        delta = {"content": text} if text else {}
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return make_choice(self.plan, self.loaded, index, text, entries, reason, final, offset)
 
     def _chunk(self, choices: list, include_usage: bool, usage_: dict | None = None) -> dict[str, Any]:
         obj = "text_completion" if self.kind == "completion" else "chat.completion.chunk"
