@@ -451,6 +451,12 @@ def _preprocess(recipe: Recipe, run: RunDir, cfg: DataConfig, started: float, do
 
     docs, info = load_documents(cfg, doc_cache)
     column = cfg.messages_column or cfg.text_column
+    examples = None
+    if cfg.clean is not None:  # data.clean: see preprocess/clean.py; its counts go to the manifest
+        from fastserve_cli.preprocess.clean import clean_documents, write_examples
+
+        docs, clean_metrics, examples = clean_documents(docs, cfg.clean, column, doc_cache)
+        info.update(clean_metrics)
     is_chat = cfg.messages_column is not None
     docs = drop_empty(docs, column, is_chat)
     train_docs, val_docs = split_documents(docs, cfg.validation_fraction, recipe.seed)
@@ -473,6 +479,8 @@ def _preprocess(recipe: Recipe, run: RunDir, cfg: DataConfig, started: float, do
         _move_contents(data_tmp / "dataset", data_tmp)
         shutil.rmtree(cache, ignore_errors=True)
         tokenizer.save_pretrained(tok_tmp)
+        if examples is not None:
+            write_examples(data_tmp / "clean_examples.jsonl", examples)
     tokens = train_stats["tokens"] + val_stats["tokens"]
     metrics = {
         **info,
