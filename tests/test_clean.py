@@ -36,6 +36,10 @@ def prose_docs() -> list[str]:
 
 
 PROSE = prose_docs()
+ARTICLE = ("A heap is a binary tree for which every parent node has a value less than or equal to any of its "
+           "children. This implementation uses arrays for which heap[k] <= heap[2*k+1] for all k, counting elements "
+           "from zero. The interesting property of a heap is that its smallest element is always the root, and "
+           "pushing or popping an item costs time proportional to the logarithm of the number of items.")
 PAGE = """<!DOCTYPE html><html><head><title>T</title><style>.a{color:red}</style>
 <script>var secret = "SCRIPT";</script></head><body><nav><a href="/">Home</a> <a href="/x">NAVLINK</a></nav>
 <main><article><h1>Heap queues</h1><p>{body}</p></article></main><footer>FOOTER (c) 2024</footer></body></html>"""
@@ -75,7 +79,7 @@ def write_corpus(folder: Path) -> dict[str, int]:
     (folder / "copy.txt").write_text(docs[2])
     words = docs[5].split()
     (folder / "near.txt").write_text(" ".join(w if rng.random() > 0.01 else "CHANGED" for w in words))
-    (folder / "page.html").write_text(PAGE.replace("{body}", docs[6][:2000]))
+    (folder / "page.html").write_text(PAGE.replace("{body}", ARTICLE))
     (folder / "short.txt").write_text("too short")
     (folder / "spam.txt").write_text("click here to win a prize today\n" * 30)
     (folder / "mojibake.txt").write_text("The cafÃ© served crÃ¨me brÃ»lÃ©e.\n" + docs[2][2000:2600])
