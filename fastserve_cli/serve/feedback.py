@@ -24,7 +24,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(..., min_length=1, description="The `id` of a chat completion this server returned.")
-    rating: float = Field(..., description="Higher is better, e.g. 1-5 or -1/+1; `data.min_feedback` selects on it.")
+    rating: float = Field(..., allow_inf_nan=False, description="Higher is better, e.g. 1-5 or -1/+1; `data.min_feedback` selects on it.")
     corrected_answer: Optional[str] = Field(None, description="What the assistant should have said; replaces its reply in training data.")
 
 
