@@ -34,7 +34,8 @@ class BatchResult:
 
     def metrics(self) -> dict[str, Any]:
         done = self.succeeded + self.failed
-        return {"requests": self.total, "resumed_skipped": self.skipped, "succeeded": self.succeeded,
+        torn = {"torn_tail_bytes_cut": self.truncated_bytes} if self.truncated_bytes else {}
+        return {**torn, "requests": self.total, "resumed_skipped": self.skipped, "succeeded": self.succeeded,
                 "failed": self.failed, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "elapsed_s": round(self.elapsed_s, 2),
                 "requests_per_s": round(done / max(self.elapsed_s, 1e-9), 2),
@@ -191,6 +192,8 @@ def run_batch(target, cfg, input_path: Path, output_path: Path, max_in_flight: i
     total = scan_input(input_path)
     writer = ResultWriter(output_path)
     try:
+        if len(writer.done) >= total and all(line.key in writer.done for line in read_lines(input_path)):
+            return BatchResult(total=total, skipped=total, truncated_bytes=writer.truncated_bytes)  # no model load
         pending_lines = total - len(writer.done)
         # the window bounds what waits; the engine's own queue limit must not turn it into errors
         loaded = build_engine(target, cfg.model_copy(update={"max_queue": 1 << 30}))
