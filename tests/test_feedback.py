@@ -84,3 +84,20 @@ def test_served_conversations_feed_a_fine_tune(tiny_gpt2_dir, tmp_path):
     assert pre["exchanges"] == 6 and pre["selected_by_feedback"] == 5 and pre["corrected_answers"] == 1
     assert pre["mode"] == "sft" and pre["documents"] == 5
     assert manifest["stages"]["train"]["status"] == "done"
+
+
+def test_log_survives_a_torn_last_line(tmp_path):
+    from fastserve_cli.core.feedback_log import rated_conversations
+    from fastserve_cli.serve.feedback import FeedbackRequest, RequestLog
+
+    path = tmp_path / "log.jsonl"
+    exchange = {"type": "exchange", "id": "c1", "messages": [{"role": "user", "content": "q"},
+                                                             {"role": "assistant", "content": "a"}]}
+    path.write_text(json.dumps(exchange) + '\n{"type": "feedback", "id": "c1", "rat')  # killed mid-write
+    log = RequestLog(path)  # a restarted server
+    log.add_feedback(FeedbackRequest(id="c1", rating=5, corrected_answer="better"))
+    log.close()
+    stats: dict = {}
+    assert list(rated_conversations([str(path)], 5, stats)) == [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "better"}]}]
+    assert stats == {"exchanges": 1, "selected": 1, "corrected": 1}

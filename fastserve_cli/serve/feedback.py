@@ -36,6 +36,8 @@ class RequestLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.ids = {r["id"] for r in read_records(str(self.path)) if r["type"] == EXCHANGE} if self.path.exists() else set()
             self._handle = open(self.path, "a", encoding="utf-8")
+            if self.path.stat().st_size and not _ends_with_newline(self.path):
+                self._handle.write("\n")  # a torn last line (killed mid-write) stays alone; readers skip it
         except OSError as err:
             raise UserError(f"serve.log_requests {path}: cannot open it for appending ({err.strerror}); "
                             "pick a writable path") from None
@@ -64,6 +66,12 @@ class RequestLog:
     def close(self) -> None:
         with self._lock:
             self._handle.close()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1) == b"\n"
 
 
 def _text(content) -> str:
