@@ -28,7 +28,8 @@ from typing import Any, Callable
 from fastserve_cli.core.errors import UserError
 from fastserve_cli.core.recipe import CleanConfig
 
-HTML_START = re.compile(r"\s*(<!doctype\s+html|<html[\s>]|<\?xml[^>]*>\s*<html)", re.IGNORECASE)
+HTML_START = re.compile(r"\s*(<!doctype\s+html|<\?xml[^>]*>\s*<html|<(html|head|body|div|p|article|section|main|table|ul|h[1-6])[\s>])",
+                        re.IGNORECASE)
 INVISIBLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064\ufeff]")
 ODD_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 TRAILING_SPACE = re.compile(r"[ \t]+\n")
