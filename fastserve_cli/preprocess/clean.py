@@ -8,7 +8,7 @@ it removed (into the manifest) and keeps its first few examples (data/clean_exam
 functions of the text and the recipe, and dedup keeps the first copy in corpus order, so the same corpus and
 recipe always give the same output.
 
-Libraries: resiliparse for HTML (main-content extraction; ~10x faster than trafilatura with the same result on
+Libraries: resiliparse for HTML (main-content extraction; ~7.7x faster than trafilatura with the same result on
 our boilerplate benchmark, see scripts/bench_preprocess.py --html), ftfy for mojibake, py3langid for language
 (its model ships inside the wheel: nothing is downloaded), datasketch for MinHash. The Gopher heuristics are
 written out below (datatrove's versions need its word tokenizers and pipeline runtime for ~60 lines of logic).
