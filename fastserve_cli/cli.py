@@ -22,7 +22,7 @@ from fastserve_cli.core.errors import UserError
 
 app = typer.Typer(
     name="fastserve",
-    help="Raw text to a served causal LM: preprocess, train, optimize, export, serve.",
+    help="Raw text to a served causal LM: preprocess, train, optimize, export, serve, batch.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -242,6 +242,22 @@ def eval_(
     show("done")
 
 
+def serving_target(target: str | None, overrides: list[str] | None, flags: dict[str, Any]):
+    """What `serve` and `batch` load: (ServeTarget, ServeConfig) from a run directory, a recipe or a model
+    directory, with the recipe's serve section, --set overrides and flags on top."""
+    from fastserve_cli.serve import resolve_target, serve_config
+
+    path = Path(pick_target(target))
+    is_model_dir = path.is_dir() and not (path / "recipe.yaml").is_file()
+    recipe = None if is_model_dir else load_target(str(path), overrides)
+    cfg = serve_config(recipe, (overrides or []) if is_model_dir else [], flags)
+    if recipe is not None:
+        return resolve_target(path, cfg.backend, cfg.source, recipe), cfg
+    # a bare model directory picks its backend from its files unless --backend or --set serve.backend says
+    backend = flags.get("backend") or (cfg.backend if any(o.startswith("serve.backend=") for o in overrides or []) else None)
+    return resolve_target(path, backend, cfg.source, None), cfg
+
+
 @app.command()
 def serve(
     target: Optional[str] = typer.Argument(
@@ -263,25 +279,52 @@ def serve(
     max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Waiting requests before 429."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Name clients send as `model`."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads; all cores when unset."),
+    log_requests: Optional[str] = typer.Option(None, "--log-requests", help="Append each chat exchange to this JSONL (off by default; see docs/feedback.md)."),
     set_: Optional[list[str]] = SetOption,
 ) -> None:
     """OpenAI-compatible HTTP server with continuous batching (stops gracefully on SIGTERM)."""
-    from fastserve_cli.serve import resolve_target, serve as run_server, serve_config
+    from fastserve_cli.serve import serve as run_server
 
     flags = dict(host=host, port=port, backend=backend, source=source, scheduler=scheduler, max_batch_size=max_batch_size,
                  max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory, api_key=api_key,
                  max_queue=max_queue, model_name=model_name, num_threads=threads, starvation_s=starvation_s,
-                 base_quantum_s=base_quantum_s, mlfq_levels=mlfq_levels)
-    path = Path(pick_target(target))
-    is_model_dir = path.is_dir() and not (path / "recipe.yaml").is_file()
-    recipe = None if is_model_dir else load_target(str(path), set_)
-    cfg = serve_config(recipe, (set_ or []) if is_model_dir else [], flags)
+                 base_quantum_s=base_quantum_s, mlfq_levels=mlfq_levels, log_requests=log_requests)
+    resolved, cfg = serving_target(target, set_, flags)
     try:
-        # a bare model directory picks its backend from its files unless --backend or --set serve.backend says
-        chosen = backend or (cfg.backend if any(o.startswith("serve.backend=") for o in set_ or []) else None)
-        run_server(resolve_target(path, cfg.backend if recipe is not None else chosen, cfg.source, recipe), cfg)
+        run_server(resolved, cfg)
     except KeyboardInterrupt:  # uvicorn re-raises the SIGTERM/SIGINT it handled after a graceful shutdown
         return
+
+
+@app.command()
+def batch(
+    target: str = typer.Argument(..., help="A run directory, a recipe, or a model/ONNX directory (as for serve)."),
+    input_path: str = typer.Argument(..., metavar="REQUESTS", help="OpenAI Batch API input (.jsonl)."),
+    output: str = typer.Option(..., "--output", "-o", help="Results (.jsonl); an existing one is resumed."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="torch or onnx."),
+    source: Optional[str] = typer.Option(None, "--source", help="With a run directory: model, onnx or an optimize variant."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="fcfs (default here: best throughput) or skip-join-mlfq."),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Requests per iteration."),
+    kv_cache_memory: Optional[str] = typer.Option(None, "--kv-cache-memory", help="KV-cache budget, e.g. 512MiB."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="The `model` the request bodies must name."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads; all cores when unset."),
+    max_in_flight: int = typer.Option(1024, "--max-in-flight", min=1, help="Engine requests queued at once (bounds memory)."),
+    set_: Optional[list[str]] = SetOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Answer an OpenAI Batch API file with the serving engine, in-process (resumable)."""
+    from fastserve_cli.batch import run_batch
+
+    flags = dict(backend=backend, source=source, scheduler=scheduler or "fcfs", max_batch_size=max_batch_size,
+                 kv_cache_memory=kv_cache_memory, model_name=model_name, num_threads=threads)
+    resolved, cfg = serving_target(target, set_, flags)
+    result = run_batch(resolved, cfg, Path(input_path), Path(output), max_in_flight, show_progress=not as_json)
+    if as_json:
+        stdout_json({"command": "batch", "output": output, "metrics": result.metrics()})
+        return
+    from fastserve_cli.core.console import metrics_table
+
+    metrics_table(f"batch done: {output}", result.metrics())
 
 
 @app.command()

@@ -7,7 +7,13 @@ in the same run; each is repeated and the best time kept. Ours is end to end: re
 `encode_batch` over the texts already in memory plus reading the ids out (the least any consumer does),
 at its faster batching (all texts in one call, or our batch size).
 
-    .venv/bin/python scripts/bench_preprocess.py [--repeats 3]
+With --sections (default: all of them) it also measures data.clean (docs/cleaning.md):
+  clean    the same stage with cleaning off and on (documents/s in, tokens/s out, what each step removed);
+  neardup  near-dedup recall and precision on a corpus with planted near-duplicates (known ground truth);
+  html     the HTML extractors we considered (resiliparse, trafilatura, selectolax) on generated pages:
+           pages/s, article text kept, pages still carrying boilerplate (script/nav/footer text).
+
+    flock /tmp/fastserve-bench.lock .venv/bin/python scripts/bench_preprocess.py [--repeats 3] [--sections clean,neardup]
 """
 
 from __future__ import annotations
@@ -34,7 +40,19 @@ def quickstart_data() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sections", default="tokenize,clean,neardup,html")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    from bench_clean import bench_clean, bench_html, bench_near_dedup
+
+    if "neardup" in sections:
+        print(json.dumps({"near_dedup": bench_near_dedup()}, indent=2), flush=True)
+    if "html" in sections:
+        print(json.dumps({"html_extractors": bench_html()}, indent=2), flush=True)
+    if "clean" in sections:
+        print(json.dumps({"clean": bench_clean(quickstart_data(), args.repeats)}, indent=2), flush=True)
+    if "tokenize" not in sections:
+        return
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:

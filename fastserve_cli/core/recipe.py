@@ -25,6 +25,34 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class NearDedupConfig(Section):
+    """MinHash LSH over word n-gram shingles (datasketch's MinHash, banding done on disk)."""
+
+    threshold: float = Field(0.7, gt=0.0, lt=1.0, description="Estimated Jaccard similarity (of word-trigram sets) at or above which a later document is a near-duplicate of an earlier one; 0.7 with 3-grams found 98% of planted near-copies (0.5-2% of words changed) at precision 1.0 (scripts/bench_preprocess.py).")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: sharper threshold, slower).")
+    ngram: int = Field(3, ge=1, le=32, description="Words per shingle.")
+    seed: int = Field(1, description="MinHash seed; fixed, so the same corpus gives the same result.")
+
+
+class CleanConfig(Section):
+    """Document cleaning before tokenizing; every step is optional. Runs in this order: html, fix_text,
+    normalize, pii, length/repetition/symbol/language filters, exact dedup, near dedup."""
+
+    html: Literal["auto", "always", "off"] = Field("auto", description="HTML to text with resiliparse (main content: scripts, navigation and boilerplate gone). auto: documents that start like HTML (<!doctype/<html>, e.g. .html files); always: every document (an HTML column).")
+    fix_text: bool = Field(True, description="Repair mojibake and broken Unicode with ftfy.")
+    normalize: Literal["NFC", "NFKC", "off"] = Field("NFC", description="Unicode normal form; also removes control and zero-width characters and normalises whitespace (unless off).")
+    pii: bool = Field(False, description="Replace e-mail addresses with <EMAIL> and IP addresses with <IP>.")
+    min_chars: int | None = Field(20, ge=1, description="Drop documents shorter than this (after the steps above).")
+    max_chars: int | None = Field(None, ge=1, description="Drop documents longer than this.")
+    repetition: bool = Field(True, description="Gopher repetition filters: duplicated lines/paragraphs and repeated n-grams.")
+    max_symbol_ratio: float | None = Field(0.1, gt=0, description="Gopher: drop documents with more '#' and '...' per word than this.")
+    languages: list[str] = Field(default_factory=list, description="Keep only these ISO 639-1 languages (py3langid); empty: no language filter.")
+    min_language_score: float = Field(0.5, ge=0, le=1, description="Language filter: minimum probability of the detected language.")
+    exact_dedup: bool = Field(True, description="Drop documents whose normalised text repeats an earlier one (64-bit hash).")
+    near_dedup: NearDedupConfig | None = Field(default_factory=NearDedupConfig, description="MinHash LSH near-duplicate removal (null: off).")
+    examples: int = Field(3, ge=0, le=100, description="Examples per step written to data/clean_examples.jsonl.")
+
+
 class DataConfig(Section):
     """Where the raw text comes from and how it becomes training blocks."""
 
@@ -43,6 +71,8 @@ class DataConfig(Section):
     on_decode_error: Literal["error", "skip"] = Field("error", description="What to do with a text file that is not valid UTF-8.")
     num_proc: int = Field(1, ge=1, description="Processes for tokenizing; 1 is fastest on 2 cores (tokenizers already uses both).")
     batch_size: int = Field(256, ge=1, description="Documents per tokenizer batch (encoded by a worker thread while the previous one is packed).")
+    clean: CleanConfig | None = Field(None, description="Cleaning steps (HTML, Unicode, filters, dedup, PII); off when unset. See docs/cleaning.md.")
+    min_feedback: float | None = Field(None, description="Read data.paths as serve request logs (serve.log_requests) and keep exchanges whose latest feedback rating is >= this; a corrected answer replaces the reply. Needs data.messages_column: messages.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -50,6 +80,10 @@ class DataConfig(Section):
             raise ValueError("set either data.paths or data.dataset, not both")
         if self.mode == "sft" and not self.messages_column:
             raise ValueError("data.mode=sft needs data.messages_column (the column of chat messages)")
+        if self.clean is not None and self.messages_column:
+            raise ValueError("data.clean works on text documents; it does not apply to data.messages_column")
+        if self.min_feedback is not None and (self.messages_column != "messages" or self.dataset):
+            raise ValueError("data.min_feedback reads request logs from data.paths: set data.messages_column: messages")
         return self
 
 
@@ -222,6 +256,7 @@ class ServeConfig(Section):
     num_threads: int | None = Field(None, ge=1, description="Intra-op threads (torch / onnxruntime); all cores when unset.")
     fast_kernels: bool = Field(True, description="torch backend on CPU: fp32 Linear layers through oneDNN and GPT-2's GELU fused (same math, faster decode).")
     api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>`; FASTSERVE_API_KEY also sets it.")
+    log_requests: str | None = Field(None, description="Off by default. A JSONL path: each finished chat exchange (messages, reply, usage; never the API key) is appended, and POST /v1/feedback rates it. See docs/feedback.md.")
     starvation_s: float = Field(3.0, gt=0)
     base_quantum_s: float | None = Field(None, gt=0, description="Skip-join MLFQ base quantum; measured at start-up when unset.")
     mlfq_levels: int | None = Field(

@@ -89,6 +89,10 @@ def load_documents(cfg: DataConfig, cache_dir: str) -> tuple[Any, dict[str, Any]
             reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
             raise UserError(f"data.dataset {cfg.dataset}: could not load it ({reason}); offline machines need local data.paths") from None
         info["source"] = cfg.dataset
+    elif cfg.min_feedback is not None:  # serve request logs -> well-rated conversations (core/feedback_log.py)
+        from fastserve_cli.preprocess.feedback import load_rated
+
+        ds, info = load_rated(cfg, find_files(cfg), cache_dir)
     else:
         files = find_files(cfg)
         fmt = detect_format(cfg, files)
@@ -371,6 +375,12 @@ def _preprocess(recipe: Recipe, run: RunDir, cfg: DataConfig, started: float, do
 
     docs, info = load_documents(cfg, doc_cache)
     column = cfg.messages_column or cfg.text_column
+    examples = None
+    if cfg.clean is not None:  # data.clean: see preprocess/clean.py; its counts go to the manifest
+        from fastserve_cli.preprocess.clean import clean_documents, write_examples
+
+        docs, clean_metrics, examples = clean_documents(docs, cfg.clean, column, doc_cache)
+        info.update(clean_metrics)
     is_chat = cfg.messages_column is not None
     docs = drop_empty(docs, column, is_chat)
     train_docs, val_docs = split_documents(docs, cfg.validation_fraction, recipe.seed)
@@ -395,6 +405,8 @@ def _preprocess(recipe: Recipe, run: RunDir, cfg: DataConfig, started: float, do
         _move_contents(data_tmp / "dataset", data_tmp)
         shutil.rmtree(cache, ignore_errors=True)
         tokenizer.save_pretrained(tok_tmp)
+        if examples is not None:
+            write_examples(data_tmp / "clean_examples.jsonl", examples)
     tokens = train_stats["tokens"] + val_stats["tokens"]
     metrics = {
         **info,

@@ -64,7 +64,7 @@ def resolve_target(target: str | Path, backend: str | None, source: str | None, 
 
 def build_engine(target: ServeTarget, cfg) -> "object":
     """Load the backend and tokenizer and wire scheduler, KV manager, metrics and engine (slow: model load)."""
-    from fastserve_cli.serve.api import Loaded
+    from fastserve_cli.serve.handling import Loaded
     from fastserve_cli.serve.backends import load_backend
     from fastserve_cli.serve.engine import Engine
     from fastserve_cli.serve.kv_cache import KVCacheManager, parse_bytes
@@ -111,6 +111,10 @@ def serve(target: ServeTarget, cfg) -> None:
     api_key = cfg.api_key or os.environ.get("FASTSERVE_API_KEY") or None
     state = ServerState(cfg.model_name or target.name, api_key, lambda: build_engine(target, cfg),
                         cfg.shutdown_timeout_s)
+    if cfg.log_requests:
+        from fastserve_cli.serve.feedback import RequestLog
+
+        state.request_log = RequestLog(cfg.log_requests)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="info",
                             timeout_graceful_shutdown=cfg.shutdown_timeout_s, access_log=False,

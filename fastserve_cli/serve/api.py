@@ -14,9 +14,7 @@ import hmac
 import json
 import logging
 import threading
-import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
@@ -25,37 +23,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastserve_cli.serve.embeddings import EmbeddingRequest, create_embeddings
 from fastserve_cli.serve.engine import QueueFull, StepOutput
 from fastserve_cli.serve.errors import install_error_handlers, reject_invalid_text
-from fastserve_cli.serve.logit_bias import parse_logit_bias
+from fastserve_cli.serve.feedback import install as install_feedback
+from fastserve_cli.serve.handling import (
+    Loaded, Plan, add_prompt, check_model, compile_plan, engine_requests, make_choice, plan_chat, plan_completion,
+    response_body)
 from fastserve_cli.serve.openapi import install_openapi
-from fastserve_cli.serve.grammar import GrammarCache, GrammarError, GrammarSpec, request_spec
 from fastserve_cli.serve.protocol import (
-    ChatCompletionRequest, CompletionRequest, LogprobFormatter, OpenAIError, bad_request, chat_prompt,
-    check_supported, completion_prompts, new_id, now_s, resolve_max_tokens, sampling_params, usage)
+    ChatCompletionRequest, CompletionRequest, OpenAIError, check_supported, completion_prompts, usage, new_id, now_s)
 from fastserve_cli.serve.request import Request
 from fastserve_cli.serve.responses import ResponsesRequest, create_response
-from fastserve_cli.serve.sampling import make_generator
-from fastserve_cli.serve.tools import ToolCallStreamer, ToolError, grammar_spec, parse_tool_calls, tool_config
+from fastserve_cli.serve.tools import ToolCallStreamer
 
 log = logging.getLogger("fastserve.api")
-
-
-@dataclass
-class Loaded:
-    """Everything the endpoints need once the model is up."""
-
-    engine: Any
-    tokenizer: Any
-    max_context: int
-    kv_bytes_per_token: int
-    kv_budget: int
-    logprobs: LogprobFormatter = field(init=False)
-    grammars: GrammarCache = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.logprobs = LogprobFormatter(self.tokenizer)
-        backend = self.engine.backend
-        self.grammars = GrammarCache(self.tokenizer, backend.config.get("vocab_size") or len(self.tokenizer),
-                                     sorted(backend.eos_token_ids))
 
 
 class ServerState:
@@ -68,6 +47,7 @@ class ServerState:
         self.loaded: Loaded | None = None
         self.load_error: BaseException | None = None
         self.on_load_error: Callable[[], None] | None = None
+        self.request_log = None  # serve/feedback.py RequestLog when serve.log_requests is set
         self.created = now_s()
 
     def load(self) -> None:
@@ -114,6 +94,7 @@ def create_app(state: ServerState) -> FastAPI:
         return state.loaded
 
     guard = [Depends(authorized), Depends(reject_invalid_text)]
+    install_feedback(app, state, guard)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -137,78 +118,39 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions", dependencies=guard)
     async def completions(body: CompletionRequest, request: HTTPRequest):
         loaded = ready()
-        check_common(body)
-        prompts = completion_prompts(body, loaded.tokenizer)
         if body.echo:  # prompt log-probabilities (lm-eval's log-likelihood tasks): scoring.py
             from fastserve_cli.serve.scoring import echo_completion
 
-            return await echo_completion(loaded, body, prompts, lambda: Job(loaded, "completion", body, request))
-        max_tokens = [resolve_max_tokens(body.max_tokens, len(p), loaded.max_context, 16) for p in prompts]
-        job = Job(loaded, "completion", body, request)
-        job.grammar = await compile_grammar(loaded, constraint(body))
-        for i, (ids, mt) in enumerate(zip(prompts, max_tokens)):
-            job.add_prompt(ids, sampling_params(body, mt, body.logprobs), first_index=i * body.n)
-        return await job.respond()
+            check_supported(body)
+            check_model(body.model, state.model_name)
+            prompts = completion_prompts(body, loaded.tokenizer)
+            return await echo_completion(loaded, body, prompts, lambda: Job(loaded, Plan("completion", body, []), request))
+        return await Job(loaded, await planned(plan_completion, body, loaded), request).respond()
 
     @app.post("/v1/chat/completions", dependencies=guard)
     async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
         loaded = ready()
-        check_common(body)
-        if body.top_logprobs is not None and not body.logprobs:
-            raise bad_request("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        try:
-            tools = tool_config(body.tools, body.tool_choice, body.parallel_tool_calls)
-        except ToolError as err:
-            raise bad_request(str(err), param=err.param) from None
-        ids = chat_prompt(body, loaded.tokenizer, tools.tools if tools.active else None)
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = resolve_max_tokens(requested, len(ids), loaded.max_context, None)
-        job = Job(loaded, "chat", body, request)
-        job.parse_tools = tools.active
-        spec, tool_spec = constraint(body), grammar_spec(tools)
-        if spec is not None and tool_spec is not None:
-            raise bad_request(f"'{spec.param}' cannot be combined with tool_choice '{tools.choice}'", param="tool_choice")
-        job.grammar = await compile_grammar(loaded, spec or tool_spec)
-        job.add_prompt(ids, sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None), 0)
-        return await job.respond()
+        plan = await planned(plan_chat, body, loaded)
+        return await Job(loaded, plan, request, state.request_log).respond()
 
     @app.post("/v1/embeddings", dependencies=guard)
     async def embeddings(body: EmbeddingRequest):
         loaded = ready()
-        check_model(body.model)
+        check_model(body.model, state.model_name)
         return await create_embeddings(body, loaded, state.model_name)
 
     @app.post("/v1/responses", dependencies=guard)
     async def responses(body: ResponsesRequest, request: HTTPRequest):
         loaded = ready()
-        check_model(body.model)
-        return await create_response(body, loaded, request, Job)
+        check_model(body.model, state.model_name)
+        return await create_response(body, loaded, request, lambda chat: Job(loaded, Plan("chat", chat, []), request))
 
-    def check_model(model: str) -> None:
-        if model != state.model_name:
-            raise OpenAIError(404, f"model '{model}' does not exist; this server serves '{state.model_name}'",
-                              param="model", code="model_not_found")
-    def constraint(body) -> GrammarSpec | None:
-        try:
-            return request_spec(body.response_format, {k: getattr(body, k) for k in
-                                                       ("guided_json", "guided_regex", "guided_choice", "structured_outputs")})
-        except GrammarError as err:
-            raise bad_request(str(err), param=err.param) from None
-
-    async def compile_grammar(loaded: Loaded, spec: GrammarSpec | None):
-        """Compile off the event loop (a cold schema takes a while; a cached one is a lookup)."""
-        if spec is None:
-            return None
-        try:
-            return await asyncio.to_thread(loaded.grammars.get, spec)
-        except GrammarError as err:
-            raise bad_request(str(err), param=err.param) from None
-
-    def check_common(body) -> None:
-        check_supported(body)
-        check_model(body.model)
-        if body.stream_options is not None and not body.stream:
-            raise bad_request("'stream_options' is only allowed with 'stream': true", param="stream_options")
+    async def planned(planner, body, loaded: Loaded) -> Plan:
+        """Validate and plan on the event loop; compile a grammar off it (a cold schema takes a while)."""
+        plan = planner(body, loaded, state.model_name)
+        if plan.spec is not None:
+            await asyncio.to_thread(compile_plan, plan, loaded)
+        return plan
 
     return app
 
@@ -216,35 +158,31 @@ def create_app(state: ServerState) -> FastAPI:
 class Job:
     """One client request: its engine requests (choices), their outputs, and the response/stream."""
 
-    def __init__(self, loaded: Loaded, kind: str, body, http: HTTPRequest) -> None:
-        self.loaded, self.kind, self.body, self.http = loaded, kind, body, http
-        self.id = new_id("cmpl" if kind == "completion" else "chatcmpl")
+    def __init__(self, loaded: Loaded, plan: Plan, http: HTTPRequest, request_log=None) -> None:
+        self.loaded, self.plan, self.kind, self.body, self.http = loaded, plan, plan.kind, plan.body, http
+        self.request_log = request_log  # a RequestLog: finished chat exchanges are appended to it
+        self.id = new_id("cmpl" if self.kind == "completion" else "chatcmpl")
         self.created = now_s()
-        self.reqs: list[Request] = []
-        self.index: dict[int, int] = {}  # id(req) -> choice index
-        self.prompt_tokens = 0
         self.queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
-        self.logit_bias = parse_logit_bias(getattr(body, "logit_bias", None), len(loaded.tokenizer))
-        self.grammar = None  # grammar.CompiledSpec: each choice gets its own matcher
-        self.parse_tools = False  # chat with tools offered: tool calls are parsed out of the text
+        self.reqs: list[Request] = []
+        self.index: dict[int, int] = {}  # id(req) -> choice index
+        self._add_requests(plan.prompts)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.plan.prompt_tokens
 
     def add_prompt(self, ids: list[int], params, first_index: int) -> None:
-        budget_tokens = self.loaded.kv_budget // self.loaded.kv_bytes_per_token
-        if len(ids) + params.max_new_tokens > budget_tokens:
-            raise bad_request(f"prompt + max_tokens = {len(ids) + params.max_new_tokens} tokens do not fit in the "
-                              f"KV-cache budget ({budget_tokens} tokens); lower max_tokens or raise --kv-cache-memory",
-                              param="max_tokens")
-        self.prompt_tokens += len(ids)
-        now = time.perf_counter()
-        for k in range(self.body.n):
-            seed = None if params.seed is None else params.seed + k
-            choice_params = type(params)(**{**params.__dict__, "seed": seed, "logit_bias": self.logit_bias})
-            req = Request(prompt_ids=list(ids), params=choice_params, arrival_time=now)
-            req.generator = make_generator(seed)
-            req.grammar = self.grammar.new_state() if self.grammar is not None else None
-            index = first_index + k
-            req.on_output = lambda out, i=index: self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
+        """One more prompt for paths that build their prompts themselves (Responses API, echo)."""
+        add_prompt(self.plan, self.loaded, ids, params, first_index)
+        self._add_requests(self.plan.prompts[-1:])
+
+    def _add_requests(self, prompts) -> None:
+        def callback(index: int):
+            return lambda out: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+
+        for index, req in engine_requests(self.plan, prompts, callback):
             self.index[id(req)] = index
             self.reqs.append(req)
 
@@ -290,9 +228,10 @@ class Job:
             watcher.cancel()
             self.abort()
         choices = [self._choice(i, "".join(texts[i]), entries[i], reasons[i], final=True) for i in sorted(texts)]
-        obj = "text_completion" if self.kind == "completion" else "chat.completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
-                "choices": choices, "usage": usage(self.prompt_tokens, sum(r.num_generated for r in self.reqs))}
+        response = response_body(self.plan, self.id, self.created, choices, sum(r.num_generated for r in self.reqs))
+        if self.request_log is not None:
+            self.request_log.log_chat(self.id, self.body, choices[0]["message"]["content"], response["usage"], reasons[0])
+        return response
 
     async def _watch_disconnect(self) -> None:
         while True:
@@ -305,7 +244,8 @@ class Job:
         """SSE chunks in OpenAI's shape, then an optional usage chunk, then `data: [DONE]`."""
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
         offsets = {self.index[id(r)]: 0 for r in self.reqs}
-        streamers = {i: ToolCallStreamer() for i in offsets} if self.parse_tools else {}
+        streamers = {i: ToolCallStreamer() for i in offsets} if self.plan.parse_tools else {}
+        first_text: list[str] = []  # choice 0, for the request log
         try:
             if self.kind == "chat":
                 for i in sorted(offsets):
@@ -314,6 +254,8 @@ class Job:
             async for index, out in self._outputs():
                 if not out.text and not out.finished and not out.logprobs:
                     continue
+                if index == 0 and self.request_log is not None:
+                    self._log_streamed(first_text, out)
                 if index in streamers:
                     for choice in self._tool_choices(index, out, streamers[index]):
                         yield self._sse(self._chunk([choice], include_usage))
@@ -333,24 +275,13 @@ class Job:
             self.abort()
 
     def _choice(self, index: int, text: str, entries: list, reason: str | None, final: bool, offset: int = 0):
-        logprobs = None
-        if self.kind == "completion":
-            if self.body.logprobs is not None:
-                logprobs = self.loaded.logprobs.completion(entries, offset)
-            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-        if self.body.logprobs:
-            logprobs = self.loaded.logprobs.chat(entries)
-        if final:
-            message: dict[str, Any] = {"role": "assistant", "content": text}
-            calls = []
-            if self.parse_tools:
-                message["content"], calls = parse_tool_calls(text)
-            if calls:
-                message["tool_calls"] = calls
-                reason = "tool_calls" if reason == "stop" else reason
-            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
-        delta = {"content": text} if text else {}
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return make_choice(self.plan, self.loaded, index, text, entries, reason, final, offset)
+
+    def _log_streamed(self, first_text: list[str], out: StepOutput) -> None:
+        first_text.append(out.text)
+        if out.finished:
+            self.request_log.log_chat(self.id, self.body, "".join(first_text),
+                                      usage(self.prompt_tokens, sum(r.num_generated for r in self.reqs)), out.finish_reason)
 
     def _tool_choices(self, index: int, out: StepOutput, streamer: ToolCallStreamer) -> list[dict[str, Any]]:
         """Streamed chat choices when tools are offered: content and tool-call deltas, then the finish."""

@@ -137,7 +137,7 @@ async def create_response(body: ResponsesRequest, loaded, http, job_cls):
                                  top_p=body.top_p, stream=body.stream)
     ids = chat_prompt(chat, loaded.tokenizer)
     max_tokens = resolve_max_tokens(body.max_output_tokens, len(ids), loaded.max_context, None)
-    job = job_cls(loaded, "chat", chat, http)
+    job = job_cls(chat)
     job.add_prompt(ids, sampling_params(chat, max_tokens, None), 0)
     job.submit()
     build = ResponseBuilder(body, job.id, job.created)
