@@ -203,6 +203,9 @@ def serve(
     max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Waiting requests before 429."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Name clients send as `model`."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads; all cores when unset."),
+    replicas: Optional[int] = typer.Option(None, "--replicas", help="Engine replicas on Ray Serve (extra fastserve[ray]); 1 = this process."),
+    router: Optional[str] = typer.Option(None, "--router", help="With --replicas: least-loaded (default), round-robin or prefix."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="`auto` joins a `ray start` cluster; unset starts a local one."),
     set_: Optional[list[str]] = SetOption,
 ) -> None:
     """OpenAI-compatible HTTP server with continuous batching (stops gracefully on SIGTERM)."""
@@ -211,7 +214,8 @@ def serve(
     flags = dict(host=host, port=port, backend=backend, source=source, scheduler=scheduler, max_batch_size=max_batch_size,
                  max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory, api_key=api_key,
                  max_queue=max_queue, model_name=model_name, num_threads=threads, starvation_s=starvation_s,
-                 base_quantum_s=base_quantum_s, mlfq_levels=mlfq_levels)
+                 base_quantum_s=base_quantum_s, mlfq_levels=mlfq_levels, replicas=replicas, router=router,
+                 ray_address=ray_address)
     path = Path(target)
     is_model_dir = path.is_dir() and not (path / "recipe.yaml").is_file()
     recipe = None if is_model_dir else load_target(target, set_)
