@@ -91,14 +91,23 @@ def deploy(target, cfg, app_name: str):
     target_dict, cfg_dict = replica_args(target, cfg)
     try:
         return serve.run(replica.bind(target_dict, cfg_dict), name=app_name, route_prefix=None)
-    except Exception as err:  # Ray's message holds the replica's traceback; keep our one line
-        text = str(err)
+    except Exception as err:  # the replica's traceback is in the deployment status; keep our one line
+        text = f"{err}\n{_deployment_message(app_name)}"
         for line in text.splitlines():
             if LOAD_ERROR_MARK in line:
                 msg = line[line.index(LOAD_ERROR_MARK) + len(LOAD_ERROR_MARK):]
                 raise UserError(msg.strip()) from None
         first = next((ln for ln in text.splitlines() if ln.strip()), type(err).__name__)
         raise UserError(f"serve: deploying {cfg.replicas} replicas failed: {first}") from None
+
+
+def _deployment_message(app_name: str) -> str:
+    from ray import serve
+
+    try:
+        return serve.status().applications[app_name].deployments[DEPLOYMENT].message
+    except Exception:
+        return ""
 
 
 def build_loaded(handle, target, book):

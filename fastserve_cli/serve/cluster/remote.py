@@ -22,8 +22,8 @@ from fastserve_cli.serve.engine import QueueFull, StepOutput
 from fastserve_cli.serve.request import Request
 
 log = logging.getLogger("fastserve.cluster")
-MAX_ATTEMPTS = 4
-RETRY_BACKOFF_S = (0.2, 0.5, 1.0)
+MAX_ATTEMPTS = 6  # with the back-off below: ~5 s for Ray Serve to drop a dead replica
+RETRY_BACKOFF_S = (0.1, 0.3, 0.6, 1.2, 2.4)
 _ids = itertools.count()
 
 
