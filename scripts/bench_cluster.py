@@ -79,7 +79,9 @@ def measured(model_dir: Path, out: Path, args) -> dict[str, dict]:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=6, include_dashboard=False, logging_level="WARNING")
+    from fastserve_cli.serve.cluster.deploy import LOCAL_SYSTEM_CONFIG
+
+    ray.init(num_cpus=6, include_dashboard=False, logging_level="WARNING", _system_config=LOCAL_SYSTEM_CONFIG)
     address = ray.get_runtime_context().gcs_address
     workload = bs.make_workload(args.seed, args.requests)
     prompts = bs.prompt_texts(model_dir, [p for _, p, _ in workload])
@@ -187,10 +189,10 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-cluster")
-    p.add_argument("--requests", type=int, default=60)
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--latency-requests", type=int, default=40)
+    p.add_argument("--latency-requests", type=int, default=30)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sizes", type=int, nargs="+", default=[8, 64])

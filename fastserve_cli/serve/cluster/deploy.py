@@ -20,7 +20,9 @@ DEPLOYMENT = "engine"
 # By import path, not the class: Ray pickles a class object by value, and the router must share this
 # process's module (its Book) with the ingress.
 ROUTER_PATH = "fastserve_cli.serve.cluster.router:FastServeRouter"
-STATS_PERIOD_S = 0.5  # how often the Serve controller polls each replica's load for the router
+STATS_PERIOD_S = 0.5
+# Ray starts its workers at nice 15 by default; replicas are the server, not background work.
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}  # how often the Serve controller polls each replica's load for the router
 
 
 def replica_threads(cfg) -> int:
@@ -78,7 +80,7 @@ def start_ray(cfg) -> bool:
         return False
     wanted = cfg.replicas * cfg.replica_cpus + 1
     ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False,
-             logging_level=logging.WARNING)
+             logging_level=logging.WARNING, _system_config=LOCAL_SYSTEM_CONFIG)
     return True
 
 

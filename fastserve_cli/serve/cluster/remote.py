@@ -78,6 +78,12 @@ class RemoteEngine:
                 "prefix": prefix_key(req.prompt_ids)}
 
     async def _run(self, req: Request) -> None:
+        try:
+            await self._attempts(req)
+        finally:
+            self.tasks.pop(id(req), None)
+
+    async def _attempts(self, req: Request) -> None:
         """Stream one request from a replica into `req.on_output`, retrying while nothing was produced."""
         started = False
         for attempt in range(MAX_ATTEMPTS):
@@ -106,7 +112,6 @@ class RemoteEngine:
                 await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
             finally:
                 self.book.on_done(rid)
-        self.tasks.pop(id(req), None)
 
     async def _stream(self, req: Request, rid: str, started: bool) -> bool:
         gen = self.handle.generate.remote(self._payload(req, rid))
