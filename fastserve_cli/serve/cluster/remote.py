@@ -93,7 +93,8 @@ class RemoteEngine:
                 return
             except asyncio.CancelledError:
                 raise
-            except QueueFull as err:
+            except QueueFull as err:  # the replica's own queue filled up since its last report
+                self.book.rejected.labels(self.book.policy).inc()
                 self._fail(req, 429, f"the server is busy: {err}; retry later")
                 return
             except ReplicaLost as err:

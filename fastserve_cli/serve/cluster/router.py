@@ -5,7 +5,7 @@ process) for every request, with the live replica set and each replica's `routin
 `EngineReplica.record_routing_stats` reported at the last poll by the Serve controller. So replica choice
 reads fresh-enough load without a round trip per request, and Ray Serve keeps doing what it does well:
 tracking replicas as they die and restart, back-off, cancellation. We return the policy's pick as the
-first rank and the other replicas as a fallback rank (used only if the pick refuses the request).
+only rank.
 
 Ray pickles this module by value into the handle, so it keeps no state of its own at module level: the
 Book it shares with the ingress lives in book.py.
@@ -44,15 +44,18 @@ class FastServeRouter(RequestRouter):
         payload = _payload(pending_request)
         choice = self.policy.choose(self.book.loads(by_id), payload.get("prefix"))
         if "rid" in payload:
-            self._decisions[payload["rid"]] = choice.decision
-        first = by_id[choice.replica_id]
-        return [[first], [r for r in candidate_replicas if r is not first]]
+            self._decisions[payload["rid"]] = (choice.replica_id, choice.decision)
+        # Only the pick: if Ray finds it unavailable (its queue-length probe timed out, or it is at
+        # max_ongoing_requests) Ray backs off and asks again, and the policy decides again with fresh data.
+        return [[by_id[choice.replica_id]]]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
         rid = _payload(pending_request).get("rid")
         if rid is not None:
-            self.book.on_routed(rid, replica_id.unique_id, self._decisions.pop(rid, "fallback"))
+            chosen, decision = self._decisions.pop(rid, (None, "fallback"))
+            replica = replica_id.unique_id
+            self.book.on_routed(rid, replica, decision if replica == chosen else "fallback")
 
 
 def _payload(pending_request: Optional[PendingRequest]) -> dict[str, Any]:
