@@ -120,3 +120,25 @@ def test_deployment_options_map_the_recipe():
     bad = serve_config(None, ["serve.autoscaling.min_replicas=3", "serve.autoscaling.max_replicas=2"], {})
     with pytest.raises(UserError, match="max_replicas"):
         deployment_options(bad, "app")
+
+
+def test_cluster_simulation_runs_every_request_and_routes_by_policy():
+    from fastserve_cli.serve.cluster.sim import fit_cost, simulate_cluster, with_prefixes
+    from fastserve_cli.serve.scheduler import make_scheduler
+    from fastserve_cli.serve.simulate import LinearCost, make_trace, sim_records, summarize
+
+    cost = fit_cost(0.003, 0.004, 8, (8, 0.002), (256, 0.05))
+    assert cost == pytest.approx(LinearCost(t0=0.003 - 1 / 7000, td=1 / 7000, tp=0.048 / 248))
+
+    def run(router: str):
+        trace = make_trace(3, 400, 60.0)
+        routed = simulate_cluster(trace, router, 4, lambda: make_scheduler("fcfs"), cost, 4, with_prefixes(trace, 3))
+        assert all(r.finish_time is not None and r.num_generated == r.max_new_tokens for r in trace)
+        return routed, summarize(sim_records(trace))
+
+    rr, rr_summary = run("round-robin")
+    assert sorted(rr.values()) == [100, 100, 100, 100]
+    ll, ll_summary = run("least-loaded")
+    assert sum(ll.values()) == 400 and ll_summary["mean_jct"] < rr_summary["mean_jct"]
+    prefix, _ = run("prefix")
+    assert sum(prefix.values()) == 400
