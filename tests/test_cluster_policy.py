@@ -33,10 +33,10 @@ def test_least_loaded_counts_its_own_inflight_between_reports():
     assert LeastLoaded(seed=1).choose(stale).replica_id == "b"
 
 
-def test_score_weighs_top_mlfq_queues_and_kv_usage():
-    deep = ReplicaLoad("deep", running=6, top_queue=1)  # 5 requests in low queues: preempted for newcomers
-    shallow = ReplicaLoad("shallow", running=4, top_queue=4)
-    assert deep.score() < shallow.score()
+def test_score_weighs_pending_prefills_top_mlfq_queues_and_kv_usage():
+    assert ReplicaLoad("a", running=4).score() < ReplicaLoad("b", waiting=2).score()  # 2 prefills to come
+    assert ReplicaLoad("a", running=3, inflight=5).pending == 2  # routed here since the last report
+    assert ReplicaLoad("deep", running=4, top_queue=0).score() < ReplicaLoad("top", running=4, top_queue=3).score()
     assert ReplicaLoad("x", running=2, kv_usage=0.9).score() > ReplicaLoad("y", running=3).score()
 
 

@@ -43,14 +43,18 @@ class ReplicaLoad:
         """Its waiting queue is at --max-queue: a request sent there would get 429."""
         return max(self.waiting, self.inflight - self.running) >= self.max_queue
 
+    @property
+    def pending(self) -> int:
+        """Requests not prefilled yet: the reported waiting ones plus what this router sent since the report."""
+        return self.waiting + max(0, self.inflight - (self.waiting + self.running))
+
     def score(self) -> float:
-        """Lower is better. A request joining a skip-join MLFQ waits mostly behind the requests of the top
-        queues (lower queues get preempted for it), so those count fully and the others half; a nearly
-        full KV cache means offloads or recompute for whatever joins, so it adds up to 4 requests' worth."""
-        if self.top_queue:
-            others = max(0, self.requests - self.top_queue)
-            return self.top_queue + 0.5 * others + 4.0 * self.kv_usage
-        return self.requests + 4.0 * self.kv_usage
+        """Lower is better. Every live request counts once; one still waiting for its prefill counts 2 more
+        (a prefill stalls the replica's whole batch: ~150 us a prompt token against ~0.1 ms a decode row
+        for the benchmark model); one in the skip-join MLFQ's top queues half more (it runs before a
+        newcomer, lower queues get preempted for it); a nearly full KV cache up to 4 more (offloads or
+        recompute for whatever joins). Weights chosen with the simulator (sim.py), see docs/serve-cluster.md."""
+        return self.requests + 2.0 * self.pending + 0.5 * self.top_queue + 4.0 * self.kv_usage
 
 
 def prefix_key(prompt_ids: Sequence[int], length: int = PREFIX_TOKENS) -> str | None:
