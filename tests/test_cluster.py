@@ -24,6 +24,7 @@ pytest.importorskip("ray.serve")
 
 KEY = "sk-cluster"
 NAME = "tiny"
+PROXY: dict[str, int] = {}
 LONG_PREFIX = "You are a helpful assistant. Answer briefly and cite the module you used for it. " * 3
 
 
@@ -32,8 +33,13 @@ def ray_address():
     import ray
     from ray import serve
 
+    from fastserve_cli.serve.launch import free_port
+
     ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")  # logical CPUs: replicas ask 0.5
     try:
+        # Serve's HTTP proxy, for the KubeRay-style application test (ingress processes leave it as it is).
+        PROXY["port"] = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": PROXY["port"]})
         yield ray.get_runtime_context().gcs_address
     finally:
         with contextlib.suppress(Exception):
@@ -209,6 +215,29 @@ def test_bad_configurations(tiny_gpt2_dir, ray_address, tmp_path):
                         *cluster_args(ray_address)], capture_output=True, text=True, timeout=300)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and last.startswith("error: replica on node ") and str(broken) in last, r.stderr[-3000:]
+
+
+def test_the_same_app_as_a_serve_application_for_kuberay(tiny_gpt2_dir, ray_address):
+    """deploy/rayservice.yaml's import path, run the way KubeRay runs it: behind Ray Serve's HTTP proxy."""
+    from ray import serve
+
+    from fastserve_cli.serve.cluster.app import build_app
+
+    args = {"target": str(tiny_gpt2_dir), "replicas": "2", "router": "round-robin", "replica_cpus": "0.5",
+            "num_threads": "1", "model_name": NAME, "app_name": "kuberay"}
+    serve.run(build_app(args), name="kuberay", route_prefix="/")
+    try:
+        url = f"http://127.0.0.1:{PROXY['port']}"
+        wait_replicas(url, 2)
+        for _ in range(2):
+            out = client(url).completions.create(model=NAME, prompt="def foo", max_tokens=4, temperature=0)
+            assert out.choices[0].finish_reason == "length"
+        chunks = list(client(url).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                                          max_tokens=3, stream=True))
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert sorted(metric(url, "fastserve:router_requests_total", decision="rr").values()) == [1.0, 2.0]
+    finally:
+        serve.delete("kuberay")
 
 
 def _free_port() -> int:
