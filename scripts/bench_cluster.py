@@ -206,6 +206,9 @@ def main() -> None:
     p.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8, 0.9])
     p.add_argument("--per-replica", type=int, default=300)
     p.add_argument("--skip-measured", action="store_true", help="Only the simulation.")
+    p.add_argument("--cost", type=float, nargs=3, metavar=("T0", "TD", "TP"),
+                   help="Simulate with this iteration cost (seconds) instead of profiling the model now "
+                   "(the simulation is deterministic; only the profile is a timing).")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = bs.build_model(args.out, 4, 256)
@@ -214,7 +217,12 @@ def main() -> None:
         res = measured(model_dir, args.out, args)
         lines += ["## Measured on this machine", "", *report_measured(res), ""]
         (args.out / "measured.json").write_text(json.dumps(res))
-    cost = profile_cost(model_dir, args.batch)
+    if args.cost:
+        from fastserve_cli.serve.simulate import LinearCost
+
+        cost = LinearCost(*args.cost)
+    else:
+        cost = profile_cost(model_dir, args.batch)
     lines += ["## Simulated", "", f"iteration cost fitted to this model (1 thread): t0 {cost.t0 * 1000:.2f} ms + "
               f"{cost.td * 1000:.3f} ms per decode row + {cost.tp * 1e6:.1f} us per prefill token", ""]
     rows = simulated(cost, args)
