@@ -118,10 +118,8 @@ class RemoteEngine:
         gen = self.handle.generate.remote(self._payload(req, rid))
         try:
             async for item in gen:
-                if "replica" in item:  # the header: who serves it, or its queue was full
-                    if "queue_full" in item:
-                        raise QueueFull(item["queue_full"])
-                    continue
+                if "queue_full" in item:  # the replica's queue filled up since its last report
+                    raise QueueFull(item["queue_full"])
                 out = StepOutput(**item)
                 started = True
                 req.output_ids.extend(out.token_ids)

@@ -62,7 +62,8 @@ class EngineReplica:
                 "metrics": engine.metrics.render().decode()}
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Run one engine request; yields a header (who serves it), then one dict per engine step."""
+        """Run one engine request; yields one dict per engine step (or one `queue_full` dict). No header
+        item: each streamed item costs a Ray object transfer, and the router already knows the replica."""
         from fastserve_cli.serve.engine import QueueFull
         from fastserve_cli.serve.request import Request, SamplingParams
         from fastserve_cli.serve.sampling import make_generator
@@ -78,9 +79,8 @@ class EngineReplica:
         try:
             self.engine.submit([req])
         except QueueFull as err:
-            yield {"replica": self.replica_id, "queue_full": str(err)}
+            yield {"queue_full": str(err)}
             return
-        yield {"replica": self.replica_id}
         try:
             while True:
                 out = await queue.get()
