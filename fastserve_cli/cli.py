@@ -280,6 +280,9 @@ def serve(
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Name clients send as `model`."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads; all cores when unset."),
     log_requests: Optional[str] = typer.Option(None, "--log-requests", help="Append each chat exchange to this JSONL (off by default; see docs/feedback.md)."),
+    replicas: Optional[int] = typer.Option(None, "--replicas", help="Engine replicas on Ray Serve (extra fastserve[ray]); 1 = this process."),
+    router: Optional[str] = typer.Option(None, "--router", help="With --replicas: least-loaded (default), round-robin or prefix."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="`auto` joins a `ray start` cluster; unset starts a local one."),
     set_: Optional[list[str]] = SetOption,
 ) -> None:
     """OpenAI-compatible HTTP server with continuous batching (stops gracefully on SIGTERM)."""
@@ -288,7 +291,8 @@ def serve(
     flags = dict(host=host, port=port, backend=backend, source=source, scheduler=scheduler, max_batch_size=max_batch_size,
                  max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory, api_key=api_key,
                  max_queue=max_queue, model_name=model_name, num_threads=threads, starvation_s=starvation_s,
-                 base_quantum_s=base_quantum_s, mlfq_levels=mlfq_levels, log_requests=log_requests)
+                 base_quantum_s=base_quantum_s, mlfq_levels=mlfq_levels, log_requests=log_requests,
+                 replicas=replicas, router=router, ray_address=ray_address)
     resolved, cfg = serving_target(target, set_, flags)
     try:
         run_server(resolved, cfg)

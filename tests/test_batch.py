@@ -80,10 +80,10 @@ def test_batch_answers_good_and_bad_lines(tiny_gpt2_dir, tmp_path):
     assert records["line-3"]["response"] is None and "not valid JSON" in records["line-3"]["error"]["message"]
     assert records["bad-url"]["error"]["code"] == "invalid_url"
     assert records["embed"]["error"]["code"] == "unsupported_url"
-    for cid, param in [("too-long", "max_tokens"), ("wrong-model", "model"), ("no-messages", "messages"),
-                       ("stream", "stream")]:
+    for cid, param, status in [("too-long", "max_tokens", 400), ("wrong-model", "model", 404),
+                               ("no-messages", "messages", 400), ("stream", "stream", 400)]:
         response = records[cid]["response"]
-        assert response["status_code"] == 400, cid
+        assert response["status_code"] == status, cid
         assert response["body"]["error"]["param"] == param and response["body"]["error"]["message"], cid
 
 

@@ -238,6 +238,14 @@ class ExportConfig(Section):
     int4_block_size: int = Field(32, ge=16, description="MatMulNBits block size (a power of two).")
 
 
+class AutoscalingConfig(Section):
+    """Mapped onto Ray Serve's autoscaling_config (serve.replicas is then the initial count)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Requests per replica Ray Serve scales towards.")
+
+
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -262,6 +270,15 @@ class ServeConfig(Section):
     mlfq_levels: int | None = Field(
         8, ge=2, description="Skip-join MLFQ queue count; the last queue serves its requests first come, first served "
         "(from 2**(levels-1) - 1 base quanta of service on). null: levels without end, as in FastServe's code.")
+    replicas: int = Field(1, ge=1, description="Engine replicas; above 1 they run on Ray Serve (extra fastserve[ray]) "
+                          "behind an ingress on host:port. 1 = this single process.")
+    router: Literal["least-loaded", "round-robin", "prefix"] = Field(
+        "least-loaded", description="Replica choice: least-loaded (power of two choices on live load), round-robin, or "
+        "prefix (same long prompt prefix -> same replica while it is not overloaded).")
+    ray_address: str | None = Field(None, description="`auto` joins a running `ray start` cluster; unset starts a local one.")
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs per replica (its intra-op threads unless num_threads is set).")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
+    autoscaling: AutoscalingConfig | None = None
 
 
 class EvalSourceConfig(Section):

@@ -97,17 +97,29 @@ def build_engine(target: ServeTarget, cfg) -> "object":
     return Loaded(engine, tokenizer, backend.max_context, backend.kv_bytes_per_token, budget)
 
 
-def serve(target: ServeTarget, cfg) -> None:
-    """Run the HTTP server until SIGTERM/SIGINT (graceful: in-flight requests get `shutdown_timeout_s`)."""
-    import uvicorn
-
-    from fastserve_cli.serve.api import ServerState, create_app
+def check_config(cfg) -> None:
+    """Fail fast on a bad size or scheduler, before any socket, model or Ray instance."""
     from fastserve_cli.serve.kv_cache import parse_bytes
     from fastserve_cli.serve.scheduler import SCHEDULER_MODULES
 
-    parse_bytes(cfg.kv_cache_memory)  # fail fast on a bad size, before any socket or model
+    parse_bytes(cfg.kv_cache_memory)
     if cfg.scheduler not in SCHEDULER_MODULES:
         raise UserError(f"--scheduler {cfg.scheduler}: unknown; choose one of: {', '.join(SCHEDULER_MODULES)}")
+
+
+def serve(target: ServeTarget, cfg) -> None:
+    """Run the HTTP server until SIGTERM/SIGINT (graceful: in-flight requests get `shutdown_timeout_s`).
+
+    With serve.replicas > 1 (or autoscaling, or a Ray address) the engines run as Ray Serve replicas
+    behind this same API: see serve/cluster/."""
+    import uvicorn
+
+    from fastserve_cli.serve.api import ServerState, create_app
+    from fastserve_cli.serve.cluster import serve_cluster, uses_cluster
+
+    if uses_cluster(cfg):
+        return serve_cluster(target, cfg)
+    check_config(cfg)
     api_key = cfg.api_key or os.environ.get("FASTSERVE_API_KEY") or None
     state = ServerState(cfg.model_name or target.name, api_key, lambda: build_engine(target, cfg),
                         cfg.shutdown_timeout_s)

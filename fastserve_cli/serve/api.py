@@ -100,6 +100,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def health() -> JSONResponse:
         if state.loaded is None:
             return JSONResponse({"status": "loading"}, status_code=503)
+        cluster = getattr(state.loaded.engine, "health", None)  # a cluster ingress: replicas up (503 if none)
+        if cluster is not None:
+            body = cluster()
+            return JSONResponse(body, status_code=200 if body["replicas_up"] else 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -155,6 +159,15 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
+def _output_error(out: StepOutput) -> OpenAIError:
+    """An engine output's error as the client sees it (a cluster ingress sets 503/429 on its outputs)."""
+    if out.status == 429:
+        return OpenAIError(429, out.error, type_="rate_limit_error", code="queue_full")
+    if out.status == 503:
+        return OpenAIError(503, out.error, type_="service_unavailable", code="replica_unavailable")
+    return OpenAIError(500, f"generation failed: {out.error}", type_="server_error")
+
+
 class Job:
     """One client request: its engine requests (choices), their outputs, and the response/stream."""
 
@@ -208,7 +221,7 @@ class Job:
         while remaining:
             index, out = await self.queue.get()
             if out.error is not None:
-                raise OpenAIError(500, f"generation failed: {out.error}", type_="server_error")
+                raise _output_error(out)
             remaining -= out.finished
             yield index, out
 

@@ -39,6 +39,7 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    status: int | None = None  # HTTP status for `error` (a cluster ingress: 503 replica lost, 429); None = 500
 
 
 class Detokenizer:
