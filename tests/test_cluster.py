@@ -142,6 +142,13 @@ def test_completions_chat_and_streams_equal_the_single_process_server(cluster, s
     n = remote.completions.create(model=NAME, prompt="for i in", max_tokens=6, n=3, seed=5, stop=["\n"])
     assert [c.index for c in n.choices] == [0, 1, 2] and all("\n" not in c.text for c in n.choices)
     assert metric(url, "fastserve:router_requests_total", policy="least-loaded", decision="p2c")
+    # structured outputs and logit_bias reach the replicas (each compiles the grammar itself)
+    choice = dict(model=NAME, prompt="pick:", max_tokens=8, temperature=1.0, seed=3,
+                  extra_body={"guided_choice": ["alpha", "beta"]})
+    assert remote.completions.create(**choice).choices[0].text == local.completions.create(**choice).choices[0].text
+    assert remote.completions.create(**choice).choices[0].text in ("alpha", "beta")
+    biased = dict(model=NAME, prompt="x", max_tokens=3, temperature=0, logit_bias={"7": 100})
+    assert remote.completions.create(**biased).choices[0].text == local.completions.create(**biased).choices[0].text
 
 
 def test_client_disconnect_cancels_on_the_replica(cluster):

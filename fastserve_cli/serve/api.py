@@ -29,7 +29,7 @@ from fastserve_cli.serve.handling import (
     response_body)
 from fastserve_cli.serve.openapi import install_openapi
 from fastserve_cli.serve.protocol import (
-    ChatCompletionRequest, CompletionRequest, OpenAIError, check_supported, completion_prompts, usage, new_id, now_s)
+    ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request, check_supported, completion_prompts, usage, new_id, now_s)
 from fastserve_cli.serve.request import Request
 from fastserve_cli.serve.responses import ResponsesRequest, create_response
 from fastserve_cli.serve.tools import ToolCallStreamer
@@ -125,6 +125,7 @@ def create_app(state: ServerState) -> FastAPI:
         if body.echo:  # prompt log-probabilities (lm-eval's log-likelihood tasks): scoring.py
             from fastserve_cli.serve.scoring import echo_completion
 
+            local_only(loaded, "echo")
             check_supported(body)
             check_model(body.model, state.model_name)
             prompts = completion_prompts(body, loaded.tokenizer)
@@ -141,6 +142,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def embeddings(body: EmbeddingRequest):
         loaded = ready()
         check_model(body.model, state.model_name)
+        local_only(loaded, "/v1/embeddings")
         return await create_embeddings(body, loaded, state.model_name)
 
     @app.post("/v1/responses", dependencies=guard)
@@ -148,6 +150,12 @@ def create_app(state: ServerState) -> FastAPI:
         loaded = ready()
         check_model(body.model, state.model_name)
         return await create_response(body, loaded, request, lambda chat: Job(loaded, Plan("chat", chat, []), request))
+
+    def local_only(loaded: Loaded, what: str) -> None:
+        """Features that run on the model directly (not through engine requests) need this process's engine."""
+        if not hasattr(loaded.engine, "backend"):
+            raise bad_request(f"{what} is not available with --replicas yet; serve a single process for it",
+                              param="echo" if what == "echo" else None)
 
     async def planned(planner, body, loaded: Loaded) -> Plan:
         """Validate and plan on the event loop; compile a grammar off it (a cold schema takes a while)."""

@@ -142,6 +142,10 @@ class Engine:
                 except Exception as err:  # handed to the awaiting request, the engine keeps going
                     future.set_exception(err)
 
+    def grammar_vocab(self) -> tuple[int | None, set[int]]:
+        """(vocabulary size, stop-token ids) that grammar masks are built for."""
+        return self.backend.config.get("vocab_size"), set(self.backend.eos_token_ids)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="fastserve-engine", daemon=True)
         self._thread.start()

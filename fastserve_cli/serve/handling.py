@@ -38,9 +38,10 @@ class Loaded:
 
     def __post_init__(self) -> None:
         self.logprobs = LogprobFormatter(self.tokenizer)
-        backend = self.engine.backend
-        self.grammars = GrammarCache(self.tokenizer, backend.config.get("vocab_size") or len(self.tokenizer),
-                                     sorted(backend.eos_token_ids))
+        # A local engine knows its backend; the cluster ingress's RemoteEngine reports the replicas' vocabulary
+        # and stop tokens (the ingress compiles grammars to validate requests; replicas compile their own).
+        vocab, eos = self.engine.grammar_vocab()
+        self.grammars = GrammarCache(self.tokenizer, vocab or len(self.tokenizer), sorted(eos))
 
 
 @dataclass
@@ -152,6 +153,7 @@ def engine_requests(plan: Plan, prompts: list[tuple[list[int], SamplingParams, i
             req = Request(prompt_ids=list(ids), params=choice, arrival_time=now)
             req.generator = make_generator(seed)
             req.grammar = plan.grammar.new_state() if plan.grammar is not None else None
+            req.grammar_spec = plan.spec if plan.grammar is not None else None  # what a remote replica compiles
             req.on_output = on_output(first_index + k)
             out.append((first_index + k, req))
     return out

@@ -67,6 +67,7 @@ class Request:
     on_output: Callable[[Any], None] | None = None  # engine thread -> API layer, one call per step
     detok: Any = None  # engine-owned incremental detokenizer
     grammar: Any = None  # grammar.GrammarState when the output is constrained (masked in sampling)
+    grammar_spec: Any = None  # grammar.GrammarSpec it came from (a cluster replica compiles its own state)
 
     def __post_init__(self) -> None:
         self.request_id = self.request_id or f"req-{self.seq}"

@@ -119,8 +119,10 @@ def build_loaded(handle, target, book):
     from fastserve_cli.serve.cluster.remote import RemoteEngine
 
     info = handle.info.remote().result(timeout_s=60)
-    return Loaded(RemoteEngine(handle, book), load_tokenizer(target.model_dir), info["max_context"],
-                  info["kv_bytes_per_token"], info["kv_budget"])
+    engine = RemoteEngine(handle, book)
+    engine.vocab_size, engine.eos_token_ids = info["vocab_size"], info["eos_token_ids"]
+    return Loaded(engine, load_tokenizer(target.model_dir), info["max_context"], info["kv_bytes_per_token"],
+                  info["kv_budget"])
 
 
 def teardown(app_name: str, started_ray: bool) -> None:

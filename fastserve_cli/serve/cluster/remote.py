@@ -38,8 +38,14 @@ class RemoteEngine:
         self.metrics = book  # api.py's /metrics calls engine.metrics.render()
         self.on_shutdown = on_shutdown
         self.tasks: dict[int, asyncio.Task] = {}  # id(Request) -> its call
+        self.vocab_size: int | None = None  # the replicas' (from their info())
+        self.eos_token_ids: list[int] = []
 
     # -- the Engine interface api.py uses ----------------------------------------------------------
+    def grammar_vocab(self) -> tuple[int | None, set[int]]:
+        """The replicas' vocabulary and stop tokens (they serve the same model directory)."""
+        return self.vocab_size, set(self.eos_token_ids)
+
     def start(self) -> None:
         """Replicas start their own engines."""
 
@@ -75,7 +81,7 @@ class RemoteEngine:
     # -- one engine request ------------------------------------------------------------------------
     def _payload(self, req: Request, rid: str) -> dict[str, Any]:
         return {"rid": rid, "prompt_ids": req.prompt_ids, "params": dict(req.params.__dict__),
-                "prefix": prefix_key(req.prompt_ids)}
+                "prefix": prefix_key(req.prompt_ids), "grammar": req.grammar_spec}
 
     async def _run(self, req: Request) -> None:
         try:

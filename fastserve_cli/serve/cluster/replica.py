@@ -47,8 +47,10 @@ class EngineReplica:
         self.replica_id = _replica_id()
 
     def info(self) -> dict[str, Any]:
+        vocab, eos = self.engine.grammar_vocab()
         return {"max_context": self.loaded.max_context, "kv_bytes_per_token": self.loaded.kv_bytes_per_token,
-                "kv_budget": self.loaded.kv_budget, "max_queue": self.engine.max_queue}
+                "kv_budget": self.loaded.kv_budget, "max_queue": self.engine.max_queue, "vocab_size": vocab,
+                "eos_token_ids": sorted(eos)}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Live load for the router (called by Ray Serve periodically, never per request), plus this
@@ -75,6 +77,8 @@ class EngineReplica:
         params = SamplingParams(**payload["params"])
         req = Request(prompt_ids=list(payload["prompt_ids"]), params=params, arrival_time=time.perf_counter())
         req.generator = make_generator(params.seed)
+        if payload.get("grammar") is not None:  # structured outputs / forced tool calls: compiled here (cached)
+            req.grammar = self.loaded.grammars.get(payload["grammar"]).new_state()
         req.on_output = lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)
         try:
             self.engine.submit([req])
