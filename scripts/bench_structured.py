@@ -227,6 +227,61 @@ def part_serve(model_dir: Path, rounds: int, tokens: int, batches: list[int]) ->
     return results
 
 
+# ------------------------------------------------------------------ part 3: grammar share of the step time
+
+
+def part_overhead(model_dir: Path, batch: int, tokens: int, rounds: int) -> dict:
+    """In-process engine, `batch` constrained requests: time inside mask_logits + accept_tokens vs the whole
+    iteration, measured in the same steps (so machine-load drift hits both alike) -> the throughput cost."""
+    import fastserve_cli.serve.grammar as grammar
+    import fastserve_cli.serve.sampling as sampling
+    from transformers import AutoTokenizer
+
+    from fastserve_cli.serve.backends import load_backend
+    from fastserve_cli.serve.engine import Engine
+    from fastserve_cli.serve.kv_cache import KVCacheManager
+    from fastserve_cli.serve.metrics import Metrics
+    from fastserve_cli.serve.request import Request, SamplingParams
+    from fastserve_cli.serve.scheduler import make_scheduler
+
+    spent = [0.0]
+
+    def timed(fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return wrapper
+
+    grammar.mask_logits, grammar.accept_tokens = timed(grammar.mask_logits), timed(grammar.accept_tokens)
+    backend = load_backend("torch", model_dir)
+    kv = KVCacheManager(backend, 1 << 34, 0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine(backend, make_scheduler("fcfs"), kv, tok, Metrics("bench"), max_batch_size=batch, token_budget=8192)
+    cache = grammar.GrammarCache(tok, backend.config["vocab_size"], sorted(backend.eos_token_ids))
+    compiled = cache.get(grammar.GrammarSpec.json_schema(LONG_SCHEMA))
+    prompt = tok("Write JSON.").input_ids
+    shares = []
+    for r in range(rounds):
+        reqs = []
+        for i in range(batch):
+            req = Request(prompt, SamplingParams(max_new_tokens=tokens, temperature=1.0, seed=i), time.perf_counter())
+            req.generator, req.grammar = sampling.make_generator(i), compiled.new_state()
+            reqs.append(req)
+        engine.submit(reqs)
+        spent[0], total = 0.0, 0.0
+        while not all(q.finished for q in reqs):
+            t0 = time.perf_counter()
+            engine.step()
+            total += time.perf_counter() - t0
+        shares.append(spent[0] / total)
+        print(f"overhead round {r}: grammar {spent[0] * 1e3:.0f} ms of {total * 1e3:.0f} ms "
+              f"({100 * shares[-1]:.1f}%)", flush=True)
+    return {"batch": batch, "share": shares}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/bench/gpt2-124m"))
@@ -237,12 +292,18 @@ def main() -> None:
     ap.add_argument("--walks", type=int, default=4, help="random walks per engine (interleaved), mask-steps each")
     ap.add_argument("--skip-serve", action="store_true")
     ap.add_argument("--skip-engines", action="store_true")
+    ap.add_argument("--overhead-only", action="store_true", help="only part 3 (grammar share of step time)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_structured.json"))
     args = ap.parse_args()
     from bench_serve import ensure_model
 
     model_dir = ensure_model(args.model_dir)
     report: dict = {}
+    if args.overhead_only:
+        report["overhead"] = [part_overhead(model_dir, b, args.tokens, args.rounds)
+                              for b in (int(x) for x in args.batches.split(","))]
+        args.out.write_text(json.dumps(report, indent=1))
+        return
     if not args.skip_engines:
         report["engines"] = part_engines(model_dir, args.mask_steps, args.walks)
         print_engines(report["engines"])
