@@ -72,7 +72,7 @@ def _allowed_ids(bitmask_row, vocab: int) -> list[int]:
     return flags.nonzero().flatten().tolist()
 
 
-def bench_xgrammar(tok, vocab: int, eos: int, steps: int) -> dict:
+def bench_xgrammar(tok, vocab: int, eos: int, steps: int, seed: int) -> dict:
     import xgrammar as xgr
 
     t0 = time.perf_counter()
@@ -89,11 +89,11 @@ def bench_xgrammar(tok, vocab: int, eos: int, steps: int) -> dict:
     bitmask = xgr.allocate_token_bitmask(1, vocab)
     times = _walk(lambda: matcher.fill_next_token_bitmask(bitmask, 0), lambda t: matcher.accept_token(t),
                   lambda: [t for t in _allowed_ids(bitmask[0], vocab) if t != eos] or [],
-                  matcher.reset, steps, 0)
+                  matcher.reset, steps, seed)
     return {"setup_s": setup, "compile_s": compile_s, "compile_new_schema_s": compile2_s, "mask_ms": times}
 
 
-def bench_llguidance(tok, vocab: int, eos: int, steps: int) -> dict | None:
+def bench_llguidance(tok, vocab: int, eos: int, steps: int, seed: int) -> dict | None:
     try:
         import llguidance
         import llguidance.hf
@@ -115,14 +115,14 @@ def bench_llguidance(tok, vocab: int, eos: int, steps: int) -> dict | None:
     bitmask = llt.allocate_token_bitmask(1, vocab)
     times = _walk(lambda: llt.fill_next_token_bitmask(matcher, bitmask, 0), lambda t: matcher.consume_token(t),
                   lambda: [t for t in _allowed_ids(bitmask[0], vocab) if t != eos] or [],
-                  matcher.reset, steps, 0)
+                  matcher.reset, steps, seed)
     assert not matcher.is_error(), matcher.get_error()
     return {"setup_s": setup, "compile_s": compile_s, "compile_new_schema_s": compile2_s, "mask_ms": times}
 
 
 
 
-def part_engines(model_dir: Path, steps: int) -> dict:
+def part_engines(model_dir: Path, steps: int, walks: int) -> dict:
     from transformers import AutoTokenizer
 
     report = {}
@@ -130,8 +130,15 @@ def part_engines(model_dir: Path, steps: int) -> dict:
                         ("bpe-50k (124M)", model_dir)):
         tok = AutoTokenizer.from_pretrained(path)
         vocab, eos = len(tok), tok.eos_token_id
-        report[label] = {"xgrammar": bench_xgrammar(tok, vocab, eos, steps),
-                         "llguidance": bench_llguidance(tok, vocab, eos, steps)}
+        runs: dict[str, list] = {"xgrammar": [], "llguidance": []}
+        for walk in range(walks):  # interleaved: machine load drifts
+            runs["xgrammar"].append(bench_xgrammar(tok, vocab, eos, steps, walk))
+            runs["llguidance"].append(bench_llguidance(tok, vocab, eos, steps, walk))
+        report[label] = {name: None if None in rs else {
+            "setup_s": [r["setup_s"] for r in rs], "compile_s": [r["compile_s"] for r in rs],
+            "compile_new_schema_s": [r["compile_new_schema_s"] for r in rs],
+            "mask_ms": [t for r in rs for t in r["mask_ms"]],
+            "walk_p99_ms": [pct(r["mask_ms"], 0.99) for r in rs]} for name, rs in runs.items()}
     return report
 
 
@@ -206,19 +213,84 @@ def part_serve(model_dir: Path, rounds: int, tokens: int, batches: list[int]) ->
     return results
 
 
+# ------------------------------------------------------------------ part 3: grammar share of the step time
+
+
+def part_overhead(model_dir: Path, batch: int, tokens: int, rounds: int) -> dict:
+    """In-process engine, `batch` constrained requests: time inside mask_logits + accept_tokens vs the whole
+    iteration, measured in the same steps (so machine-load drift hits both alike) -> the throughput cost."""
+    import fastserve_cli.serve.grammar as grammar
+    import fastserve_cli.serve.sampling as sampling
+    from transformers import AutoTokenizer
+
+    from fastserve_cli.serve.backends import load_backend
+    from fastserve_cli.serve.engine import Engine
+    from fastserve_cli.serve.kv_cache import KVCacheManager
+    from fastserve_cli.serve.metrics import Metrics
+    from fastserve_cli.serve.request import Request, SamplingParams
+    from fastserve_cli.serve.scheduler import make_scheduler
+
+    spent = [0.0]
+
+    def timed(fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return wrapper
+
+    grammar.mask_logits, grammar.accept_tokens = timed(grammar.mask_logits), timed(grammar.accept_tokens)
+    backend = load_backend("torch", model_dir)
+    kv = KVCacheManager(backend, 1 << 34, 0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine(backend, make_scheduler("fcfs"), kv, tok, Metrics("bench"), max_batch_size=batch, token_budget=8192)
+    cache = grammar.GrammarCache(tok, backend.config["vocab_size"], sorted(backend.eos_token_ids))
+    compiled = cache.get(grammar.GrammarSpec.json_schema(LONG_SCHEMA))
+    prompt = tok("Write JSON.").input_ids
+    shares = []
+    for r in range(rounds):
+        reqs = []
+        for i in range(batch):
+            req = Request(prompt, SamplingParams(max_new_tokens=tokens, temperature=1.0, seed=i), time.perf_counter())
+            req.generator, req.grammar = sampling.make_generator(i), compiled.new_state()
+            reqs.append(req)
+        engine.submit(reqs)
+        spent[0], total = 0.0, 0.0
+        while not all(q.finished for q in reqs):
+            t0 = time.perf_counter()
+            engine.step()
+            total += time.perf_counter() - t0
+        shares.append(spent[0] / total)
+        print(f"overhead round {r}: grammar {spent[0] * 1e3:.0f} ms of {total * 1e3:.0f} ms "
+              f"({100 * shares[-1]:.1f}%)", flush=True)
+    return {"batch": batch, "share": shares}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/bench/gpt2-124m"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--mask-steps", type=int, default=2000)
+    ap.add_argument("--mask-steps", type=int, default=500)
+    ap.add_argument("--walks", type=int, default=4, help="random walks per engine (interleaved), mask-steps each")
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--skip-engines", action="store_true")
+    ap.add_argument("--overhead-only", action="store_true", help="only part 3 (grammar share of step time)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_structured.json"))
     args = ap.parse_args()
     model_dir = gpt2_small_dir(args.model_dir)
-    report = {"engines": part_engines(model_dir, args.mask_steps)}
-    print_engines(report["engines"])
+    report: dict = {}
+    if args.overhead_only:
+        report["overhead"] = [part_overhead(model_dir, b, args.tokens, args.rounds)
+                              for b in (int(x) for x in args.batches.split(","))]
+        args.out.write_text(json.dumps(report, indent=1))
+        return
+    if not args.skip_engines:
+        report["engines"] = part_engines(model_dir, args.mask_steps, args.walks)
+        print_engines(report["engines"])
     if not args.skip_serve:
         report["serve"] = part_serve(model_dir, args.rounds, args.tokens, [int(b) for b in args.batches.split(",")])
         print_serve(report["serve"], [int(b) for b in args.batches.split(",")])
@@ -226,16 +298,18 @@ def main() -> None:
 
 
 def print_engines(engines: dict) -> None:
-    print("\n| tokenizer | engine | tokenizer set-up s | compile s (first / new schema) | mask ms/token p50 / mean / p99 |")
-    print("|---|---|---|---|---|")
+    print("\n| tokenizer | engine | tokenizer set-up s | compile s (first / new schema) | mask ms/token p50 / mean / p99 "
+          "| p99 per walk |")
+    print("|---|---|---|---|---|---|")
     for label, per in engines.items():
         for name, r in per.items():
             if r is None:
                 print(f"| {label} | {name} | not installed | | |")
                 continue
-            m = r["mask_ms"]
-            print(f"| {label} | {name} | {r['setup_s']:.3f} | {r['compile_s']:.3f} / {r['compile_new_schema_s']:.3f} | "
-                  f"{pct(m, 0.5):.4f} / {statistics.mean(m):.4f} / {pct(m, 0.99):.4f} |")
+            m, med = r["mask_ms"], statistics.median
+            print(f"| {label} | {name} | {med(r['setup_s']):.3f} | {med(r['compile_s']):.3f} / "
+                  f"{med(r['compile_new_schema_s']):.3f} | {pct(m, 0.5):.4f} / {statistics.mean(m):.4f} / "
+                  f"{pct(m, 0.99):.4f} | {', '.join(f'{x:.2f}' for x in r['walk_p99_ms'])} |")
 
 
 def print_serve(serve: dict, batches: list[int]) -> None:

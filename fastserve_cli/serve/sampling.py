@@ -75,7 +75,7 @@ def sample_row(row, req: Request) -> tuple[int, tuple[float, list[tuple[int, flo
 
 
 def sample(logits, reqs: list[Request]) -> list[tuple[int, tuple | None]]:
-    """Tokens for a batch; constrained rows are masked (one batched fill) and their matchers advanced."""
+    """Tokens for a batch; constrained rows are masked (one pass over the batch) and their matchers advanced."""
     if not any(r.grammar is not None for r in reqs):
         return _sample(logits, reqs)
     from fastserve_cli.serve.grammar import accept_tokens, mask_logits
