@@ -343,6 +343,8 @@ def ensure_baseline(run: RunDir, recipe: Recipe, latency: bool = True) -> dict[s
 def greedy_agreement(reference: OnnxCausalLM, candidate: OnnxCausalLM, vocab_size: int, steps: int,
                      seed: int = 0) -> dict[str, float]:
     """How far a quantized graph drifts from fp32: max |Δlogits| and the share of matching greedy tokens."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab_size, size=(1, 16), dtype=np.int64)
     mask = np.ones_like(ids)
