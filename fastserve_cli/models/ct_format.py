@@ -68,7 +68,7 @@ def quantization_config(scheme: str, ignore: list[str], group_sizes: dict[str, i
             "fastserve": {"scheme": scheme, **extra}}
 
 
-def scheme_of(section: dict[str, Any]) -> str:
+def scheme_of(section: dict[str, Any], where: str = "config.json") -> str:
     """Our scheme name for a compressed-tensors section (ours or llm-compressor's), or a UserError."""
     groups = list((section.get("config_groups") or {}).values())
     kinds = {json.dumps({k: v for k, v in g.get("weights", {}).items() if k != "group_size"}, sort_keys=True) for g in groups}
@@ -82,7 +82,7 @@ def scheme_of(section: dict[str, Any]) -> str:
         if w.get("type") == "int" and w.get("num_bits") == 4 and w.get("strategy") == "group" and acts is None \
                 and section.get("format") == "pack-quantized":
             return "weight_only_int4"
-    raise UserError("config.json quantization_config: this compressed-tensors scheme has no fastserve CPU kernel "
+    raise UserError(f"{where} quantization_config: this compressed-tensors scheme has no fastserve CPU kernel "
                     "(supported: W8A8 int8 per channel, W8A16 int8 per channel, W4A16 int4 groups); "
                     "load it with transformers or re-run `fastserve optimize` on the fp32 model")
 

@@ -348,7 +348,7 @@ def load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Modu
     from fastserve_cli.models import ct_format
 
     compressed = section.get("quant_method") == ct_format.QUANT_METHOD
-    scheme = ct_format.scheme_of(section) if compressed else section.get("scheme")
+    scheme = ct_format.scheme_of(section, str(path / "config.json")) if compressed else section.get("scheme")
     if scheme not in SCHEMES:
         raise UserError(f"{path}: quantization scheme {scheme!r} is not one fastserve knows ({', '.join(SCHEMES)}); re-run `fastserve optimize`")
     if device != "cpu":
