@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= cpu,deepspeed,tracking,structured,eval,clean,ray,dev,docs
+EXTRAS ?= cpu,deepspeed,tracking,structured,eval,clean,ray,quant,dev,docs
 # Bounded torch so pip takes the local CPU wheel instead of a multi-GB CUDA build.
 TORCH_SPEC ?= torch>=2.6,<2.14
 STAMP := $(VENV)/.installed-$(shell echo "$(EXTRAS) $(TORCH_SPEC)" | cksum | cut -d' ' -f1)

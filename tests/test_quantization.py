@@ -23,12 +23,17 @@ def test_quantized_variant_round_trips(tiny_model_dir, tmp_path, scheme):
     assert "lm_head" in modules and len(modules) >= 9  # 4 (gpt2) or 7 (llama) linears per layer, 2 layers, + lm_head
     save_quantized(model, scheme, modules, tiny_model_dir, tmp_path, {"group_size": 128})
 
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["quantization_config"]["scheme"] == scheme
+    section = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert (tmp_path / "tokenizer.json").is_file() and not list(tmp_path.glob("*.bin"))
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        stored = f.get_tensor("lm_head.weight")
-    assert stored.dtype == (torch.int8 if "int8" in scheme else torch.uint8)
+        names = set(f.keys())
+        stored = f.get_tensor("lm_head.weight" if "lm_head.weight" in names else "lm_head.weight_packed")
+    if section["quant_method"] == "fastserve":  # GPT-2's Conv1D: our own format
+        assert section["scheme"] == scheme
+        assert stored.dtype == (torch.int8 if "int8" in scheme else torch.uint8)
+    else:  # nn.Linear models: compressed-tensors (tests/test_ct_format.py loads them with transformers)
+        assert section["fastserve"]["scheme"] == scheme
+        assert stored.dtype == (torch.int8 if scheme == "dynamic_int8" else torch.int32)
 
     loaded = load_causal_lm(tmp_path)
     ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -36,7 +41,7 @@ def test_quantized_variant_round_trips(tiny_model_dir, tmp_path, scheme):
         reference, in_memory, reloaded = base(ids).logits, model(ids).logits, loaded(ids).logits
     assert torch.equal(in_memory, reloaded)  # stored tensors are exactly what ran before saving
     relative = (reloaded - reference).norm() / reference.norm()
-    assert relative < (0.15 if scheme == "weight_only_int4" else 0.03)
+    assert relative < (0.2 if scheme == "weight_only_int4" else 0.03)  # int4 is symmetric (compressed-tensors W4A16)
 
     # Incremental decode with a DynamicCache matches the full forward, and generate() runs.
     with torch.no_grad():

@@ -166,17 +166,17 @@ class VariantConfig(Section):
     """One optimized variant of the trained model, written to optimized/<name>/."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Directory name under optimized/; serve/export pick it by this name.")
-    method: Literal["magnitude", "structured", "dynamic_int8", "weight_only_int8", "weight_only_int4"] = Field(
-        ..., description="ONNX quantization lives in export.quantize; its variants join the same report.")
+    method: Literal["magnitude", "structured", "dynamic_int8", "weight_only_int8", "weight_only_int4", "gptq"] = Field(
+        ..., description="gptq: calibrated int4 (same format as weight_only_int4). ONNX quantization lives in export.quantize; its variants join the same report.")
     sparsity: float | None = Field(None, gt=0, lt=1, description="magnitude: fraction of weights set to zero.")
     scope: Literal["global", "layer"] = Field("global", description="magnitude: rank all block weights together, or each layer alone.")
     heads_fraction: float | None = Field(None, ge=0, lt=1, description="structured: fraction of attention heads removed from every layer.")
     heads_per_layer: int | None = Field(None, ge=0, description="structured: number of attention heads removed from every layer (instead of heads_fraction).")
     neurons_fraction: float | None = Field(None, ge=0, lt=1, description="structured: fraction of MLP neurons removed from every layer.")
     importance: Literal["weight", "activation", "gradient"] = Field("weight", description="structured: how heads/neurons are ranked.")
-    calibration_blocks: int = Field(16, ge=1, description="structured: validation blocks for activation/gradient importance.")
+    calibration_blocks: int = Field(16, ge=1, description="structured: validation blocks for activation/gradient importance; gptq: blocks its Hessians come from.")
     recovery_steps: int = Field(0, ge=0, description="Fine-tune steps after pruning (the train stage's optimizer and schedule).")
-    group_size: int = Field(128, ge=32, description="weight_only_int4: input channels per scale/zero group (power of two).")
+    group_size: int = Field(128, ge=32, description="weight_only_int4 and gptq: input channels per scale group (power of two).")
     source: str | None = Field(None, description="Start from this earlier (pruning) variant instead of the trained model, e.g. int8 of a pruned model.")
 
     @model_validator(mode="after")

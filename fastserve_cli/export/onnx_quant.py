@@ -72,7 +72,11 @@ def quantize_static_int8(src: Path, dst: Path, calibration: list[list[int]] | No
                     extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int = 32, **_: Any) -> None:
+def quantize_int4(src: Path, dst: Path, block_size: int = 32, exact_weights: dict | None = None,
+                  report: dict | None = None, **_: Any) -> None:
+    """MatMulNBits int4. With `exact_weights` (models/int4_dense.py: a weight-only int4 variant exported
+    dense), a weight found there keeps its own int4 values and scales (GPTQ's, say) instead of being
+    re-quantized; `report["exact"]` counts those."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -80,8 +84,31 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, **_: Any) -> None:
 
     quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
                                      accuracy_level=4)
+    if exact_weights:
+        node_quantizer = quantizer.node_quantizer  # onnxruntime's DefaultWeightOnlyQuantizer
+        node_quantizer.qbits_block_quant = _exact_block_quant(node_quantizer.qbits_block_quant, exact_weights,
+                                                              block_size, report if report is not None else {})
     quantizer.process()
     save_model(quantizer.model.model, dst)
+
+
+def _exact_block_quant(original: Callable, exact: dict, block_size: int, report: dict) -> Callable:
+    """Wrap onnxruntime's block quantizer: weights in `exact` with this block size get their own int4."""
+    from fastserve_cli.models.int4_dense import weight_key
+
+    def quantize_block(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        packed, scales, zero_points = original(weight)
+        found = exact.get(weight_key(weight)) if weight.ndim == 2 else None
+        if found is None or found[2] != block_size or packed.ndim != 3:
+            return packed, scales, zero_points
+        q, scale, _ = found  # q: uint8 0..15 [N, K] (value = (q - 8) * scale, MatMulNBits' symmetric zero 8)
+        n, k_blocks, blob = packed.shape
+        pairs = q.reshape(n, k_blocks, blob, 2)
+        packed = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+        report["exact"] = report.get("exact", 0) + 1
+        return packed, scale.astype(scales.dtype).reshape(scales.shape), zero_points
+
+    return quantize_block
 
 
 QUANTIZERS: dict[str, Callable[..., None]] = {

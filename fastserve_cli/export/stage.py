@@ -7,8 +7,9 @@ itself (wrapper, exporter, parity) lives in `fastserve_cli.models.onnx`.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -34,6 +35,23 @@ def source_dir(recipe: Recipe, run: RunDir) -> Path:
         raise UserError(f"export.source {source!r}: {path} holds no PyTorch model (only pruned or torch-quantized "
                         f"variants can be exported); use `model` or a pruning variant")
     return path
+
+
+@contextlib.contextmanager
+def int4_as_dense(model_dir: Path, run: RunDir) -> Iterator[tuple[Path, tuple[dict, int] | None]]:
+    """A weight-only int4 (RTN or gptq) variant as a dense fp32 copy holding exactly its int4 weights, plus
+    those weights for the int4 graph (models/int4_dense.py); any other directory as it is."""
+    import tempfile
+
+    from fastserve_cli.models.int4_dense import int4_group_size_of, write_dense_copy
+
+    group_size = int4_group_size_of(model_dir)
+    if group_size is None:
+        yield model_dir, None
+        return
+    with tempfile.TemporaryDirectory(dir=run.root, prefix=".dense-int4-") as tmp:
+        exact = write_dense_copy(model_dir, Path(tmp))
+        yield Path(tmp), (exact, group_size)
 
 
 def check_writable(run: RunDir) -> None:
@@ -129,8 +147,12 @@ def time_rows(run: RunDir, recipe: Recipe, out: Path, rows: list[dict[str, Any]]
             row["details"]["baseline_decode_ms"] = timings["baseline"]
 
 
-def quantize_variants(cfg: ExportConfig, run: RunDir, out: Path, vocab_size: int) -> dict[str, dict]:
-    """Write one quantized graph per export.quantize from the plain fp32 graph; returns their drift checks."""
+def quantize_variants(cfg: ExportConfig, run: RunDir, out: Path, vocab_size: int,
+                      int4_source: tuple[dict, int] | None = None) -> dict[str, dict]:
+    """Write one quantized graph per export.quantize from the plain fp32 graph; returns their drift checks.
+
+    `int4_source` (the source is a weight-only int4 / gptq variant): its int4 weights and group size, which
+    the int4 graph re-emits as they are instead of re-quantizing them."""
     from fastserve_cli.models.onnx import MODEL_FILE, OnnxCausalLM
     from fastserve_cli.export.onnx_quant import VARIANT_FILES, quantize
     from fastserve_cli.models.measure import calibration_blocks, greedy_agreement
@@ -140,8 +162,12 @@ def quantize_variants(cfg: ExportConfig, run: RunDir, out: Path, vocab_size: int
     checks = {}
     for name in cfg.quantize:
         target = out / VARIANT_FILES[name]
-        quantize(name, out / MODEL_FILE, target, calibration=calibration, block_size=cfg.int4_block_size)
+        exact: dict = {}
+        options = {"exact_weights": int4_source[0], "block_size": int4_source[1], "report": exact} if int4_source else {}
+        quantize(name, out / MODEL_FILE, target, calibration=calibration, **{"block_size": cfg.int4_block_size, **options})
         checks[name] = greedy_agreement(reference, OnnxCausalLM(target), vocab_size, cfg.parity_steps)
+        if name == "int4" and int4_source:
+            checks[name].update(block_size=int4_source[1], weights_from_source=exact.get("exact", 0))
     return checks
 
 
@@ -192,17 +218,16 @@ def run_export(recipe: Recipe, run: RunDir) -> StageResult:
     from fastserve_cli.models.onnx import MODEL_FILE, onnx_size_bytes
 
     cfg = recipe.export
-    model_dir = source_dir(recipe, run)
-    model_type = read_model_config(model_dir)["model_type"]
     check_writable(run)
-    with staged_dir(run.onnx_dir) as out:
+    with int4_as_dense(source_dir(recipe, run), run) as (model_dir, int4_source), staged_dir(run.onnx_dir) as out:
+        model_type = read_model_config(model_dir)["model_type"]
         parity, model = build_onnx(cfg, model_dir, out)
         parity.update(source=cfg.source, model_type=model_type)
         if not parity["passed"]:
             atomic_write_json(run.parity_failed_path, parity)
             raise UserError(parity_failure_message(parity, str(run.parity_failed_path)))
         if cfg.quantize:  # from the plain graph, before fusions add contrib ops
-            parity["variants"] = quantize_variants(cfg, run, out, model.config.vocab_size)
+            parity["variants"] = quantize_variants(cfg, run, out, model.config.vocab_size, int4_source)
         if cfg.optimize:
             parity = optimize_and_check(cfg, model, out, parity)
             if not parity["passed"]:

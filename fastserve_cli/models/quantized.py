@@ -7,9 +7,10 @@ modules are quantized, `{"quant_method": "fastserve", "scheme": ..., "modules": 
   time activations are quantized per batch by fbgemm (`torch.ops.quantized.linear_dynamic`).
 - `weight_only_int8`: the same tensors; the matmul runs in bf16 with int8 weights
   (`aten._weight_int8pack_mm`), norms and residuals stay fp32.
-- `weight_only_int4`: asymmetric 4-bit per group of `group_size` input channels: two values per byte
+- `weight_only_int4`: 4-bit per group of `group_size` input channels: two values per byte
   (`weight`, uint8 [out, in/2]), `weight_scale` and `weight_zero` [out, in/group_size]
-  (w = q * scale + zero, q in 0..15). The portable nibble layout is repacked for the CPU kernel
+  (w = q * scale + zero, q in 0..15; symmetric since issue 20, so zero = -8 * scale; older directories
+  hold asymmetric float zeros and still load). The portable nibble layout is repacked for the CPU kernel
   (`aten._weight_int4pack_mm_for_cpu`) at load time.
 
 GPT-2's `Conv1D` layers are stored as `nn.Linear` ([out, in]); loading swaps them back. Quantized weights
@@ -157,17 +158,26 @@ def quantize_int8_per_channel(weight: "torch.Tensor") -> tuple["torch.Tensor", "
 
 
 def quantize_int4_grouped(weight: "torch.Tensor", group_size: int) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
-    """Asymmetric 4-bit per group of input channels; returns (nibbles packed 2/byte, scale, zero)."""
+    """Symmetric 4-bit per group of input channels; returns (nibbles packed 2/byte, scale, zero).
+
+    w = (u - 8) * scale with u in 0..15 (so `zero = -8 * scale`), scale = max|w| / 7.5 as compressed-tensors'
+    W4A16 computes it, which is the int4 format transformers loads (its asymmetric W4A16 checkpoints do not
+    load in transformers 5.25, see docs/quantization-formats.md).
+    """
     import torch
 
     out_features, in_features = weight.shape
     groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
-    low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15.0).clamp(min=1e-8)
-    q = torch.clamp(torch.round((groups - low[..., None]) / scale[..., None]), 0, 15).to(torch.uint8)
+    scale = int4_scale(groups.abs().amax(-1))
+    q = (torch.clamp(torch.round(groups / scale[..., None]), -8, 7) + 8).to(torch.uint8)
     q = q.reshape(out_features, in_features)
     packed = (q[:, 0::2] << 4) | q[:, 1::2]
-    return packed.contiguous(), scale.contiguous(), low.contiguous()
+    return packed.contiguous(), scale.contiguous(), (-8 * scale).contiguous()
+
+
+def int4_scale(absmax: "torch.Tensor") -> "torch.Tensor":
+    """Symmetric int4 scale of groups with the given max |w| (q = round(w / scale) in -8..7)."""
+    return (absmax / 7.5).clamp(min=1e-8)
 
 
 def int4_group_size(in_features: int, preferred: int) -> int | None:
@@ -243,11 +253,44 @@ def copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
+def distinct_tensors(tensors: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    """Contiguous tensors, shared storage cloned (embeddings and lm_head may share; safetensors refuses)."""
+    seen: set[int] = set()
+    result = {}
+    for name, tensor in tensors.items():
+        key = tensor.data_ptr()
+        result[name] = tensor.detach().contiguous().clone() if key in seen else tensor.detach().contiguous()
+        seen.add(key)
+    return result
+
+
+def has_conv1d(config: Any) -> bool:
+    """Whether the architecture uses transformers' Conv1D (GPT-2), which compressed-tensors cannot quantize."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return any(isinstance(m, Conv1D) for m in skeleton.modules())
+
+
 def save_quantized(model: "nn.Module", scheme: str, modules: list[str], src_dir: Path, out: Path,
                    extra: dict[str, Any] | None = None) -> None:
-    """Write config.json (+ quantization_config), model.safetensors and the source dir's side files."""
+    """Write config.json (+ quantization_config), model.safetensors and the source dir's side files.
+
+    nn.Linear architectures are written in the compressed-tensors format (models/ct_format.py) that
+    transformers, vLLM and SGLang load; Conv1D ones (GPT-2) in the fastserve format described above.
+    """
     from safetensors.torch import save_file
 
+    from fastserve_cli.models.ct_format import save_ct
+
+    config_probe = type(model.config).from_dict({k: v for k, v in model.config.to_dict().items() if k != "quantization_config"})
+    if not has_conv1d(config_probe):
+        save_ct(model, scheme, modules, out, extra or {})
+        copy_side_files(src_dir, out)
+        return
     quantized = set(modules)
     tensors: dict[str, "torch.Tensor"] = {}
     for name, tensor in model.state_dict().items():
@@ -259,13 +302,8 @@ def save_quantized(model: "nn.Module", scheme: str, modules: list[str], src_dir:
             tensors[f"{name}.{key}"] = tensor
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias
-    # Embeddings and lm_head may share storage in the state dict; safetensors needs distinct tensors.
-    seen: set[int] = set()
-    for name, tensor in list(tensors.items()):
-        key = tensor.data_ptr()
-        tensors[name] = tensor.detach().contiguous().clone() if key in seen else tensor.detach().contiguous()
-        seen.add(key)
-    save_file(tensors, str(out / WEIGHT_FILE), metadata={"format": "pt", "quant_method": QUANT_METHOD, "scheme": scheme})
+    save_file(distinct_tensors(tensors), str(out / WEIGHT_FILE),
+              metadata={"format": "pt", "quant_method": QUANT_METHOD, "scheme": scheme})
     config = model.config.to_dict()
     config["quantization_config"] = {"quant_method": QUANT_METHOD, "scheme": scheme, "modules": modules, **(extra or {})}
     config["tie_word_embeddings"] = False
@@ -274,12 +312,14 @@ def save_quantized(model: "nn.Module", scheme: str, modules: list[str], src_dir:
 
 
 def read_quantization_config(path: Path) -> dict[str, Any] | None:
-    """The fastserve quantization section of a model directory's config.json, or None."""
+    """The quantization section (fastserve or compressed-tensors) of a model directory's config.json, or None."""
+    from fastserve_cli.models.ct_format import QUANT_METHOD as CT_METHOD
+
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         return None
     section = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config")
-    if isinstance(section, dict) and section.get("quant_method") == QUANT_METHOD:
+    if isinstance(section, dict) and section.get("quant_method") in (QUANT_METHOD, CT_METHOD):
         return section
     return None
 
@@ -303,10 +343,12 @@ def _build_module(scheme: str, tensors: dict[str, "torch.Tensor"], name: str) ->
 
 def load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Module":
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    scheme = section.get("scheme")
+    from fastserve_cli.models import ct_format
+
+    compressed = section.get("quant_method") == ct_format.QUANT_METHOD
+    scheme = ct_format.scheme_of(section, str(path / "config.json")) if compressed else section.get("scheme")
     if scheme not in SCHEMES:
         raise UserError(f"{path}: quantization scheme {scheme!r} is not one fastserve knows ({', '.join(SCHEMES)}); re-run `fastserve optimize`")
     if device != "cpu":
@@ -315,10 +357,23 @@ def load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Modu
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = apply_pruned_heads(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
-    tensors = load_file(str(path / WEIGHT_FILE))
-    for name in section["modules"]:
-        model.set_submodule(name, _build_module(scheme, tensors, name))
+    tensors = load_weights(path)
+    modules = ct_format.quantized_names(tensors) if compressed else section["modules"]
+    for name in modules:
+        build = ct_format.build_module if compressed else _build_module
+        model.set_submodule(name, build(scheme, tensors, name))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected or [k for k in missing if k.rsplit(".", 1)[0] not in set(section["modules"])]:
+    if unexpected or [k for k in missing if k.rsplit(".", 1)[0] not in set(modules)]:
         raise UserError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]}); re-run `fastserve optimize`")
     return model.eval()
+
+
+def load_weights(path: Path) -> dict[str, "torch.Tensor"]:
+    """Every tensor of model.safetensors, or of the shards listed in model.safetensors.index.json."""
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if not (path / WEIGHT_FILE).is_file() and index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return {k: v for f in files for k, v in load_file(str(path / f)).items()}
+    return load_file(str(path / WEIGHT_FILE))

@@ -150,6 +150,8 @@ def build_variant(recipe: Recipe, run: RunDir, variant: VariantConfig) -> dict[s
     with staged_dir(run.variant_dir(variant.name)) as out:
         if variant.method in QUANTIZATION:
             return quantize_variant(model, variant, src, out)
+        if variant.method == "gptq":
+            return gptq_variant(run, model, variant, src, out)
         if variant.method == "magnitude":
             return magnitude_variant(recipe, run, model, variant, out)
         if variant.method == "structured":
@@ -163,6 +165,18 @@ def quantize_variant(model: "nn.Module", variant: VariantConfig, src: Path, out:
     modules = quantize_model(model, variant.method, variant.group_size)
     extra = {"group_size": variant.group_size} if variant.method == "weight_only_int4" else {}
     save_quantized(model, variant.method, modules, src, out, extra)
+    return {"quantized_modules": len(modules), **extra, **({"source": variant.source} if variant.source else {})}
+
+
+def gptq_variant(run: RunDir, model: "nn.Module", variant: VariantConfig, src: Path, out: Path) -> dict[str, Any]:
+    """Calibrated int4 (optimize/gptq.py), saved exactly as a weight_only_int4 variant."""
+    from fastserve_cli.models.quantized import save_quantized
+    from fastserve_cli.optimize.gptq import DAMP, gptq_model
+
+    modules = gptq_model(model, calibration_batches(run, variant.calibration_blocks), variant.group_size)
+    extra = {"group_size": variant.group_size, "method": "gptq", "calibration_blocks": variant.calibration_blocks,
+             "damp": DAMP}
+    save_quantized(model, "weight_only_int4", modules, src, out, extra)
     return {"quantized_modules": len(modules), **extra, **({"source": variant.source} if variant.source else {})}
 
 
