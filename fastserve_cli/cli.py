@@ -220,6 +220,7 @@ def serve(
     max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Waiting requests before 429."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Name clients send as `model`."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads; all cores when unset."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="torch backend: fp32 (default) or bf16 (CPUs with avx512_bf16/AMX, GPUs)."),
     set_: Optional[list[str]] = SetOption,
 ) -> None:
     """OpenAI-compatible HTTP server with continuous batching (stops gracefully on SIGTERM)."""
@@ -228,7 +229,7 @@ def serve(
     flags = dict(host=host, port=port, backend=backend, source=source, scheduler=scheduler, max_batch_size=max_batch_size,
                  max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory, api_key=api_key,
                  max_queue=max_queue, model_name=model_name, num_threads=threads, starvation_s=starvation_s,
-                 base_quantum_s=base_quantum_s, mlfq_levels=mlfq_levels)
+                 base_quantum_s=base_quantum_s, mlfq_levels=mlfq_levels, dtype=dtype)
     path = Path(pick_target(target))
     is_model_dir = path.is_dir() and not (path / "recipe.yaml").is_file()
     recipe = None if is_model_dir else load_target(str(path), set_)
