@@ -187,6 +187,7 @@ def main() -> None:
     parser.add_argument("--quality-tokens", type=int, default=128)
     parser.add_argument("--quality-model", type=Path, nargs="*", default=[],
                         help="more model directories (e.g. a trained run's model/) to measure bf16 quality on")
+    parser.add_argument("--no-quality", action="store_true", help="leave out the bf16 quality measurement")
     parser.add_argument("--skip", nargs="*", default=[], help="engines to leave out, e.g. 'ct2 int8'")
     args = parser.parse_args()
 
@@ -207,7 +208,7 @@ def main() -> None:
           f"{args.offline_tokens} ttft-prompt={args.ttft_prompt} rounds={args.rounds}", flush=True)
     rows, outputs = measure(runners, ids, args)
     report(rows, outputs, skipped)
-    for path in [model_dir, *args.quality_model]:
+    for path in [] if args.no_quality else [model_dir, *args.quality_model]:
         ids_q = corpus_ids(AutoTokenizer.from_pretrained(path))
         print(f"\nbf16 quality on {path}: {quality(path, ids_q, args.quality_tokens, args.threads)}", flush=True)
 

@@ -340,7 +340,7 @@ class TorchBackend(Backend):
                             "precision); use dtype fp32 or serve the unquantized model")
         self.model = _load_torch_model(self.model_dir, self.device, self.dtype)
         self.fast_kernels = 0
-        if fast_kernels and self.device == "cpu":  # oneDNN packing swaps fp32 layers only; bf16 Linear is oneDNN already
+        if fast_kernels and self.device == "cpu":  # oneDNN-packed Linear layers, fp32 and (native) bf16
             from fastserve_cli.models.kernels import fuse_activations, onednn_linears
 
             self.fast_kernels = onednn_linears(self.model) + fuse_activations(self.model)
