@@ -6,7 +6,7 @@ bench_serve.ensure_model), same prompt token ids, same output lengths with EOS i
   dynamic_int8 via fastserve_cli.models.quantized), onnx fp32 (fastserve_cli.export.onnx_graph.export_onnx);
 - CTranslate2 (its transformers converter; Generator intra_threads=THREADS, inter_threads=1,
   compute_type float32 / int8 -- its fastest CPU settings here; it has no bf16 on this CPU);
-- llama.cpp via llama-cpp-python: reported as unavailable with the reason when it does not import.
+- llama.cpp via llama-cpp-python: not run; the script prints why (docs/perf.md: the build and the converter).
 Rows: batch-1 decode tokens/s (after the first token); offline throughput with 16 and 64 requests in
 flight (generated tokens / wall time); time to first token of a --ttft-prompt-token prompt. Rounds are
 interleaved (every engine once per round); the median is reported with the spread (min-max). Ratios:
@@ -200,9 +200,7 @@ def main() -> None:
     ids = corpus_ids(tokenizer)
     paths = make_variants(model_dir, args.work_dir)
     skipped = {}
-    why = llama_cpp_status()
-    if why:
-        skipped["llama.cpp f32/q8_0"] = why
+    skipped["llama.cpp f32/q8_0"] = llama_cpp_status()
     runners = load_runners(args, model_dir, paths, tokenizer)
     print(f"threads={args.threads} prompt={args.prompt_tokens} decode={args.decode_tokens} offline={args.offline}x"
           f"{args.offline_tokens} ttft-prompt={args.ttft_prompt} rounds={args.rounds}", flush=True)
