@@ -16,7 +16,7 @@ which is slow for decode shapes (a few rows against a large weight): on this 2-c
 768 x 3072 layer takes 955 us at 16 rows through MKL and 387 us packed; the 50257-wide head 28 vs 9 ms
 (`serve.fast_kernels: false` turns it off). bf16 layers are packed the same way on CPUs with native bf16
 (avx512_bf16/AMX): torch's own bf16 Linear re-reads an unpacked weight each call and measured 1.5-3x slower
-than the packed one on decode shapes here (scripts in docs/perf.md).
+than the packed one on decode shapes here (numbers in docs/perf.md).
 oneDNN builds and caches one kernel (~0.65 MB) per distinct row count, in two caches of 1024 entries each
 by default: a server that saw every prompt length grew by ~250 MB on a 2-layer model in its first minute.
 So the packed layers pad their rows to a small set of sizes (`onednn_padded_rows`) and `onednn_linears`
