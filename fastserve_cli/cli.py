@@ -283,6 +283,7 @@ def serve(
     replicas: Optional[int] = typer.Option(None, "--replicas", help="Engine replicas on Ray Serve (extra fastserve[ray]); 1 = this process."),
     router: Optional[str] = typer.Option(None, "--router", help="With --replicas: least-loaded (default), round-robin or prefix."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="`auto` joins a `ray start` cluster; unset starts a local one."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="torch backend: fp32 (default) or bf16 (CPUs with avx512_bf16/AMX, GPUs)."),
     set_: Optional[list[str]] = SetOption,
 ) -> None:
     """OpenAI-compatible HTTP server with continuous batching (stops gracefully on SIGTERM)."""
@@ -292,7 +293,7 @@ def serve(
                  max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory, api_key=api_key,
                  max_queue=max_queue, model_name=model_name, num_threads=threads, starvation_s=starvation_s,
                  base_quantum_s=base_quantum_s, mlfq_levels=mlfq_levels, log_requests=log_requests,
-                 replicas=replicas, router=router, ray_address=ray_address)
+                 replicas=replicas, router=router, ray_address=ray_address, dtype=dtype)
     resolved, cfg = serving_target(target, set_, flags)
     try:
         run_server(resolved, cfg)

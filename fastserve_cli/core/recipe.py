@@ -262,6 +262,9 @@ class ServeConfig(Section):
     kv_offload_memory: str = Field("4GiB", description="Host pool for KV caches offloaded from the device budget.")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
     num_threads: int | None = Field(None, ge=1, description="Intra-op threads (torch / onnxruntime); all cores when unset.")
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="torch backend: compute precision of weights, activations and KV cache. bf16 needs a "
+        "CPU with avx512_bf16/AMX or a GPU with compute capability 8.0+ (an error elsewhere).")
     fast_kernels: bool = Field(True, description="torch backend on CPU: fp32 Linear layers through oneDNN and GPT-2's GELU fused (same math, faster decode).")
     api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>`; FASTSERVE_API_KEY also sets it.")
     log_requests: str | None = Field(None, description="Off by default. A JSONL path: each finished chat exchange (messages, reply, usage; never the API key) is appended, and POST /v1/feedback rates it. See docs/feedback.md.")

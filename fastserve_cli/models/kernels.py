@@ -14,7 +14,9 @@ For serving on a CPU, `onednn_linears` runs every fp32 Linear (and GPT-2's Conv1
 weight packed once at load (the ops inductor's CPU freezing uses). torch's default fp32 path is MKL sgemm,
 which is slow for decode shapes (a few rows against a large weight): on this 2-core machine a
 768 x 3072 layer takes 955 us at 16 rows through MKL and 387 us packed; the 50257-wide head 28 vs 9 ms
-(`serve.fast_kernels: false` turns it off).
+(`serve.fast_kernels: false` turns it off). bf16 layers are packed the same way on CPUs with native bf16
+(avx512_bf16/AMX): torch's own bf16 Linear re-reads an unpacked weight each call and measured 1.5-3x slower
+than the packed one on decode shapes here (numbers in docs/perf.md).
 oneDNN builds and caches one kernel (~0.65 MB) per distinct row count, in two caches of 1024 entries each
 by default: a server that saw every prompt length grew by ~250 MB on a 2-layer model in its first minute.
 So the packed layers pad their rows to a small set of sizes (`onednn_padded_rows`) and `onednn_linears`
@@ -54,7 +56,8 @@ def fuse_activations(model) -> int:
 
 
 def onednn_linears(model) -> int:
-    """Swap fp32 CPU Linear/Conv1D layers for `OneDnnLinear`; returns how many were swapped (0 without oneDNN).
+    """Swap fp32 (and, with native bf16, bf16) CPU Linear/Conv1D layers for `OneDnnLinear`; returns how many were
+    swapped (0 without oneDNN).
 
     Exact types only: quantized, weight-only-int and other Linear subclasses keep their own kernels.
     Inference only (the swapped layers have no trainable parameters). A head tied to the input embedding
@@ -67,11 +70,12 @@ def onednn_linears(model) -> int:
     if not _onednn_linear_works():
         return 0
     layer_class = _onednn_linear_class()
+    dtypes = (torch.float32, torch.bfloat16) if _onednn_bf16_linear_works() else (torch.float32,)
     swapped = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             kind = type(child)
-            if kind not in (torch.nn.Linear, Conv1D) or child.weight.dtype != torch.float32 or child.weight.device.type != "cpu":
+            if kind not in (torch.nn.Linear, Conv1D) or child.weight.dtype not in dtypes or child.weight.device.type != "cpu":
                 continue
             weight = child.weight.detach().t() if kind is Conv1D else child.weight.detach()  # Conv1D stores [in, out]
             setattr(module, name, layer_class(weight, None if child.bias is None else child.bias.detach()))
@@ -91,6 +95,24 @@ def _onednn_linear_works() -> bool:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
         return bool(torch.allclose(y, x @ weight.t(), rtol=1e-4, atol=1e-5))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+@functools.cache
+def _onednn_bf16_linear_works() -> bool:
+    """Packed bf16 matmuls only where the CPU has bf16 dot products (elsewhere oneDNN emulates them)."""
+    import torch
+
+    from fastserve_cli.models.precision import cpu_supports_bf16
+
+    if not cpu_supports_bf16():
+        return False
+    try:
+        weight, x = torch.randn(8, 4).bfloat16(), torch.randn(3, 4).bfloat16()
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.allclose(y.float(), (x @ weight.t()).float(), rtol=2e-2, atol=2e-2))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 

@@ -76,7 +76,7 @@ def build_engine(target: ServeTarget, cfg) -> "object":
         import torch
 
         torch.set_num_threads(cfg.num_threads)
-    backend = load_backend(target.backend, target.model_dir, cfg.num_threads, cfg.fast_kernels)
+    backend = load_backend(target.backend, target.model_dir, cfg.num_threads, cfg.fast_kernels, cfg.dtype)
     tokenizer = load_tokenizer(target.model_dir)
     budget = parse_bytes(cfg.kv_cache_memory)
     kv = KVCacheManager(backend, budget, parse_bytes(cfg.kv_offload_memory, "--kv-offload-memory"))

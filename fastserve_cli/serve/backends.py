@@ -324,14 +324,20 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, model_dir: Path, device: str | None = None, fast_kernels: bool = True) -> None:
+    def __init__(self, model_dir: Path, device: str | None = None, fast_kernels: bool = True, dtype: str = "fp32") -> None:
         import torch
+
+        from fastserve_cli.models.precision import resolve_dtype
 
         super().__init__(model_dir, read_config(model_dir))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = _load_torch_model(self.model_dir, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if dtype != "fp32" and self.config.get("quantization_config"):
+            raise UserError(f"serve.dtype {dtype}: {self.model_dir} is a quantized variant (it picks its own compute "
+                            "precision); use dtype fp32 or serve the unquantized model")
+        self.model = _load_torch_model(self.model_dir, self.device, self.dtype)
         self.fast_kernels = 0
-        if fast_kernels and self.device == "cpu":
+        if fast_kernels and self.device == "cpu":  # oneDNN-packed Linear layers, fp32 and (native) bf16
             from fastserve_cli.models.kernels import fuse_activations, onednn_linears
 
             self.fast_kernels = onednn_linears(self.model) + fuse_activations(self.model)
@@ -497,10 +503,10 @@ def _growable_layer_class():
     return GrowableLayer
 
 
-def _load_torch_model(model_dir: Path, device: str):
+def _load_torch_model(model_dir: Path, device: str, dtype=None):
     from fastserve_cli.models.loader import load_causal_lm
 
-    return load_causal_lm(model_dir, device=device)
+    return load_causal_lm(model_dir, device=device, dtype=dtype)
 
 
 class OnnxBackend(Backend):
@@ -550,9 +556,13 @@ class OnnxBackend(Backend):
         return torch.from_numpy(np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)), layers
 
 
-def load_backend(kind: str, model_dir: Path, threads: int | None = None, fast_kernels: bool = True) -> Backend:
+def load_backend(kind: str, model_dir: Path, threads: int | None = None, fast_kernels: bool = True,
+                 dtype: str = "fp32") -> Backend:
     if kind == "torch":
-        return TorchBackend(model_dir, fast_kernels=fast_kernels)
+        return TorchBackend(model_dir, fast_kernels=fast_kernels, dtype=dtype)
+    if dtype != "fp32":
+        raise UserError(f"serve.dtype {dtype}: only the torch backend computes in bf16; the onnx graph keeps the "
+                        "precision it was exported in (use dtype fp32)")
     if kind == "onnx":
         return OnnxBackend(model_dir, threads=threads)
     raise UserError(f"--backend {kind}: unknown backend; choose torch or onnx")
