@@ -11,7 +11,9 @@ import pytest
 from fastserve_cli.core.errors import UserError
 from fastserve_cli.models.precision import cpu_supports_bf16, resolve_dtype
 from fastserve_cli.testing.server import running_server
-from test_serve_engine import greedy_requests, run_all
+from test_serve_engine import greedy_requests
+
+from fastserve_cli.testing.engine import run_until_finished
 
 needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no avx512_bf16/AMX")
 
@@ -51,7 +53,7 @@ def engine(model_dir, dtype: str):
 def greedy(model_dir, dtype: str, n: int = 24):
     eng = engine(model_dir, dtype)
     reqs = greedy_requests(eng.tokenizer, [n] * 5)
-    run_all(eng, reqs)
+    run_until_finished(eng, reqs)
     return eng, [r.output_ids for r in reqs]
 
 
