@@ -7,7 +7,7 @@ EXTRAS ?= cpu,deepspeed,tracking,structured,eval,clean,ray,quant,dev,docs
 TORCH_SPEC ?= torch>=2.6,<2.14
 STAMP := $(VENV)/.installed-$(shell echo "$(EXTRAS) $(TORCH_SPEC)" | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test test-fast docs bench clean
+.PHONY: setup demo test test-fast lint format docs bench clean
 
 setup: $(STAMP)
 
@@ -22,11 +22,20 @@ $(STAMP): pyproject.toml
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/fastserve run recipes/quickstart.yaml
 
-test: setup docs
+test: setup lint docs
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+# ruff lint and format (configured in pyproject.toml); `make format` applies them.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The docs site under docs/ (site/ is the output); --strict turns broken links and missing pages into errors.
 # The recipe reference page is generated from the pydantic schema during the build (docs/hooks/recipe_reference.py).

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-
 from typer._click import exceptions as click_exceptions  # typer >= 0.20 vendors click
 
 from fastserve_cli import __version__
@@ -36,7 +35,8 @@ STATE = {"debug": os.environ.get("FASTSERVE_DEBUG") == "1"}
 SetOption = typer.Option(None, "--set", help="Override a recipe key, e.g. --set train.max_steps=100 (repeatable).")
 JsonOption = typer.Option(False, "--json", help="Print the result as JSON on stdout (for CI).")
 TargetArgument = typer.Argument(
-    None, help="A recipe YAML or a run directory; default: $FASTSERVE_RUN, else the run the last stage wrote from here "
+    None,
+    help="A recipe YAML or a run directory; default: $FASTSERVE_RUN, else the run the last stage wrote from here "
     "(runs/.last), else the only run under ./runs.",
     show_default=False,
 )
@@ -51,7 +51,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """fastserve: one command per pipeline stage; `fastserve run` runs them all."""
     if debug:
@@ -92,7 +94,15 @@ def stdout_json(obj: Any) -> None:
 
 def print_result(stage: str, result, run, as_json: bool) -> None:
     if as_json:
-        stdout_json({"stage": stage, "status": "done", "run_dir": str(run.root), "outputs": result.outputs, "metrics": result.metrics})
+        stdout_json(
+            {
+                "stage": stage,
+                "status": "done",
+                "run_dir": str(run.root),
+                "outputs": result.outputs,
+                "metrics": result.metrics,
+            }
+        )
         return
     from fastserve_cli.core.console import metrics_table
 
@@ -130,7 +140,9 @@ def json_safe_stdout(as_json: bool):
 
 
 @app.command()
-def preprocess(target: Optional[str] = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption) -> None:
+def preprocess(
+    target: Optional[str] = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption
+) -> None:
     """Raw text/jsonl/csv/parquet -> tokenizer + tokenized, packed dataset in the run directory."""
     run_stage_command("preprocess", target, set_, as_json)
 
@@ -139,7 +151,9 @@ def preprocess(target: Optional[str] = TargetArgument, set_: Optional[list[str]]
 def train(
     target: Optional[str] = TargetArgument,
     num_processes: Optional[int] = typer.Option(
-        None, "--num-processes", min=1,
+        None,
+        "--num-processes",
+        min=1,
         help="Data-parallel processes (real DDP: gloo on CPU, NCCL on GPUs), relaunched under torchrun; sets train.num_processes.",
     ),
     set_: Optional[list[str]] = SetOption,
@@ -166,7 +180,9 @@ def train(
 
 
 @app.command()
-def optimize(target: Optional[str] = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption) -> None:
+def optimize(
+    target: Optional[str] = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption
+) -> None:
     """Pruning and quantization variants, with a quality/size/speed report and gates (exit 2 when one breaks)."""
     from fastserve_cli.core.pipeline import execute
     from fastserve_cli.core.report import GateFailure, load_report, print_report
@@ -177,7 +193,9 @@ def optimize(target: Optional[str] = TargetArgument, set_: Optional[list[str]] =
     def show(status: str) -> None:
         report = load_report(run)
         if report is not None:
-            stdout_json({"stage": "optimize", "status": status, "run_dir": str(run.root), "report": report}) if as_json else print_report(report)
+            stdout_json(
+                {"stage": "optimize", "status": status, "run_dir": str(run.root), "report": report}
+            ) if as_json else print_report(report)
 
     try:
         with json_safe_stdout(as_json):
@@ -191,7 +209,9 @@ def optimize(target: Optional[str] = TargetArgument, set_: Optional[list[str]] =
 @app.command()
 def export(
     target: Optional[str] = TargetArgument,
-    onnx: bool = typer.Option(False, "--onnx", help="ONNX with KV cache: the format written, with or without the flag."),
+    onnx: bool = typer.Option(
+        False, "--onnx", help="ONNX with KV cache: the format written, with or without the flag."
+    ),
     set_: Optional[list[str]] = SetOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -202,8 +222,14 @@ def export(
 @app.command("eval")
 def eval_(
     target: str = TargetArgument,
-    task: Optional[list[str]] = typer.Option(None, "--task", help="lm-eval task/group name or task YAML path (repeatable); sets eval.tasks."),
-    source: Optional[list[str]] = typer.Option(None, "--source", help="model, a variant, onnx; SOURCE@server to go through `fastserve serve` (repeatable); sets eval.sources."),
+    task: Optional[list[str]] = typer.Option(
+        None, "--task", help="lm-eval task/group name or task YAML path (repeatable); sets eval.tasks."
+    ),
+    source: Optional[list[str]] = typer.Option(
+        None,
+        "--source",
+        help="model, a variant, onnx; SOURCE@server to go through `fastserve serve` (repeatable); sets eval.sources.",
+    ),
     limit: Optional[float] = typer.Option(None, "--limit", help="Documents per task; sets eval.limit."),
     set_: Optional[list[str]] = SetOption,
     as_json: bool = JsonOption,
@@ -213,11 +239,16 @@ def eval_(
     from fastserve_cli.eval.report import print_results
     from fastserve_cli.eval.stage import EvalGateFailure, load_results
 
-    sources = [json.dumps({"source": s.split("@")[0], "via": "server"} if s.endswith("@server") else s) for s in source or []]
+    sources = [
+        json.dumps({"source": s.split("@")[0], "via": "server"} if s.endswith("@server") else s) for s in source or []
+    ]
     tasks = [str(Path(t).resolve()) if Path(t).exists() else t for t in task or []]  # paths: relative to the cwd
-    overrides = [*(set_ or []), *([f"eval.tasks={json.dumps(tasks)}"] if tasks else []),
-                 *([f"eval.sources=[{', '.join(sources)}]"] if sources else []),
-                 *([f"eval.limit={limit}"] if limit is not None else [])]
+    overrides = [
+        *(set_ or []),
+        *([f"eval.tasks={json.dumps(tasks)}"] if tasks else []),
+        *([f"eval.sources=[{', '.join(sources)}]"] if sources else []),
+        *([f"eval.limit={limit}"] if limit is not None else []),
+    ]
     STAGES["eval"].load()
     recipe = load_target(target, overrides)
     run = prepare_run_dir(recipe)
@@ -231,7 +262,9 @@ def eval_(
         else:
             from fastserve_cli.core.console import err_console
 
-            err_console().print("eval: eval.tasks is empty, nothing was evaluated (set it in the recipe or pass --task)")
+            err_console().print(
+                "eval: eval.tasks is empty, nothing was evaluated (set it in the recipe or pass --task)"
+            )
 
     try:
         with json_safe_stdout(as_json):
@@ -254,46 +287,92 @@ def serving_target(target: str | None, overrides: list[str] | None, flags: dict[
     if recipe is not None:
         return resolve_target(path, cfg.backend, cfg.source, recipe), cfg
     # a bare model directory picks its backend from its files unless --backend or --set serve.backend says
-    backend = flags.get("backend") or (cfg.backend if any(o.startswith("serve.backend=") for o in overrides or []) else None)
+    backend = flags.get("backend") or (
+        cfg.backend if any(o.startswith("serve.backend=") for o in overrides or []) else None
+    )
     return resolve_target(path, backend, cfg.source, None), cfg
 
 
 @app.command()
 def serve(
     target: Optional[str] = typer.Argument(
-        None, help="A run directory, a recipe, or a model/ONNX directory; default: as for the stage commands.",
+        None,
+        help="A run directory, a recipe, or a model/ONNX directory; default: as for the stage commands.",
         show_default=False,
     ),
     host: Optional[str] = typer.Option(None, "--host", help="Bind address (serve.host, default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, "--port", help="TCP port (serve.port, default 8000)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or onnx."),
-    source: Optional[str] = typer.Option(None, "--source", help="With a run directory: model, onnx or an optimize variant."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="skip-join-mlfq (default: FastServe, short requests first), fcfs, or srpt-oracle (a benchmark bound that reads max_tokens)."),
-    starvation_s: Optional[float] = typer.Option(None, "--starvation-s", help="skip-join-mlfq: promote requests waiting longer than this to the top queue."),
-    base_quantum_s: Optional[float] = typer.Option(None, "--base-quantum-s", help="skip-join-mlfq: first queue's quantum; measured at start-up when unset."),
-    mlfq_levels: Optional[int] = typer.Option(None, "--mlfq-levels", help="skip-join-mlfq: number of queues (8); the last one is first come, first served."),
+    source: Optional[str] = typer.Option(
+        None, "--source", help="With a run directory: model, onnx or an optimize variant."
+    ),
+    scheduler: Optional[str] = typer.Option(
+        None,
+        "--scheduler",
+        help="skip-join-mlfq (default: FastServe, short requests first), fcfs, or srpt-oracle (a benchmark bound that reads max_tokens).",
+    ),
+    starvation_s: Optional[float] = typer.Option(
+        None, "--starvation-s", help="skip-join-mlfq: promote requests waiting longer than this to the top queue."
+    ),
+    base_quantum_s: Optional[float] = typer.Option(
+        None, "--base-quantum-s", help="skip-join-mlfq: first queue's quantum; measured at start-up when unset."
+    ),
+    mlfq_levels: Optional[int] = typer.Option(
+        None, "--mlfq-levels", help="skip-join-mlfq: number of queues (8); the last one is first come, first served."
+    ),
     max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Requests per iteration."),
-    max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens", help="Token budget per iteration."),
+    max_num_batched_tokens: Optional[int] = typer.Option(
+        None, "--max-num-batched-tokens", help="Token budget per iteration."
+    ),
     kv_cache_memory: Optional[str] = typer.Option(None, "--kv-cache-memory", help="KV-cache budget, e.g. 512MiB."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FASTSERVE_API_KEY", help="Require this bearer key."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="FASTSERVE_API_KEY", help="Require this bearer key."
+    ),
     max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Waiting requests before 429."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Name clients send as `model`."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads; all cores when unset."),
-    log_requests: Optional[str] = typer.Option(None, "--log-requests", help="Append each chat exchange to this JSONL (off by default; see docs/feedback.md)."),
-    replicas: Optional[int] = typer.Option(None, "--replicas", help="Engine replicas on Ray Serve (extra fastserve[ray]); 1 = this process."),
-    router: Optional[str] = typer.Option(None, "--router", help="With --replicas: least-loaded (default), round-robin or prefix."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="`auto` joins a `ray start` cluster; unset starts a local one."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="torch backend: fp32 (default) or bf16 (CPUs with avx512_bf16/AMX, GPUs)."),
+    log_requests: Optional[str] = typer.Option(
+        None, "--log-requests", help="Append each chat exchange to this JSONL (off by default; see docs/feedback.md)."
+    ),
+    replicas: Optional[int] = typer.Option(
+        None, "--replicas", help="Engine replicas on Ray Serve (extra fastserve[ray]); 1 = this process."
+    ),
+    router: Optional[str] = typer.Option(
+        None, "--router", help="With --replicas: least-loaded (default), round-robin or prefix."
+    ),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help="`auto` joins a `ray start` cluster; unset starts a local one."
+    ),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="torch backend: fp32 (default) or bf16 (CPUs with avx512_bf16/AMX, GPUs)."
+    ),
     set_: Optional[list[str]] = SetOption,
 ) -> None:
     """OpenAI-compatible HTTP server with continuous batching (stops gracefully on SIGTERM)."""
     from fastserve_cli.serve import serve as run_server
 
-    flags = dict(host=host, port=port, backend=backend, source=source, scheduler=scheduler, max_batch_size=max_batch_size,
-                 max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory, api_key=api_key,
-                 max_queue=max_queue, model_name=model_name, num_threads=threads, starvation_s=starvation_s,
-                 base_quantum_s=base_quantum_s, mlfq_levels=mlfq_levels, log_requests=log_requests,
-                 replicas=replicas, router=router, ray_address=ray_address, dtype=dtype)
+    flags = dict(
+        host=host,
+        port=port,
+        backend=backend,
+        source=source,
+        scheduler=scheduler,
+        max_batch_size=max_batch_size,
+        max_num_batched_tokens=max_num_batched_tokens,
+        kv_cache_memory=kv_cache_memory,
+        api_key=api_key,
+        max_queue=max_queue,
+        model_name=model_name,
+        num_threads=threads,
+        starvation_s=starvation_s,
+        base_quantum_s=base_quantum_s,
+        mlfq_levels=mlfq_levels,
+        log_requests=log_requests,
+        replicas=replicas,
+        router=router,
+        ray_address=ray_address,
+        dtype=dtype,
+    )
     resolved, cfg = serving_target(target, set_, flags)
     try:
         run_server(resolved, cfg)
@@ -307,21 +386,34 @@ def batch(
     input_path: str = typer.Argument(..., metavar="REQUESTS", help="OpenAI Batch API input (.jsonl)."),
     output: str = typer.Option(..., "--output", "-o", help="Results (.jsonl); an existing one is resumed."),
     backend: Optional[str] = typer.Option(None, "--backend", help="torch or onnx."),
-    source: Optional[str] = typer.Option(None, "--source", help="With a run directory: model, onnx or an optimize variant."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="fcfs (default here: best throughput) or skip-join-mlfq."),
+    source: Optional[str] = typer.Option(
+        None, "--source", help="With a run directory: model, onnx or an optimize variant."
+    ),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", help="fcfs (default here: best throughput) or skip-join-mlfq."
+    ),
     max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Requests per iteration."),
     kv_cache_memory: Optional[str] = typer.Option(None, "--kv-cache-memory", help="KV-cache budget, e.g. 512MiB."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The `model` the request bodies must name."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads; all cores when unset."),
-    max_in_flight: int = typer.Option(1024, "--max-in-flight", min=1, help="Engine requests queued at once (bounds memory)."),
+    max_in_flight: int = typer.Option(
+        1024, "--max-in-flight", min=1, help="Engine requests queued at once (bounds memory)."
+    ),
     set_: Optional[list[str]] = SetOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Answer an OpenAI Batch API file with the serving engine, in-process (resumable)."""
     from fastserve_cli.batch import run_batch
 
-    flags = dict(backend=backend, source=source, scheduler=scheduler or "fcfs", max_batch_size=max_batch_size,
-                 kv_cache_memory=kv_cache_memory, model_name=model_name, num_threads=threads)
+    flags = dict(
+        backend=backend,
+        source=source,
+        scheduler=scheduler or "fcfs",
+        max_batch_size=max_batch_size,
+        kv_cache_memory=kv_cache_memory,
+        model_name=model_name,
+        num_threads=threads,
+    )
     resolved, cfg = serving_target(target, set_, flags)
     result = run_batch(resolved, cfg, Path(input_path), Path(output), max_in_flight, show_progress=not as_json)
     if as_json:
@@ -336,7 +428,9 @@ def batch(
 def run(
     target: Optional[str] = TargetArgument,
     set_: Optional[list[str]] = SetOption,
-    force: Optional[list[str]] = typer.Option(None, "--force", help="Re-run this stage (and so everything downstream)."),
+    force: Optional[list[str]] = typer.Option(
+        None, "--force", help="Re-run this stage (and so everything downstream)."
+    ),
     until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
     as_json: bool = JsonOption,
 ) -> None:
@@ -366,7 +460,9 @@ def run(
 
 @app.command()
 def status(
-    run_dir: Optional[str] = typer.Argument(None, help="A run directory; default: as for the stage commands.", show_default=False),
+    run_dir: Optional[str] = typer.Argument(
+        None, help="A run directory; default: as for the stage commands.", show_default=False
+    ),
     as_json: bool = JsonOption,
 ) -> None:
     """Show what each stage of a run did: status, timing, fingerprint, metrics."""
@@ -387,7 +483,9 @@ def status(
 
 
 @recipe_app.command("validate")
-def recipe_validate(path: str = typer.Argument(..., help="Recipe YAML."), set_: Optional[list[str]] = SetOption) -> None:
+def recipe_validate(
+    path: str = typer.Argument(..., help="Recipe YAML."), set_: Optional[list[str]] = SetOption
+) -> None:
     """Check a recipe (and overrides) against the schema without running anything."""
     from fastserve_cli.core.recipe import load_recipe
 

@@ -46,15 +46,28 @@ def ensure_model(model_dir: Path) -> Path:
 def make_requests(tokenizer, n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    corpus = tokenizer("\n".join((stdlib / m).read_text(encoding="utf-8") for m in ("textwrap.py", "argparse.py")))["input_ids"]
+    corpus = tokenizer("\n".join((stdlib / m).read_text(encoding="utf-8") for m in ("textwrap.py", "argparse.py")))[
+        "input_ids"
+    ]
     requests = []
     for i in range(n):
         length = rng.randint(16, 128)
         start = rng.randrange(len(corpus) - length)
-        prompt = tokenizer.decode(corpus[start:start + length])
-        requests.append({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                         "body": {"model": NAME, "prompt": prompt, "max_tokens": rng.randint(16, 64),
-                                  "temperature": 0, "ignore_eos": True}})
+        prompt = tokenizer.decode(corpus[start : start + length])
+        requests.append(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {
+                    "model": NAME,
+                    "prompt": prompt,
+                    "max_tokens": rng.randint(16, 64),
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            }
+        )
     return requests
 
 
@@ -65,8 +78,18 @@ def engine_flags(args) -> list[str]:
 
 def bench_batch(model_dir: Path, requests_path: Path, work: Path, args) -> float:
     out = work / f"out-{time.time_ns()}.jsonl"
-    cmd = [sys.executable, "-m", "fastserve_cli", "batch", str(model_dir), str(requests_path), "-o", str(out),
-           "--json", *engine_flags(args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastserve_cli",
+        "batch",
+        str(model_dir),
+        str(requests_path),
+        "-o",
+        str(out),
+        "--json",
+        *engine_flags(args),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     metrics = json.loads(proc.stdout)["metrics"]
     assert metrics["succeeded"] == args.requests, metrics
@@ -102,12 +125,17 @@ def bench_hf(model_dir: Path, requests: list[dict], args) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     start = time.perf_counter()
     for i in range(0, len(requests), args.max_batch_size):
-        batch = requests[i:i + args.max_batch_size]
+        batch = requests[i : i + args.max_batch_size]
         enc = tokenizer([r["body"]["prompt"] for r in batch], return_tensors="pt", padding=True)
         longest = max(r["body"]["max_tokens"] for r in batch)
         with torch.inference_mode():
-            model.generate(**enc, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id)
+            model.generate(
+                **enc,
+                max_new_tokens=longest,
+                min_new_tokens=longest,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
     wall = time.perf_counter() - start
     return sum(r["body"]["max_tokens"] for r in requests) / wall
 
@@ -126,7 +154,11 @@ def main() -> None:
 
     model_dir = ensure_model(Path(args.model_dir))
     requests = make_requests(AutoTokenizer.from_pretrained(model_dir), args.requests, args.seed)
-    results: dict[str, list[float]] = {"fastserve batch": [], "fastserve serve (HTTP)": [], "HF generate, static batches": []}
+    results: dict[str, list[float]] = {
+        "fastserve batch": [],
+        "fastserve serve (HTTP)": [],
+        "HF generate, static batches": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         work = Path(tmp)
         requests_path = work / "requests.jsonl"
@@ -137,14 +169,18 @@ def main() -> None:
             results["HF generate, static batches"].append(bench_hf(model_dir, requests, args))
             print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in results.items()), flush=True)
     tokens = sum(r["body"]["max_tokens"] for r in requests)
-    print(f"\n{args.requests} requests, {tokens} generated tokens, max batch {args.max_batch_size}, {args.rounds} rounds")
+    print(
+        f"\n{args.requests} requests, {tokens} generated tokens, max batch {args.max_batch_size}, {args.rounds} rounds"
+    )
     median = {k: statistics.median(v) for k, v in results.items()}
     for name, values in results.items():
         print(f"  {name:30s} {median[name]:8.0f} tok/s  (min {min(values):.0f}, max {max(values):.0f})")
     batch = results["fastserve batch"]
     for other in ("fastserve serve (HTTP)", "HF generate, static batches"):
         ratios = [b / o for b, o in zip(batch, results[other])]
-        print(f"  batch / {other}: {statistics.median(ratios):.2f}x  (per round: {', '.join(f'{r:.2f}' for r in ratios)})")
+        print(
+            f"  batch / {other}: {statistics.median(ratios):.2f}x  (per round: {', '.join(f'{r:.2f}' for r in ratios)})"
+        )
 
 
 if __name__ == "__main__":

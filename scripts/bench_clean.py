@@ -28,8 +28,9 @@ def bench_clean(raw: dict, repeats: int) -> dict:
         for k in range(repeats):
             for mode in ("off", "on"):
                 data = {**raw["data"], **({"clean": CODE_CLEAN} if mode == "on" else {})}
-                recipe = resolve_paths(Recipe.model_validate({**raw, "data": data, "run_dir": f"{tmp}/{mode}{k}"}),
-                                       ROOT / "recipes")
+                recipe = resolve_paths(
+                    Recipe.model_validate({**raw, "data": data, "run_dir": f"{tmp}/{mode}{k}"}), ROOT / "recipes"
+                )
                 start = time.perf_counter()
                 metrics = execute("preprocess", recipe, prepare_run_dir(recipe)).metrics
                 results[mode].append((time.perf_counter() - start, metrics))
@@ -37,12 +38,21 @@ def bench_clean(raw: dict, repeats: int) -> dict:
     for mode, runs in results.items():
         best, metrics = min(runs, key=lambda r: r[0])
         docs_in = metrics.get("clean_documents_in", metrics["documents"])
-        out[mode] = {"seconds_best": round(best, 2), "seconds_all": [round(r[0], 2) for r in runs],
-                     "documents_in": docs_in, "documents_out": metrics["documents"], "tokens": metrics["tokens"],
-                     "documents_per_s": round(docs_in / best, 1), "tokens_per_s": round(metrics["tokens"] / best)}
+        out[mode] = {
+            "seconds_best": round(best, 2),
+            "seconds_all": [round(r[0], 2) for r in runs],
+            "documents_in": docs_in,
+            "documents_out": metrics["documents"],
+            "tokens": metrics["tokens"],
+            "documents_per_s": round(docs_in / best, 1),
+            "tokens_per_s": round(metrics["tokens"] / best),
+        }
         if mode == "on":
-            out[mode]["removed"] = {k[len("clean_"):]: v for k, v in metrics.items()
-                                    if k.startswith("clean_") and k.endswith("_removed") and v}
+            out[mode]["removed"] = {
+                k[len("clean_") :]: v
+                for k, v in metrics.items()
+                if k.startswith("clean_") and k.endswith("_removed") and v
+            }
             out[mode]["clean_s"] = metrics["clean_s"]
     out["slowdown"] = round(out["on"]["seconds_best"] / out["off"]["seconds_best"], 2)
     return out
@@ -52,7 +62,9 @@ def _vocabulary() -> list[str]:
     import sysconfig
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    words = re.findall(r"[a-z]{3,12}", "\n".join(p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:80]))
+    words = re.findall(
+        r"[a-z]{3,12}", "\n".join(p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:80])
+    )
     return sorted(set(words))
 
 
@@ -93,8 +105,9 @@ def planted_corpus(n_docs: int, n_near: int, seed: int) -> tuple[list[str], set[
     return texts, pairs
 
 
-def bench_near_dedup(n_docs: int = 2000, n_near: int = 400, threshold: float = 0.7, ngram: int = 3,
-                     seed: int = 0) -> dict:
+def bench_near_dedup(
+    n_docs: int = 2000, n_near: int = 400, threshold: float = 0.7, ngram: int = 3, seed: int = 0
+) -> dict:
     import numpy as np
 
     from fastserve_cli.preprocess.dedup import near_duplicates, shingles
@@ -114,13 +127,22 @@ def bench_near_dedup(n_docs: int = 2000, n_near: int = 400, threshold: float = 0
         return len(x & y) / len(x | y)
 
     sims = sorted(jaccard(a, b) for a, b in pairs)
-    return {"documents": len(texts), "planted_pairs": len(pairs), "hard_negatives": n_near // 2,
-            "threshold": threshold, "ngram": ngram,
-            "true_jaccard_of_pairs": {"min": round(sims[0], 3), "median": round(sims[len(sims) // 2], 3),
-                                      "max": round(sims[-1], 3)},
-            "removed": len(removed), "recall": round(found / len(pairs), 4),
-            "precision": round(true_positive / max(1, len(removed)), 4),
-            "documents_per_s": round(len(texts) / seconds, 1)}
+    return {
+        "documents": len(texts),
+        "planted_pairs": len(pairs),
+        "hard_negatives": n_near // 2,
+        "threshold": threshold,
+        "ngram": ngram,
+        "true_jaccard_of_pairs": {
+            "min": round(sims[0], 3),
+            "median": round(sims[len(sims) // 2], 3),
+            "max": round(sims[-1], 3),
+        },
+        "removed": len(removed),
+        "recall": round(found / len(pairs), 4),
+        "precision": round(true_positive / max(1, len(removed)), 4),
+        "documents_per_s": round(len(texts) / seconds, 1),
+    }
 
 
 def _pages(n: int, seed: int) -> list[tuple[list[str], str]]:
@@ -128,23 +150,44 @@ def _pages(n: int, seed: int) -> list[tuple[list[str], str]]:
     import inspect
 
     paragraphs = []
-    for name in ("textwrap", "heapq", "json", "argparse", "collections", "functools", "itertools", "pathlib",
-                 "random", "statistics", "difflib", "logging", "zipfile", "tarfile"):
+    for name in (
+        "textwrap",
+        "heapq",
+        "json",
+        "argparse",
+        "collections",
+        "functools",
+        "itertools",
+        "pathlib",
+        "random",
+        "statistics",
+        "difflib",
+        "logging",
+        "zipfile",
+        "tarfile",
+    ):
         module = importlib.import_module(name)
-        paragraphs += [re.sub(r"\s+", " ", inspect.getdoc(o)) for o in vars(module).values()
-                       if (inspect.isfunction(o) or inspect.isclass(o)) and inspect.getdoc(o)
-                       and len(inspect.getdoc(o)) > 200]
+        paragraphs += [
+            re.sub(r"\s+", " ", inspect.getdoc(o))
+            for o in vars(module).values()
+            if (inspect.isfunction(o) or inspect.isclass(o)) and inspect.getdoc(o) and len(inspect.getdoc(o)) > 200
+        ]
     rng = random.Random(seed)
     nav = "".join(f'<li><a href="/{w}">{w}</a></li>' for w in "Home About Products Blog Contact Login".split())
     pages = []
     for i in range(n):
         body = rng.sample(paragraphs, 4)
         article = "".join(f"<p>{htmllib.escape(t)}</p>\n" for t in body)
-        pages.append((body, f"""<!DOCTYPE html><html><head><title>Page {i}</title><style>body{{color:red}}</style>
+        pages.append(
+            (
+                body,
+                f"""<!DOCTYPE html><html><head><title>Page {i}</title><style>body{{color:red}}</style>
 <script>var tracking = "SCRIPTTOKEN";</script></head><body><header><nav><ul>{nav}</ul></nav></header>
 <div class="sidebar"><h3>Related posts</h3><ul><li><a href="/a">Ten tips for NAVTOKEN</a></li></ul></div>
 <main><article><h1>Article {i}</h1>{article}</article></main>
-<footer><p>Copyright 2024 FOOTERTOKEN Inc. All rights reserved.</p></footer></body></html>"""))
+<footer><p>Copyright 2024 FOOTERTOKEN Inc. All rights reserved.</p></footer></body></html>""",
+            )
+        )
     return pages
 
 
@@ -169,8 +212,11 @@ def bench_html(n: int = 300, seed: int = 0) -> dict:
 
     pages = _pages(n, seed)
     out = {}
-    for name, fn in (("resiliparse (main_content)", resiliparse), ("trafilatura", trafilatura),
-                     ("selectolax (tags stripped)", selectolax)):
+    for name, fn in (
+        ("resiliparse (main_content)", resiliparse),
+        ("trafilatura", trafilatura),
+        ("selectolax (tags stripped)", selectolax),
+    ):
         try:
             fn(pages[0][1])
         except ImportError:
@@ -182,6 +228,9 @@ def bench_html(n: int = 300, seed: int = 0) -> dict:
         ws = lambda s: re.sub(r"\s+", " ", s)  # noqa: E731
         kept = sum(ws(p)[:60] in ws(t) for (body, _), t in zip(pages, texts) for p in body) / (4 * n)
         boiler = sum(any(tok in t for tok in ("SCRIPTTOKEN", "NAVTOKEN", "FOOTERTOKEN")) for t in texts) / n
-        out[name] = {"pages_per_s": round(n / seconds), "article_paragraphs_kept": round(kept, 3),
-                     "pages_with_boilerplate": round(boiler, 3)}
+        out[name] = {
+            "pages_per_s": round(n / seconds),
+            "article_paragraphs_kept": round(kept, 3),
+            "pages_with_boilerplate": round(boiler, 3),
+        }
     return out

@@ -38,8 +38,7 @@ def server_args(kind: str, address: str, batch: int) -> list[str]:
     if kind == "a":  # OMP_NUM_THREADS is set in env_for("a"), as Ray sets it for (b)'s replica
         return [*common, "--threads", "2"]
     if kind == "b":
-        return [*common, "--replicas", "1", "--ray-address", address, "--threads", "2",
-                "--set", "serve.replica_cpus=2"]
+        return [*common, "--replicas", "1", "--ray-address", address, "--threads", "2", "--set", "serve.replica_cpus=2"]
     return [*common, "--replicas", "2", "--ray-address", address, "--threads", "1", "--set", "serve.replica_cpus=1"]
 
 
@@ -97,9 +96,14 @@ def measured(model_dir: Path, out: Path, args) -> dict[str, dict]:
         with contextlib.ExitStack() as stack:
             urls = {}
             for kind in "abc":
-                urls[kind] = stack.enter_context(running_server(
-                    model_dir, *server_args(kind, address, args.batch), log_path=out / f"server-{kind}.log",
-                    env=env_for(kind)))[0]
+                urls[kind] = stack.enter_context(
+                    running_server(
+                        model_dir,
+                        *server_args(kind, address, args.batch),
+                        log_path=out / f"server-{kind}.log",
+                        env=env_for(kind),
+                    )
+                )[0]
             for kind in "abc":  # warm-up
                 one_token_latency(urls[kind], 5)
             for rnd in range(args.rounds):
@@ -107,8 +111,9 @@ def measured(model_dir: Path, out: Path, args) -> dict[str, dict]:
                     r = asyncio.run(closed_loop(urls[kind], prompts, workload, args.concurrency))
                     results[kind]["tokens_s"].append(r["tokens_s"])
                     results[kind]["mean_jct"].append(r["mean_jct"])
-                    print(f"round {rnd} ({kind}): {r['tokens_s']:.0f} tok/s, mean JCT {r['mean_jct']:.2f} s",
-                          flush=True)
+                    print(
+                        f"round {rnd} ({kind}): {r['tokens_s']:.0f} tok/s, mean JCT {r['mean_jct']:.2f} s", flush=True
+                    )
                 for kind in "ab":
                     results[kind]["latency"] += one_token_latency(urls[kind], args.latency_requests)
     finally:
@@ -148,30 +153,41 @@ def report_measured(res: dict) -> list[str]:
     lines = ["| setup | tokens/s (median, min-max) | mean JCT s | ratio to (a) |", "|---|---|---|---|"]
     names = {"a": "(a) single process, 2 threads", "b": "(b) 1 replica behind Ray", "c": "(c) 2 replicas x 1 thread"}
     for k in "abc":
-        lines.append(f"| {names[k]} | {med[k]:.0f} ({spread[k][0]:.0f}-{spread[k][1]:.0f}) | "
-                     f"{statistics.median(res[k]['mean_jct']):.2f} | {med[k] / med['a']:.2f}x |")
+        lines.append(
+            f"| {names[k]} | {med[k]:.0f} ({spread[k][0]:.0f}-{spread[k][1]:.0f}) | "
+            f"{statistics.median(res[k]['mean_jct']):.2f} | {med[k] / med['a']:.2f}x |"
+        )
     added = lat["b"] - lat["a"]
-    lines += ["", f"1-token completion median: direct {lat['a']:.1f} ms, through the Ray ingress {lat['b']:.1f} ms: "
-              f"added {added:.1f} ms (target <= 5 ms: {'met' if added <= 5 else 'NOT met'})",
-              f"(b) throughput / (a) = {med['b'] / med['a']:.3f} (target >= 0.95: "
-              f"{'met' if med['b'] / med['a'] >= 0.95 else 'NOT met'})"]
+    lines += [
+        "",
+        f"1-token completion median: direct {lat['a']:.1f} ms, through the Ray ingress {lat['b']:.1f} ms: "
+        f"added {added:.1f} ms (target <= 5 ms: {'met' if added <= 5 else 'NOT met'})",
+        f"(b) throughput / (a) = {med['b'] / med['a']:.3f} (target >= 0.95: "
+        f"{'met' if med['b'] / med['a'] >= 0.95 else 'NOT met'})",
+    ]
     return lines
 
 
 def report_simulated(rows: list[dict]) -> list[str]:
-    lines = ["| replicas | rho | router | mean JCT s | P99 JCT s | per-token ms | P99 vs round-robin |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| replicas | rho | router | mean JCT s | P99 JCT s | per-token ms | P99 vs round-robin |",
+        "|---|---|---|---|---|---|---|",
+    ]
     base = {(r["replicas"], r["rho"]): r for r in rows if r["router"] == "round-robin"}
     for r in rows:
         b = base[(r["replicas"], r["rho"])]
-        lines.append(f"| {r['replicas']} | {r['rho']} | {r['router']} | {r['mean_jct']:.3f} | {r['p99_jct']:.3f} | "
-                     f"{r['mean_per_token_latency'] * 1000:.2f} | {b['p99_jct'] / r['p99_jct']:.2f}x |")
+        lines.append(
+            f"| {r['replicas']} | {r['rho']} | {r['router']} | {r['mean_jct']:.3f} | {r['p99_jct']:.3f} | "
+            f"{r['mean_per_token_latency'] * 1000:.2f} | {b['p99_jct'] / r['p99_jct']:.2f}x |"
+        )
     for n in sorted({r["replicas"] for r in rows}):
         ll = next((r for r in rows if r["replicas"] == n and r["rho"] == 0.9 and r["router"] == "least-loaded"), None)
         if ll:
             gain = base[(n, 0.9)]["p99_jct"] / ll["p99_jct"]
-            lines.append(f"\n{n} replicas, rho 0.9: least-loaded P99 JCT {gain:.2f}x better than round-robin "
-                         f"(target >= 1.5x: {'met' if gain >= 1.5 else 'NOT met'})")
+            lines.append(
+                f"\n{n} replicas, rho 0.9: least-loaded P99 JCT {gain:.2f}x better than round-robin "
+                f"(target >= 1.5x: {'met' if gain >= 1.5 else 'NOT met'})"
+            )
     return lines
 
 
@@ -206,9 +222,14 @@ def main() -> None:
     p.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8, 0.9])
     p.add_argument("--per-replica", type=int, default=300)
     p.add_argument("--skip-measured", action="store_true", help="Only the simulation.")
-    p.add_argument("--cost", type=float, nargs=3, metavar=("T0", "TD", "TP"),
-                   help="Simulate with this iteration cost (seconds) instead of profiling the model now "
-                   "(the simulation is deterministic; only the profile is a timing).")
+    p.add_argument(
+        "--cost",
+        type=float,
+        nargs=3,
+        metavar=("T0", "TD", "TP"),
+        help="Simulate with this iteration cost (seconds) instead of profiling the model now "
+        "(the simulation is deterministic; only the profile is a timing).",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = bs.build_model(args.out, 4, 256)
@@ -223,8 +244,13 @@ def main() -> None:
         cost = LinearCost(*args.cost)
     else:
         cost = profile_cost(model_dir, args.batch)
-    lines += ["## Simulated", "", f"iteration cost fitted to this model (1 thread): t0 {cost.t0 * 1000:.2f} ms + "
-              f"{cost.td * 1000:.3f} ms per decode row + {cost.tp * 1e6:.1f} us per prefill token", ""]
+    lines += [
+        "## Simulated",
+        "",
+        f"iteration cost fitted to this model (1 thread): t0 {cost.t0 * 1000:.2f} ms + "
+        f"{cost.td * 1000:.3f} ms per decode row + {cost.tp * 1e6:.1f} us per prefill token",
+        "",
+    ]
     rows = simulated(cost, args)
     lines += report_simulated(rows)
     (args.out / "simulated.json").write_text(json.dumps(rows))

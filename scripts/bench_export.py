@@ -50,9 +50,16 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quantize", nargs="*", default=[], choices=["dynamic_int8", "int4"],
-                        help="also time these onnxruntime quantized graphs")
-    parser.add_argument("--optimize", action="store_true", help="also time the graph fused by onnxruntime's transformer optimizer")
+    parser.add_argument(
+        "--quantize",
+        nargs="*",
+        default=[],
+        choices=["dynamic_int8", "int4"],
+        help="also time these onnxruntime quantized graphs",
+    )
+    parser.add_argument(
+        "--optimize", action="store_true", help="also time the graph fused by onnxruntime's transformer optimizer"
+    )
     parser.add_argument("--threads", type=int, help="intra-op threads for both backends (default: each library's own)")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
@@ -61,10 +68,10 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fastserve_cli.export.stage import optimize_graph
     from fastserve_cli.export.onnx_graph import export_onnx
-    from fastserve_cli.models.onnx import OnnxCausalLM, onnx_size_bytes
     from fastserve_cli.export.onnx_quant import VARIANT_FILES, quantize
+    from fastserve_cli.export.stage import optimize_graph
+    from fastserve_cli.models.onnx import OnnxCausalLM, onnx_size_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -95,15 +102,21 @@ def main() -> None:
                 results.append({"backend": label, "batch": batch, "ms_per_step": ms, "ratio": ms / best[TORCH]})
 
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: GPT-2 {'tiny' if args.tiny else 'small shape'}, {params / 1e6:.1f}M params; export {export_s:.1f}s, "
-          f"parity max|Δlogits| {parity['max_abs_diff']:.2e}, greedy 32 steps identical; "
-          f"fp32 graph {size_mb:.1f} MB")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"onnxruntime {onnxruntime.__version__} ({args.threads or 'default'} threads); load average {os.getloadavg()[0]:.1f}; prompt {args.prompt_tokens}, {args.new_tokens - 1} timed steps, best of {args.repeats}")
+    print(
+        f"model: GPT-2 {'tiny' if args.tiny else 'small shape'}, {params / 1e6:.1f}M params; export {export_s:.1f}s, "
+        f"parity max|Δlogits| {parity['max_abs_diff']:.2e}, greedy 32 steps identical; "
+        f"fp32 graph {size_mb:.1f} MB"
+    )
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"onnxruntime {onnxruntime.__version__} ({args.threads or 'default'} threads); load average {os.getloadavg()[0]:.1f}; prompt {args.prompt_tokens}, {args.new_tokens - 1} timed steps, best of {args.repeats}"
+    )
     print(f"{'backend':<26}{'batch':>6}{'ms/step':>10}{'tokens/s':>10}{'latency vs PyTorch':>20}")
     for r in results:
-        print(f"{r['backend']:<26}{r['batch']:>6}{r['ms_per_step']:>10.2f}{r['batch'] * 1000 / r['ms_per_step']:>10.1f}"
-              f"{r['ratio']:>19.3f}x")
+        print(
+            f"{r['backend']:<26}{r['batch']:>6}{r['ms_per_step']:>10.2f}{r['batch'] * 1000 / r['ms_per_step']:>10.1f}"
+            f"{r['ratio']:>19.3f}x"
+        )
     if args.json:
         args.json.write_text(json.dumps({"parity": parity, "results": results}, indent=2))
 

@@ -32,7 +32,13 @@ VARIANTS = [
     {"name": "int8", "method": "dynamic_int8"},
     {"name": "wo-int8", "method": "weight_only_int8"},
     {"name": "wo-int4", "method": "weight_only_int4", "group_size": 128},
-    {"name": "pruned30", "method": "structured", "heads_fraction": 0.3, "neurons_fraction": 0.3, "importance": "weight"},
+    {
+        "name": "pruned30",
+        "method": "structured",
+        "heads_fraction": 0.3,
+        "neurons_fraction": 0.3,
+        "importance": "weight",
+    },
     {"name": "sparse50", "method": "magnitude", "sparsity": 0.5},
     {"name": "pruned30-int8", "method": "dynamic_int8", "source": "pruned30"},
 ]
@@ -64,11 +70,20 @@ def run_report(root: Path, name: str, args: argparse.Namespace) -> dict:
     from fastserve_cli.core.recipe import validate_recipe
     from fastserve_cli.core.report import load_report, print_report
 
-    recipe = validate_recipe({
-        "name": name, "run_dir": str(root),
-        "optimize": {"eval_blocks": args.eval_blocks, "latency_prompt_tokens": 32, "latency_new_tokens": args.new_tokens,
-                     "latency_repeats": args.repeats, "variants": VARIANTS},
-    }, "bench")
+    recipe = validate_recipe(
+        {
+            "name": name,
+            "run_dir": str(root),
+            "optimize": {
+                "eval_blocks": args.eval_blocks,
+                "latency_prompt_tokens": 32,
+                "latency_new_tokens": args.new_tokens,
+                "latency_repeats": args.repeats,
+                "variants": VARIANTS,
+            },
+        },
+        "bench",
+    )
     from fastserve_cli.core.rundir import RunDir
 
     execute("optimize", recipe, RunDir(root))
@@ -97,7 +112,9 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, help="torch threads (1 is steadier on a busy shared CPU; default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (1 is steadier on a busy shared CPU; default: all cores)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the variants (they are large)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,8 +122,11 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}",
+        file=sys.stderr,
+    )
     summary = {}
     jobs = [("gpt2-124m-random" if not args.tiny else "gpt2-tiny-random", None)]
     if args.run is not None:

@@ -29,15 +29,23 @@ from pathlib import Path
 from fastserve_cli.testing.models import gpt2_small_dir
 from fastserve_cli.testing.peers import CTranslate2Runner, FastserveRunner, convert_ctranslate2, llama_cpp_status
 
-PRECISION = {"torch fp32": "fp32", "torch bf16": "bf16", "torch int8": "int8", "onnx fp32": "fp32",
-             "ct2 fp32": "fp32", "ct2 int8": "int8"}
+PRECISION = {
+    "torch fp32": "fp32",
+    "torch bf16": "bf16",
+    "torch int8": "int8",
+    "onnx fp32": "fp32",
+    "ct2 fp32": "fp32",
+    "ct2 int8": "int8",
+}
 OURS = ("torch fp32", "torch bf16", "torch int8", "onnx fp32")
 
 
 def corpus_ids(tokenizer) -> list[int]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    text = "\n".join((stdlib / m).read_text(encoding="utf-8") for m in
-                     ("argparse.py", "csv.py", "difflib.py", "inspect.py", "typing.py"))
+    text = "\n".join(
+        (stdlib / m).read_text(encoding="utf-8")
+        for m in ("argparse.py", "csv.py", "difflib.py", "inspect.py", "typing.py")
+    )
     return tokenizer(text).input_ids
 
 
@@ -62,8 +70,12 @@ def make_variants(model_dir: Path, work: Path) -> dict[str, Path]:
 
 def load_runners(args, model_dir: Path, paths: dict[str, Path], tokenizer) -> dict:
     runners = {}
-    specs = {"torch fp32": (model_dir, "torch", "fp32"), "torch bf16": (model_dir, "torch", "bf16"),
-             "torch int8": (paths["int8"], "torch", "fp32"), "onnx fp32": (paths["onnx"], "onnx", "fp32")}
+    specs = {
+        "torch fp32": (model_dir, "torch", "fp32"),
+        "torch bf16": (model_dir, "torch", "bf16"),
+        "torch int8": (paths["int8"], "torch", "fp32"),
+        "onnx fp32": (paths["onnx"], "onnx", "fp32"),
+    }
     for name, (path, backend, dtype) in specs.items():
         if name in args.skip:
             continue
@@ -76,9 +88,9 @@ def load_runners(args, model_dir: Path, paths: dict[str, Path], tokenizer) -> di
 
 def measure(runners: dict, ids: list[int], args) -> tuple[dict, dict]:
     """Interleaved rounds; returns {row: {engine: [values]}} and the decode row's greedy outputs."""
-    decode_prompt = ids[:args.prompt_tokens]
-    offline_prompts = {k: [ids[i * 40:i * 40 + args.prompt_tokens] for i in range(1, k + 1)] for k in args.offline}
-    ttft_prompt = ids[-args.ttft_prompt:]
+    decode_prompt = ids[: args.prompt_tokens]
+    offline_prompts = {k: [ids[i * 40 : i * 40 + args.prompt_tokens] for i in range(1, k + 1)] for k in args.offline}
+    ttft_prompt = ids[-args.ttft_prompt :]
     rows: dict[str, dict[str, list[float]]] = {}
     outputs: dict[str, list[int]] = {}
     for runner in runners.values():  # untimed warm-up: kernel builds (oneDNN per row count), allocator, caches
@@ -113,16 +125,20 @@ def quality(model_dir: Path, ids: list[int], tokens: int, threads: int) -> dict:
         runner = FastserveRunner(f"q-{dtype}", model_dir, "torch", dtype, threads, 4)
         backend = runner.engine.backend
         width = min(512, backend.max_context)
-        windows = [ids[i:i + width] for i in range(0, 4 * width, width)]
+        windows = [ids[i : i + width] for i in range(0, 4 * width, width)]
         with torch.inference_mode():
-            losses = [backend.model(input_ids=torch.tensor([w]), labels=torch.tensor([w])).loss.float().item()
-                      for w in windows]
+            losses = [
+                backend.model(input_ids=torch.tensor([w]), labels=torch.tensor([w])).loss.float().item()
+                for w in windows
+            ]
         results[f"ppl {dtype}"] = round(float(torch.tensor(losses).mean().exp()), 3)
         n = min(tokens, backend.max_context - 32)
-        prompts = [ids[3000 + 97 * i:3000 + 97 * i + 32] for i in range(4)]
+        prompts = [ids[3000 + 97 * i : 3000 + 97 * i + 32] for i in range(4)]
         outs[dtype], _ = runner.offline(prompts, n)
     results["ppl change %"] = round(100 * (results["ppl bf16"] / results["ppl fp32"] - 1), 3)
-    same = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(outs["fp32"], outs["bf16"])]
+    same = [
+        next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(outs["fp32"], outs["bf16"])
+    ]
     agree = [sum(a == b for a, b in zip(x, y)) for x, y in zip(outs["fp32"], outs["bf16"])]
     results.update({"tokens": len(outs["fp32"][0]), "greedy matching prefix": same, "greedy same position": agree})
     return results
@@ -151,8 +167,13 @@ def report(rows: dict, outputs: dict, skipped: dict[str, str]) -> None:
             ratios.append(f"{(best_peer / best_mine) if lower else (best_mine / best_peer):.2f}x")
         print(f"| {row} | " + " | ".join(fmt(per[n]) for n in names) + " | " + " | ".join(ratios) + " |")
     if "torch fp32" in names and "torch bf16" in names:
-        print("\ntorch bf16 / torch fp32 (same engine; TTFT: fp32 time / bf16 time): " + ", ".join(
-            f"{row}: {_ratio(per['torch bf16'], per['torch fp32'], row.startswith('TTFT')):.2f}x" for row, per in rows.items()))
+        print(
+            "\ntorch bf16 / torch fp32 (same engine; TTFT: fp32 time / bf16 time): "
+            + ", ".join(
+                f"{row}: {_ratio(per['torch bf16'], per['torch fp32'], row.startswith('TTFT')):.2f}x"
+                for row, per in rows.items()
+            )
+        )
     ref = outputs.get("torch fp32")
     if ref:
         print("\ngreedy decode outputs vs torch fp32 (matching prefix / tokens):")
@@ -180,8 +201,13 @@ def main() -> None:
     parser.add_argument("--offline-tokens", type=int, default=32)
     parser.add_argument("--ttft-prompt", type=int, default=1024)
     parser.add_argument("--quality-tokens", type=int, default=128)
-    parser.add_argument("--quality-model", type=Path, nargs="*", default=[],
-                        help="more model directories (e.g. a trained run's model/) to measure bf16 quality on")
+    parser.add_argument(
+        "--quality-model",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="more model directories (e.g. a trained run's model/) to measure bf16 quality on",
+    )
     parser.add_argument("--no-quality", action="store_true", help="leave out the bf16 quality measurement")
     parser.add_argument("--skip", nargs="*", default=[], help="engines to leave out, e.g. 'ct2 int8'")
     args = parser.parse_args()
@@ -197,8 +223,11 @@ def main() -> None:
     skipped = {}
     skipped["llama.cpp f32/q8_0"] = llama_cpp_status()
     runners = load_runners(args, model_dir, paths, tokenizer)
-    print(f"threads={args.threads} prompt={args.prompt_tokens} decode={args.decode_tokens} offline={args.offline}x"
-          f"{args.offline_tokens} ttft-prompt={args.ttft_prompt} rounds={args.rounds}", flush=True)
+    print(
+        f"threads={args.threads} prompt={args.prompt_tokens} decode={args.decode_tokens} offline={args.offline}x"
+        f"{args.offline_tokens} ttft-prompt={args.ttft_prompt} rounds={args.rounds}",
+        flush=True,
+    )
     rows, outputs = measure(runners, ids, args)
     report(rows, outputs, skipped)
     for path in [] if args.no_quality else [model_dir, *args.quality_model]:

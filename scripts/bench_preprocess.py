@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from fastserve_cli.core.pipeline import execute, prepare_run_dir
-from fastserve_cli.preprocess.stage import load_documents, drop_empty
 from fastserve_cli.core.recipe import Recipe, resolve_paths
+from fastserve_cli.preprocess.stage import drop_empty, load_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,14 +70,22 @@ def main() -> None:
             start = time.perf_counter()
             tokens = 0
             for i in range(0, len(texts), batch):
-                tokens += sum(len(e.ids) for e in backend.encode_batch(texts[i:i + batch], add_special_tokens=False))
+                tokens += sum(len(e.ids) for e in backend.encode_batch(texts[i : i + batch], add_special_tokens=False))
             return time.perf_counter() - start, tokens
 
         def ours(k: int, num_proc: int = 1) -> tuple[float, int]:
             data = {**raw["data"], "num_proc": num_proc}
-            recipe = resolve_paths(Recipe.model_validate({
-                **raw, "data": data, "run_dir": str(tmp / f"run{k}-{num_proc}"), "tokenizer": {"path": str(tok_dir)}}),
-                ROOT / "recipes")
+            recipe = resolve_paths(
+                Recipe.model_validate(
+                    {
+                        **raw,
+                        "data": data,
+                        "run_dir": str(tmp / f"run{k}-{num_proc}"),
+                        "tokenizer": {"path": str(tok_dir)},
+                    }
+                ),
+                ROOT / "recipes",
+            )
             run = prepare_run_dir(recipe)
             start = time.perf_counter()
             result = execute("preprocess", recipe, run)
@@ -94,7 +102,8 @@ def main() -> None:
         mp_s, _ = min(mp_times)
     assert base_tokens == our_tokens, (base_tokens, our_tokens)
     result = {
-        "documents": len(texts), "tokens": our_tokens,
+        "documents": len(texts),
+        "tokens": our_tokens,
         "encode_batch_tokens_per_s": round(base_tokens / base_s),
         "preprocess_tokens_per_s": round(our_tokens / our_s),
         "ratio": round(base_s / our_s, 3),

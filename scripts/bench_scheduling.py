@@ -44,8 +44,20 @@ from fastserve_cli.testing.server import cpu_seconds, fastserve_counters, runnin
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("fcfs", "skip-join-mlfq", "srpt-oracle")
-CORPUS = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "heapq.py", "bisect.py",
-          "fnmatch.py", "glob.py", "shlex.py", "argparse.py", "typing.py", "dataclasses.py"]
+CORPUS = [
+    "json/decoder.py",
+    "json/encoder.py",
+    "textwrap.py",
+    "string.py",
+    "heapq.py",
+    "bisect.py",
+    "fnmatch.py",
+    "glob.py",
+    "shlex.py",
+    "argparse.py",
+    "typing.py",
+    "dataclasses.py",
+]
 
 
 # ---------------------------------------------------------------- model and prompts
@@ -53,8 +65,11 @@ CORPUS = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "hea
 
 def build_model(out: Path, layers: int, width: int) -> Path:
     """A random-init GPT-2 shape model with a stdlib-trained BPE, saved once (HF layout, safetensors)."""
-    return gpt2_model_dir(out / f"model-gpt2-{layers}x{width}", GPT2Shape(layers, width),
-                          lambda: train_tokenizer(stdlib_texts(CORPUS), vocab_size=4096))
+    return gpt2_model_dir(
+        out / f"model-gpt2-{layers}x{width}",
+        GPT2Shape(layers, width),
+        lambda: train_tokenizer(stdlib_texts(CORPUS), vocab_size=4096),
+    )
 
 
 def make_jobs(model_dir: Path, seed: int, count: int) -> list[Job]:
@@ -99,9 +114,22 @@ def start_servers(stack: contextlib.ExitStack, model_dir: Path, args) -> dict[st
     servers = {}
     for policy in args.policies:
         log = args.out / f"server-{policy}.log"
-        url, proc = stack.enter_context(running_server(
-            model_dir, "--set", f"serve.scheduler={policy}", "--set", f"serve.max_batch_size={args.batch_size}",
-            "--set", "serve.model_name=bench", "--set", "serve.max_queue=100000", env=env, log_path=log, ready=False))
+        url, proc = stack.enter_context(
+            running_server(
+                model_dir,
+                "--set",
+                f"serve.scheduler={policy}",
+                "--set",
+                f"serve.max_batch_size={args.batch_size}",
+                "--set",
+                "serve.model_name=bench",
+                "--set",
+                "serve.max_queue=100000",
+                env=env,
+                log_path=log,
+                ready=False,
+            )
+        )
         servers[policy] = Server(url, proc, log)
     for server in servers.values():
         wait_ready(server.url, server.proc, 300.0, server.log)
@@ -128,8 +156,9 @@ async def generation_tokens(client, server: Server) -> float:
     return fastserve_counters((await client.get(server.url + "/metrics")).text)["fastserve:generation_tokens_total"]
 
 
-async def measure_capacity(server: Server, jobs: Sequence[Job], concurrency: int, seconds: float,
-                           warmup: float = 5.0, seed: int = 0) -> tuple[float, int]:
+async def measure_capacity(
+    server: Server, jobs: Sequence[Job], concurrency: int, seconds: float, warmup: float = 5.0, seed: int = 0
+) -> tuple[float, int]:
     """Output tokens/s of this trace at saturation: its requests in a seeded random order (so any window has
     the trace's long/short mix and prompt lengths), `concurrency` always in flight (the batch stays full).
     Returns (tokens/s, requests issued inside the window).
@@ -179,12 +208,15 @@ def batch_full_fraction(rows: list[tuple[float, float, float, int]], batch_size:
 def measured_capacity(servers: dict, group: list[str], jobs: list[Job], args, label: str) -> float:
     """Requests/s of this trace at saturation on the group's servers, all busy at once (their mean)."""
     mean_output = sum(job.max_tokens for job in jobs) / len(jobs)
-    rates = asyncio.run(gather(*(measure_capacity(servers[p], jobs, 2 * args.batch_size, args.capacity_seconds)
-                                 for p in group)))
+    rates = asyncio.run(
+        gather(*(measure_capacity(servers[p], jobs, 2 * args.batch_size, args.capacity_seconds) for p in group))
+    )
     capacity = sum(rate for rate, _ in rates) / len(rates) / mean_output
-    print(f"{label} {'+'.join(group)}: capacity {capacity * mean_output:.0f} output tokens/s at {2 * args.batch_size} "
-          f"in flight ({', '.join(f'{r:.0f} over {n} requests' for r, n in rates)}) -> {capacity:.2f} requests/s",
-          flush=True)
+    print(
+        f"{label} {'+'.join(group)}: capacity {capacity * mean_output:.0f} output tokens/s at {2 * args.batch_size} "
+        f"in flight ({', '.join(f'{r:.0f} over {n} requests' for r, n in rates)}) -> {capacity:.2f} requests/s",
+        flush=True,
+    )
     return capacity
 
 
@@ -209,17 +241,23 @@ async def gather(*aws):
 
 
 def table(results: dict, loads: list[float]) -> str:
-    head = ("| rho | effective rho | policy | mean JCT s | P50 JCT s | P99 JCT s | per-token ms | TTFT s | tokens/s | "
-            "per-token x | mean JCT x | P99 JCT x |")
+    head = (
+        "| rho | effective rho | policy | mean JCT s | P50 JCT s | P99 JCT s | per-token ms | TTFT s | tokens/s | "
+        "per-token x | mean JCT x | P99 JCT x |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for rho in loads:
         for policy, s in results[str(rho)].items():
             base = s.get("paired_fcfs") or results[str(rho)].get("fcfs")
-            ratios = [f"{base[k] / s[k]:.2f}" if base else "-" for k in ("mean_per_token_latency", "mean_jct", "p99_jct")]
+            ratios = [
+                f"{base[k] / s[k]:.2f}" if base else "-" for k in ("mean_per_token_latency", "mean_jct", "p99_jct")
+            ]
             lines.append(
                 f"| {rho} | {s.get('effective_rho', rho):.2f} | {policy} | {s['mean_jct']:.2f} | {s['p50_jct']:.2f} | {s['p99_jct']:.2f} | "
                 f"{1000 * s['mean_per_token_latency']:.1f} | {s['mean_ttft']:.2f} | {s['throughput_tokens']:.0f} | "
-                + " | ".join(ratios) + " |")
+                + " | ".join(ratios)
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -230,13 +268,20 @@ def targets(results: dict, loads: list[float]) -> list[str]:
     m = results[high]["skip-join-mlfq"]
     f = m.get("paired_fcfs") or results[high]["fcfs"]
     checks = [
-        (f"rho={high}: per-token latency fcfs/mlfq", f["mean_per_token_latency"] / m["mean_per_token_latency"], ">= 2.5"),
+        (
+            f"rho={high}: per-token latency fcfs/mlfq",
+            f["mean_per_token_latency"] / m["mean_per_token_latency"],
+            ">= 2.5",
+        ),
         (f"rho={high}: mean JCT fcfs/mlfq", f["mean_jct"] / m["mean_jct"], ">= 1.2"),
         (f"rho={high}: P99 JCT mlfq/fcfs", m["p99_jct"] / f["p99_jct"], "<= 2.0"),
     ]
     m = results[low]["skip-join-mlfq"]
     f = m.get("paired_fcfs") or results[low]["fcfs"]
-    checks += [(f"rho={low}: {name} mlfq/fcfs", m[name] / f[name], "0.9..1.1") for name in ("mean_jct", "mean_per_token_latency")]
+    checks += [
+        (f"rho={low}: {name} mlfq/fcfs", m[name] / f[name], "0.9..1.1")
+        for name in ("mean_jct", "mean_per_token_latency")
+    ]
     lines = []
     for name, value, bound in checks:
         if ".." in bound:
@@ -256,7 +301,9 @@ def plot(results: dict, loads: list[float], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy in POLICIES:
-        ys = [1000 * results[str(rho)][policy]["mean_per_token_latency"] for rho in loads if policy in results[str(rho)]]
+        ys = [
+            1000 * results[str(rho)][policy]["mean_per_token_latency"] for rho in loads if policy in results[str(rho)]
+        ]
         ax.plot(loads[: len(ys)], ys, marker="o", label=policy)
     ax.set_xlabel("load (fraction of measured capacity)")
     ax.set_ylabel("mean per-token latency (ms) = JCT / output tokens")
@@ -284,11 +331,14 @@ def run_group(servers: dict[str, Server], group: list[str], jobs: list[Job], rho
         summary["batch_full_fraction"] = batch_full_fraction(rows, args.batch_size)
         summary["server_cpu_s"] = servers[policy].cpu_seconds() - cpu[policy]
         summary["effective_rho"] = effective
-        print(f"rho={rho} {policy}{'' if len(group) < 2 else ' (with ' + ', '.join(set(group) - {policy}) + ')'}: "
-              f"{time.perf_counter() - started:.0f} s, mean JCT {summary['mean_jct']:.2f} s, "
-              f"per-token {1000 * summary['mean_per_token_latency']:.1f} ms, "
-              f"batch full {100 * summary['batch_full_fraction']:.0f}% of the time, "
-              f"server CPU {summary['server_cpu_s']:.0f} s", flush=True)
+        print(
+            f"rho={rho} {policy}{'' if len(group) < 2 else ' (with ' + ', '.join(set(group) - {policy}) + ')'}: "
+            f"{time.perf_counter() - started:.0f} s, mean JCT {summary['mean_jct']:.2f} s, "
+            f"per-token {1000 * summary['mean_per_token_latency']:.1f} ms, "
+            f"batch full {100 * summary['batch_full_fraction']:.0f}% of the time, "
+            f"server CPU {summary['server_cpu_s']:.0f} s",
+            flush=True,
+        )
     return {"before_rps": before, "after_rps": after, "effective_rho": effective}, summaries, runs
 
 
@@ -297,8 +347,12 @@ def run_group(servers: dict[str, Server], group: list[str], jobs: list[Job], rho
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=1000,
-                        help="requests per trace; shorter traces do not reach steady state at rho=0.9 (heavy tail)")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=1000,
+        help="requests per trace; shorter traces do not reach steady state at rho=0.9 (heavy tail)",
+    )
     parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8, 0.9])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--seed", type=int, default=0)
@@ -307,11 +361,19 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--capacity", type=float, default=None, help="requests/s; skips the capacity measurements")
-    parser.add_argument("--capacity-seconds", type=float, default=30.0,
-                        help="length of the saturated window measured before each replay")
-    parser.add_argument("--together", action=argparse.BooleanOptionalAction, default=True,
-                        help="replay each trace to every policy beside an fcfs server at the same moments (default: "
-                             "each comparison sees the same machine, drift included) or --no-together: policy after policy")
+    parser.add_argument(
+        "--capacity-seconds",
+        type=float,
+        default=30.0,
+        help="length of the saturated window measured before each replay",
+    )
+    parser.add_argument(
+        "--together",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay each trace to every policy beside an fcfs server at the same moments (default: "
+        "each comparison sees the same machine, drift included) or --no-together: policy after policy",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-scheduling")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -319,8 +381,11 @@ def main() -> None:
     model_dir = build_model(args.out, args.layers, args.width)
     jobs = make_jobs(model_dir, args.seed, args.requests)
     mean_output = sum(job.max_tokens for job in jobs) / len(jobs)
-    print(f"model {model_dir.name}; {len(jobs)} requests, mean output {mean_output:.1f} tokens, "
-          f"{sum(1 for job in jobs if job.max_tokens >= 256)} long ones", flush=True)
+    print(
+        f"model {model_dir.name}; {len(jobs)} requests, mean output {mean_output:.1f} tokens, "
+        f"{sum(1 for job in jobs if job.max_tokens >= 256)} long ones",
+        flush=True,
+    )
 
     # One server per policy, all up from the start. By default (--together) each policy replays the trace beside
     # an fcfs server at the same moments, so each comparison sees the same machine. This VM's cores flip between
@@ -345,11 +410,19 @@ def main() -> None:
                         summaries[policy]["paired_fcfs"] = summaries["fcfs"]
         counters = {policy: server.metrics() for policy, server in servers.items()}
 
-    report = {"model": model_dir.name, "requests": args.requests, "seed": args.seed, "batch_size": args.batch_size,
-              "threads": args.threads, "together": args.together, "capacity_rps": capacities,
-              "mean_output_tokens": mean_output,
-              "results": results, "server_counters": counters,
-              "records": {"columns": ["arrival_s", "first_token_s", "finish_s", "output_tokens"], **records}}
+    report = {
+        "model": model_dir.name,
+        "requests": args.requests,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "together": args.together,
+        "capacity_rps": capacities,
+        "mean_output_tokens": mean_output,
+        "results": results,
+        "server_counters": counters,
+        "records": {"columns": ["arrival_s", "first_token_s", "finish_s", "output_tokens"], **records},
+    }
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
     print("\n" + table(results, args.loads))
     if "fcfs" in args.policies and "skip-join-mlfq" in args.policies:

@@ -34,8 +34,6 @@ from fastserve_cli.testing.server import free_port, running_process, running_ser
 # ------------------------------------------------------------------ model and workload
 
 
-
-
 def make_workload(tokenizer, n: int, rate: float, seed: int, max_out: int) -> list[Job]:
     """Poisson arrivals at `rate`/s; prompts of 16-256 tokens; Pareto(1.5) output lengths from 16, capped."""
     rng = random.Random(seed)
@@ -59,12 +57,20 @@ def summarize(name: str, streams: list[Stream]) -> dict:
     jct = [t.end - t.sent for t in ok]
     ttft = [t.first_token - t.sent for t in ok if t.first_token is not None]
     itl = [b - a for t in ok for a, b in zip(t.token_times, t.token_times[1:])]
-    return {"system": name, "requests": len(streams), "errors": len(streams) - len(ok),
-            "generated_tokens": sum(t.tokens for t in ok), "makespan_s": makespan,
-            "throughput_tok_s": sum(t.tokens for t in ok) / makespan,
-            "ttft_mean_s": statistics.fmean(ttft) if ttft else None, "ttft_p99_s": percentile(ttft, 99) if ttft else None,
-            "itl_mean_s": statistics.fmean(itl) if itl else None,
-            "jct_p50_s": percentile(jct, 50), "jct_mean_s": statistics.fmean(jct), "jct_p99_s": percentile(jct, 99)}
+    return {
+        "system": name,
+        "requests": len(streams),
+        "errors": len(streams) - len(ok),
+        "generated_tokens": sum(t.tokens for t in ok),
+        "makespan_s": makespan,
+        "throughput_tok_s": sum(t.tokens for t in ok) / makespan,
+        "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
+        "ttft_p99_s": percentile(ttft, 99) if ttft else None,
+        "itl_mean_s": statistics.fmean(itl) if itl else None,
+        "jct_p50_s": percentile(jct, 50),
+        "jct_mean_s": statistics.fmean(jct),
+        "jct_p99_s": percentile(jct, 99),
+    }
 
 
 # ------------------------------------------------------------------ HTTP replay (our server, transformers serve)
@@ -73,9 +79,23 @@ def summarize(name: str, streams: list[Stream]) -> dict:
 def bench_fastserve(model_dir: Path, jobs: list[Job], backend: str, args) -> dict:
     log = Path(args.out).with_suffix(f".{backend}.log")
     threads = ["--threads", str(args.threads)] if args.threads else []
-    with running_server(model_dir, "--backend", backend, "--model-name", "bench", *threads, "--scheduler", args.scheduler,
-                        "--max-batch-size", str(args.max_batch_size), "--max-queue", "100000",
-                        "--kv-cache-memory", "4GiB", log_path=log) as (url, _):
+    with running_server(
+        model_dir,
+        "--backend",
+        backend,
+        "--model-name",
+        "bench",
+        *threads,
+        "--scheduler",
+        args.scheduler,
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-queue",
+        "100000",
+        "--kv-cache-memory",
+        "4GiB",
+        log_path=log,
+    ) as (url, _):
         replay_sync(url, "bench", jobs[:2], ignore_eos=True)  # warm-up
         streams = replay_sync(url, "bench", jobs, ignore_eos=True)
         single = replay_sync(url, "bench", [Job(0.0, jobs[0].prompt, 128, jobs[0].prompt_len)], ignore_eos=True)[0]
@@ -86,8 +106,20 @@ def bench_fastserve(model_dir: Path, jobs: list[Job], backend: str, args) -> dic
 
 def bench_transformers_serve(model_dir: Path, jobs: list[Job], args) -> dict:
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir), "--continuous-batching",
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32"]
+    cmd = [
+        str(Path(sys.executable).parent / "transformers"),
+        "serve",
+        str(model_dir),
+        "--continuous-batching",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     url = f"http://127.0.0.1:{port}"
     with running_process(cmd, url, env, Path(args.out).with_suffix(".transformers-serve.log"), ready_timeout=300):
@@ -121,8 +153,14 @@ def hf_generate(model, tokenizer, batch: list[Job]):
     streamer = TimingStreamer()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        model.generate(**enc, max_new_tokens=max(j.max_tokens for j in batch), min_new_tokens=max(j.max_tokens for j in batch),
-                       do_sample=False, streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+        model.generate(
+            **enc,
+            max_new_tokens=max(j.max_tokens for j in batch),
+            min_new_tokens=max(j.max_tokens for j in batch),
+            do_sample=False,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return time.perf_counter() - t0, [t - t0 for t in streamer.times[1:]]
 
 
@@ -136,9 +174,16 @@ def bench_hf(model, tokenizer, jobs: list[Job], batch_size: int) -> dict:
             batch.append(jobs[i + len(batch)])
         duration, steps = hf_generate(model, tokenizer, batch)
         for job in batch:
-            mine = steps[:job.max_tokens]
-            traces.append(Stream(sent=job.arrival, first_token=clock + mine[0], end=clock + duration,
-                                 token_times=[clock + s for s in mine], tokens=job.max_tokens))
+            mine = steps[: job.max_tokens]
+            traces.append(
+                Stream(
+                    sent=job.arrival,
+                    first_token=clock + mine[0],
+                    end=clock + duration,
+                    token_times=[clock + s for s in mine],
+                    tokens=job.max_tokens,
+                )
+            )
         clock += duration
         i += len(batch)
     label = "HF generate, one at a time" if batch_size == 1 else f"HF generate, static batches of {batch_size}"
@@ -178,9 +223,14 @@ def main() -> None:
     parser.add_argument("--max-out", type=int, default=256)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="Intra-op threads for every system (all cores when unset).")
-    parser.add_argument("--scheduler", default="fcfs",
-                        help="fastserve's scheduler; fcfs by default, the order transformers serve and HF generate use")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="Intra-op threads for every system (all cores when unset)."
+    )
+    parser.add_argument(
+        "--scheduler",
+        default="fcfs",
+        help="fastserve's scheduler; fcfs by default, the order transformers serve and HF generate use",
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["hf1", "hf8", "tserve", "torch"])
     parser.add_argument("--out", default="bench_serve.json")
     args = parser.parse_args()
@@ -193,10 +243,12 @@ def main() -> None:
     model_dir = gpt2_small_dir(args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     jobs = make_workload(tokenizer, args.requests, args.rate, args.seed, args.max_out)
-    print(f"workload: {len(jobs)} requests over {jobs[-1].arrival:.1f} s, prompts "
-          f"{min(j.prompt_len for j in jobs)}-{max(j.prompt_len for j in jobs)} tokens, outputs "
-          f"mean {statistics.fmean(j.max_tokens for j in jobs):.0f} max {max(j.max_tokens for j in jobs)} tokens",
-          flush=True)
+    print(
+        f"workload: {len(jobs)} requests over {jobs[-1].arrival:.1f} s, prompts "
+        f"{min(j.prompt_len for j in jobs)}-{max(j.prompt_len for j in jobs)} tokens, outputs "
+        f"mean {statistics.fmean(j.max_tokens for j in jobs):.0f} max {max(j.max_tokens for j in jobs)} tokens",
+        flush=True,
+    )
     results = []
     if "torch" not in args.skip:
         results.append(bench_fastserve(model_dir, jobs, "torch", args))
@@ -215,10 +267,14 @@ def main() -> None:
     bandwidth, best_bandwidth = read_bandwidth_gbs()
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bound = bandwidth * 1e9 / model_bytes
-    report = {"workload": {"requests": len(jobs), "rate": args.rate, "seed": args.seed},
-              "read_bandwidth_gb_s": bandwidth, "best_read_bandwidth_gb_s": best_bandwidth,
-              "model_bytes": model_bytes, "batch1_bound_tok_s": bound,
-              "results": results}
+    report = {
+        "workload": {"requests": len(jobs), "rate": args.rate, "seed": args.seed},
+        "read_bandwidth_gb_s": bandwidth,
+        "best_read_bandwidth_gb_s": best_bandwidth,
+        "model_bytes": model_bytes,
+        "batch1_bound_tok_s": bound,
+        "results": results,
+    }
     atomic_dump(Path(args.out), report)
     print_table(report)
 
@@ -235,15 +291,21 @@ def print_table(report: dict) -> None:
     print(f"\n{'system':44s} {'tok/s':>8s} {'TTFT':>7s} {'ITL':>7s} {'JCT p50':>8s} {'mean':>7s} {'p99':>7s} err")
     for r in rows:
         itl = f"{r['itl_mean_s']:7.3f}" if r["itl_mean_s"] is not None else "      -"
-        print(f"{r['system']:44s} {r['throughput_tok_s']:8.1f} {r['ttft_mean_s']:7.2f} {itl} {r['jct_p50_s']:8.2f} "
-              f"{r['jct_mean_s']:7.2f} {r['jct_p99_s']:7.2f} {r['errors']}")
+        print(
+            f"{r['system']:44s} {r['throughput_tok_s']:8.1f} {r['ttft_mean_s']:7.2f} {itl} {r['jct_p50_s']:8.2f} "
+            f"{r['jct_mean_s']:7.2f} {r['jct_p99_s']:7.2f} {r['errors']}"
+        )
     for ours in (r for r in rows if r["system"].startswith("fastserve")):
-        ratios = ", ".join(f"{ours['throughput_tok_s'] / v:.2f}x {k}" for k, v in base.items() if not k.startswith("fastserve"))
-        print(f"{ours['system']}: {ratios}; batch-1 decode {ours['batch1_decode_tok_s']:.1f} tok/s = "
-              f"{ours['batch1_decode_tok_s'] / report['batch1_bound_tok_s']:.0%} of the bandwidth bound "
-              f"({report['batch1_bound_tok_s']:.0f} tok/s at {report['read_bandwidth_gb_s']:.0f} GB/s over 3 s of reads; "
-              f"{ours['batch1_decode_tok_s'] * report['model_bytes'] / 1e9 / report['best_read_bandwidth_gb_s']:.0%} of "
-              f"the best single read, {report['best_read_bandwidth_gb_s']:.0f} GB/s)")
+        ratios = ", ".join(
+            f"{ours['throughput_tok_s'] / v:.2f}x {k}" for k, v in base.items() if not k.startswith("fastserve")
+        )
+        print(
+            f"{ours['system']}: {ratios}; batch-1 decode {ours['batch1_decode_tok_s']:.1f} tok/s = "
+            f"{ours['batch1_decode_tok_s'] / report['batch1_bound_tok_s']:.0%} of the bandwidth bound "
+            f"({report['batch1_bound_tok_s']:.0f} tok/s at {report['read_bandwidth_gb_s']:.0f} GB/s over 3 s of reads; "
+            f"{ours['batch1_decode_tok_s'] * report['model_bytes'] / 1e9 / report['best_read_bandwidth_gb_s']:.0%} of "
+            f"the best single read, {report['best_read_bandwidth_gb_s']:.0f} GB/s)"
+        )
 
 
 if __name__ == "__main__":

@@ -28,14 +28,29 @@ from pathlib import Path
 from fastserve_cli.testing.models import gpt2_small_dir, tiny_tokenizer
 from fastserve_cli.testing.server import running_server
 
-SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
-    "email": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
-    "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
-                "required": ["city"]}}, "required": ["name", "age", "tags"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "email": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
 # minItems keeps the grammar open, so constrained requests run to max_tokens exactly like ignore_eos ones.
-LONG_SCHEMA = {"type": "object", "properties": {"lines": {"type": "array", "items": {"type": "string"}, "minItems": 1000}},
-               "required": ["lines"], "additionalProperties": False}
+LONG_SCHEMA = {
+    "type": "object",
+    "properties": {"lines": {"type": "array", "items": {"type": "string"}, "minItems": 1000}},
+    "required": ["lines"],
+    "additionalProperties": False,
+}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -87,9 +102,14 @@ def bench_xgrammar(tok, vocab: int, eos: int, steps: int, seed: int) -> dict:
     compile2_s = time.perf_counter() - t0
     matcher = xgr.GrammarMatcher(compiled)
     bitmask = xgr.allocate_token_bitmask(1, vocab)
-    times = _walk(lambda: matcher.fill_next_token_bitmask(bitmask, 0), lambda t: matcher.accept_token(t),
-                  lambda: [t for t in _allowed_ids(bitmask[0], vocab) if t != eos] or [],
-                  matcher.reset, steps, seed)
+    times = _walk(
+        lambda: matcher.fill_next_token_bitmask(bitmask, 0),
+        lambda t: matcher.accept_token(t),
+        lambda: [t for t in _allowed_ids(bitmask[0], vocab) if t != eos] or [],
+        matcher.reset,
+        steps,
+        seed,
+    )
     return {"setup_s": setup, "compile_s": compile_s, "compile_new_schema_s": compile2_s, "mask_ms": times}
 
 
@@ -109,36 +129,49 @@ def bench_llguidance(tok, vocab: int, eos: int, steps: int, seed: int) -> dict |
     matcher = llguidance.LLMatcher(lltok, grammar)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    llguidance.LLMatcher(lltok, llguidance.LLMatcher.grammar_from_json_schema({**SCHEMA, "title": "another"},
-                                                                               defaults=options))
+    llguidance.LLMatcher(
+        lltok, llguidance.LLMatcher.grammar_from_json_schema({**SCHEMA, "title": "another"}, defaults=options)
+    )
     compile2_s = time.perf_counter() - t0
     bitmask = llt.allocate_token_bitmask(1, vocab)
-    times = _walk(lambda: llt.fill_next_token_bitmask(matcher, bitmask, 0), lambda t: matcher.consume_token(t),
-                  lambda: [t for t in _allowed_ids(bitmask[0], vocab) if t != eos] or [],
-                  matcher.reset, steps, seed)
+    times = _walk(
+        lambda: llt.fill_next_token_bitmask(matcher, bitmask, 0),
+        lambda t: matcher.consume_token(t),
+        lambda: [t for t in _allowed_ids(bitmask[0], vocab) if t != eos] or [],
+        matcher.reset,
+        steps,
+        seed,
+    )
     assert not matcher.is_error(), matcher.get_error()
     return {"setup_s": setup, "compile_s": compile_s, "compile_new_schema_s": compile2_s, "mask_ms": times}
-
-
 
 
 def part_engines(model_dir: Path, steps: int, walks: int) -> dict:
     from transformers import AutoTokenizer
 
     report = {}
-    for label, path in (("bpe-512 (tests)", tiny_tokenizer(model_dir.parent / "tokenizer-512")),
-                        ("bpe-50k (124M)", model_dir)):
+    for label, path in (
+        ("bpe-512 (tests)", tiny_tokenizer(model_dir.parent / "tokenizer-512")),
+        ("bpe-50k (124M)", model_dir),
+    ):
         tok = AutoTokenizer.from_pretrained(path)
         vocab, eos = len(tok), tok.eos_token_id
         runs: dict[str, list] = {"xgrammar": [], "llguidance": []}
         for walk in range(walks):  # interleaved: machine load drifts
             runs["xgrammar"].append(bench_xgrammar(tok, vocab, eos, steps, walk))
             runs["llguidance"].append(bench_llguidance(tok, vocab, eos, steps, walk))
-        report[label] = {name: None if None in rs else {
-            "setup_s": [r["setup_s"] for r in rs], "compile_s": [r["compile_s"] for r in rs],
-            "compile_new_schema_s": [r["compile_new_schema_s"] for r in rs],
-            "mask_ms": [t for r in rs for t in r["mask_ms"]],
-            "walk_p99_ms": [pct(r["mask_ms"], 0.99) for r in rs]} for name, rs in runs.items()}
+        report[label] = {
+            name: None
+            if None in rs
+            else {
+                "setup_s": [r["setup_s"] for r in rs],
+                "compile_s": [r["compile_s"] for r in rs],
+                "compile_new_schema_s": [r["compile_new_schema_s"] for r in rs],
+                "mask_ms": [t for r in rs for t in r["mask_ms"]],
+                "walk_p99_ms": [pct(r["mask_ms"], 0.99) for r in rs],
+            }
+            for name, rs in runs.items()
+        }
     return report
 
 
@@ -148,8 +181,14 @@ def part_engines(model_dir: Path, steps: int, walks: int) -> dict:
 async def run_batch(url: str, batch: int, tokens: int, fmt: dict | None) -> dict:
     import httpx
 
-    body = {"model": "m", "messages": [{"role": "user", "content": "Write JSON."}], "max_tokens": tokens,
-            "temperature": 1.0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Write JSON."}],
+        "max_tokens": tokens,
+        "temperature": 1.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if fmt is None:
         body["ignore_eos"] = True
     else:
@@ -181,8 +220,12 @@ def cold_vs_cached(url: str, rounds: int) -> dict:
     import httpx
 
     def latency(schema: dict) -> float:
-        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
-                "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+        body = {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 1,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        }
         t0 = time.perf_counter()
         httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600).raise_for_status()
         return time.perf_counter() - t0
@@ -204,11 +247,14 @@ def part_serve(model_dir: Path, rounds: int, tokens: int, batches: list[int]) ->
         asyncio.run(run_batch(url, 2, 8, None))
         for r in range(rounds):
             for batch in batches:
-                for mode in (("plain", "json") if r % 2 == 0 else ("json", "plain")):
+                for mode in ("plain", "json") if r % 2 == 0 else ("json", "plain"):
                     out = asyncio.run(run_batch(url, batch, tokens, fmt if mode == "json" else None))
                     results.setdefault(f"{mode} b{batch}", []).append(out)
-                    print(f"round {r} batch {batch} {mode}: {out['throughput']:.1f} tok/s, ITL {out['itl_ms']:.1f} ms"
-                          f" ({out['tokens']} tokens)", flush=True)
+                    print(
+                        f"round {r} batch {batch} {mode}: {out['throughput']:.1f} tok/s, ITL {out['itl_ms']:.1f} ms"
+                        f" ({out['tokens']} tokens)",
+                        flush=True,
+                    )
         results["compile"] = cold_vs_cached(url, 3)
     return results
 
@@ -219,10 +265,10 @@ def part_serve(model_dir: Path, rounds: int, tokens: int, batches: list[int]) ->
 def part_overhead(model_dir: Path, batch: int, tokens: int, rounds: int) -> dict:
     """In-process engine, `batch` constrained requests: time inside mask_logits + accept_tokens vs the whole
     iteration, measured in the same steps (so machine-load drift hits both alike) -> the throughput cost."""
-    import fastserve_cli.serve.grammar as grammar
-    import fastserve_cli.serve.sampling as sampling
     from transformers import AutoTokenizer
 
+    import fastserve_cli.serve.grammar as grammar
+    import fastserve_cli.serve.sampling as sampling
     from fastserve_cli.serve.backends import load_backend
     from fastserve_cli.serve.engine import Engine
     from fastserve_cli.serve.kv_cache import KVCacheManager
@@ -239,6 +285,7 @@ def part_overhead(model_dir: Path, batch: int, tokens: int, rounds: int) -> dict
                 return fn(*a, **kw)
             finally:
                 spent[0] += time.perf_counter() - t0
+
         return wrapper
 
     grammar.mask_logits, grammar.accept_tokens = timed(grammar.mask_logits), timed(grammar.accept_tokens)
@@ -263,8 +310,10 @@ def part_overhead(model_dir: Path, batch: int, tokens: int, rounds: int) -> dict
             engine.step()
             total += time.perf_counter() - t0
         shares.append(spent[0] / total)
-        print(f"overhead round {r}: grammar {spent[0] * 1e3:.0f} ms of {total * 1e3:.0f} ms "
-              f"({100 * shares[-1]:.1f}%)", flush=True)
+        print(
+            f"overhead round {r}: grammar {spent[0] * 1e3:.0f} ms of {total * 1e3:.0f} ms ({100 * shares[-1]:.1f}%)",
+            flush=True,
+        )
     return {"batch": batch, "share": shares}
 
 
@@ -284,8 +333,9 @@ def main() -> None:
     model_dir = gpt2_small_dir(args.model_dir)
     report: dict = {}
     if args.overhead_only:
-        report["overhead"] = [part_overhead(model_dir, b, args.tokens, args.rounds)
-                              for b in (int(x) for x in args.batches.split(","))]
+        report["overhead"] = [
+            part_overhead(model_dir, b, args.tokens, args.rounds) for b in (int(x) for x in args.batches.split(","))
+        ]
         args.out.write_text(json.dumps(report, indent=1))
         return
     if not args.skip_engines:
@@ -298,8 +348,10 @@ def main() -> None:
 
 
 def print_engines(engines: dict) -> None:
-    print("\n| tokenizer | engine | tokenizer set-up s | compile s (first / new schema) | mask ms/token p50 / mean / p99 "
-          "| p99 per walk |")
+    print(
+        "\n| tokenizer | engine | tokenizer set-up s | compile s (first / new schema) | mask ms/token p50 / mean / p99 "
+        "| p99 per walk |"
+    )
     print("|---|---|---|---|---|---|")
     for label, per in engines.items():
         for name, r in per.items():
@@ -307,9 +359,11 @@ def print_engines(engines: dict) -> None:
                 print(f"| {label} | {name} | not installed | | |")
                 continue
             m, med = r["mask_ms"], statistics.median
-            print(f"| {label} | {name} | {med(r['setup_s']):.3f} | {med(r['compile_s']):.3f} / "
-                  f"{med(r['compile_new_schema_s']):.3f} | {pct(m, 0.5):.4f} / {statistics.mean(m):.4f} / "
-                  f"{pct(m, 0.99):.4f} | {', '.join(f'{x:.2f}' for x in r['walk_p99_ms'])} |")
+            print(
+                f"| {label} | {name} | {med(r['setup_s']):.3f} | {med(r['compile_s']):.3f} / "
+                f"{med(r['compile_new_schema_s']):.3f} | {pct(m, 0.5):.4f} / {statistics.mean(m):.4f} / "
+                f"{pct(m, 0.99):.4f} | {', '.join(f'{x:.2f}' for x in r['walk_p99_ms'])} |"
+            )
 
 
 def print_serve(serve: dict, batches: list[int]) -> None:
@@ -321,13 +375,17 @@ def print_serve(serve: dict, batches: list[int]) -> None:
             runs = serve[f"{mode} b{b}"]
             tp, itl = [x["throughput"] for x in runs], [x["itl_ms"] for x in runs]
             ratio = statistics.mean(tp) / plain
-            print(f"| {b} | {mode} | {statistics.mean(tp):.1f} ({min(tp):.1f}..{max(tp):.1f}) | "
-                  f"{statistics.mean(itl):.1f} ({min(itl):.1f}..{max(itl):.1f}) | {ratio:.3f} |")
+            print(
+                f"| {b} | {mode} | {statistics.mean(tp):.1f} ({min(tp):.1f}..{max(tp):.1f}) | "
+                f"{statistics.mean(itl):.1f} ({min(itl):.1f}..{max(itl):.1f}) | {ratio:.3f} |"
+            )
         pairs = [j["throughput"] / p["throughput"] for j, p in zip(serve[f"json b{b}"], serve[f"plain b{b}"])]
         print(f"|   | per-round ratio | {', '.join(f'{x:.3f}' for x in pairs)} | | |")
     c = serve["compile"]
-    print(f"\nschema cold vs cached (1-token request latency, s): cold {', '.join(f'{x:.3f}' for x in c['cold_s'])}; "
-          f"cached {', '.join(f'{x:.3f}' for x in c['cached_s'])}")
+    print(
+        f"\nschema cold vs cached (1-token request latency, s): cold {', '.join(f'{x:.3f}' for x in c['cold_s'])}; "
+        f"cached {', '.join(f'{x:.3f}' for x in c['cached_s'])}"
+    )
 
 
 if __name__ == "__main__":

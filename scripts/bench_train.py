@@ -29,15 +29,31 @@ SEQ, BATCH, THREADS = 256, 8, 2
 def recipe_for(root: Path, steps: int, compile_: bool):
     from fastserve_cli.core.recipe import Recipe, resolve_paths
 
-    return resolve_paths(Recipe.model_validate({
-        "name": "bench", "run_dir": str(root / "run"), "seed": 0,
-        "data": {"paths": ["{stdlib}/*.py"], "block_size": SEQ, "on_decode_error": "skip"},
-        "tokenizer": {"vocab_size": 8192},
-        "model": {"architecture": "gpt2", "size": "small"},
-        "train": {"max_steps": steps, "per_device_train_batch_size": BATCH, "learning_rate": 1e-3, "warmup_steps": 5,
-                  "logging_steps": 1, "eval_steps": 10**6, "save_steps": 10**6, "eval_max_batches": 1,
-                  "num_threads": THREADS, "torch_compile": compile_},
-    }), root)
+    return resolve_paths(
+        Recipe.model_validate(
+            {
+                "name": "bench",
+                "run_dir": str(root / "run"),
+                "seed": 0,
+                "data": {"paths": ["{stdlib}/*.py"], "block_size": SEQ, "on_decode_error": "skip"},
+                "tokenizer": {"vocab_size": 8192},
+                "model": {"architecture": "gpt2", "size": "small"},
+                "train": {
+                    "max_steps": steps,
+                    "per_device_train_batch_size": BATCH,
+                    "learning_rate": 1e-3,
+                    "warmup_steps": 5,
+                    "logging_steps": 1,
+                    "eval_steps": 10**6,
+                    "save_steps": 10**6,
+                    "eval_max_batches": 1,
+                    "num_threads": THREADS,
+                    "torch_compile": compile_,
+                },
+            }
+        ),
+        root,
+    )
 
 
 def throughput(stamps: dict[int, float], skip: int, tokens_per_step: int) -> float:
@@ -73,10 +89,24 @@ def run_trainer(recipe, run, steps: int, skip: int, out: Path) -> float:
 
     cfg = recipe.train
     args = TrainingArguments(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type="cosine", max_grad_norm=cfg.max_grad_norm, logging_steps=10**6, save_strategy="no",
-        eval_strategy="no", report_to=[], use_cpu=True, seed=recipe.seed, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type="cosine",
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=10**6,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=recipe.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     torch.set_num_threads(THREADS)
     Trainer(model=model, args=args, train_dataset=train, callbacks=[Stamp()]).train()
@@ -105,8 +135,8 @@ def main() -> None:
 
     import torch
 
-    from fastserve_cli.models.modeling import flops_per_token
     from fastserve_cli.core.pipeline import execute, prepare_run_dir
+    from fastserve_cli.models.modeling import flops_per_token
 
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,8 +151,10 @@ def main() -> None:
         theirs = run_trainer(recipe, run, args.steps, args.skip, root / "hf")
     peak = matmul_peak(THREADS)
     flops = flops_per_token(config, SEQ)
-    print(f"model: gpt2 small (6 layers, 6 heads, 384 wide), vocab {config.vocab_size}, seq {SEQ}, batch {BATCH}, "
-          f"fp32, {THREADS} threads, {args.steps} steps (first {args.skip} untimed)")
+    print(
+        f"model: gpt2 small (6 layers, 6 heads, 384 wide), vocab {config.vocab_size}, seq {SEQ}, batch {BATCH}, "
+        f"fp32, {THREADS} threads, {args.steps} steps (first {args.skip} untimed)"
+    )
     print(f"fastserve loop : {ours:8.0f} tokens/s   MFU {ours * flops / peak:6.1%}")
     print(f"HF Trainer     : {theirs:8.0f} tokens/s   MFU {theirs * flops / peak:6.1%}")
     print(f"ratio          : {ours / theirs:8.2f}x   (target >= 1.1)")

@@ -19,7 +19,7 @@ def main() -> None:
 
     from fastserve_cli.core.rundir import RunDir
     from fastserve_cli.models.loader import load_causal_lm
-    from fastserve_cli.models.measure import calibration_blocks, torch_perplexity, _validation_split, _block
+    from fastserve_cli.models.measure import _block, _validation_split, calibration_blocks, torch_perplexity
     from fastserve_cli.models.quantized import quantize_model
     from fastserve_cli.optimize.gptq import gptq_model
 
@@ -36,8 +36,12 @@ def main() -> None:
     calib = [{k: torch.tensor([v]) for k, v in b.items()} for b in calibration_blocks(run, args.calibration_blocks)]
     base = load_causal_lm(run.model_dir)
     fp32 = torch_perplexity(base, blocks)
-    result = {"fp32": round(fp32, 4), "validation_blocks": len(split), "eval_blocks": len(blocks),
-              "calibration_blocks": len(calib)}
+    result = {
+        "fp32": round(fp32, 4),
+        "validation_blocks": len(split),
+        "eval_blocks": len(blocks),
+        "calibration_blocks": len(calib),
+    }
     for group in args.groups:
         rtn = copy.deepcopy(base)
         quantize_model(rtn, "weight_only_int4", group)
@@ -45,10 +49,14 @@ def main() -> None:
         gptq_model(gptq, calib, group)
         for name, model in (("rtn", rtn), ("gptq", gptq)):
             ppl = torch_perplexity(model, blocks)
-            result[f"{name}_g{group}"] = {"perplexity": round(ppl, 4), "increase": round(ppl - fp32, 4),
-                                         "increase_pct": round(100 * (ppl / fp32 - 1), 2)}
+            result[f"{name}_g{group}"] = {
+                "perplexity": round(ppl, 4),
+                "increase": round(ppl - fp32, 4),
+                "increase_pct": round(100 * (ppl / fp32 - 1), 2),
+            }
         result[f"gptq_over_rtn_increase_g{group}"] = round(
-            result[f"gptq_g{group}"]["increase"] / max(result[f"rtn_g{group}"]["increase"], 1e-9), 3)
+            result[f"gptq_g{group}"]["increase"] / max(result[f"rtn_g{group}"]["increase"], 1e-9), 3
+        )
     print(json.dumps(result, indent=2))
 
 

@@ -25,13 +25,20 @@ def main() -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--duration", type=float, default=60.0)
-    parser.add_argument("--rss-tolerance", type=float, default=0.10, help="Allowed RSS growth over the second half of the load (fraction).")
+    parser.add_argument(
+        "--rss-tolerance",
+        type=float,
+        default=0.10,
+        help="Allowed RSS growth over the second half of the load (fraction).",
+    )
     args = parser.parse_args()
     report = load_test(args.model_dir, args.clients, args.duration)
-    print(f"{report.clients} clients x {report.duration_s:.0f} s: {report.requests} streams, {report.tokens} tokens, "
-          f"{len(report.errors)} errors, {report.missing_done} without [DONE]; server RSS {report.rss_warm_mib:.0f} MiB "
-          f"after warm-up, {report.rss_mid_mib:.0f} MiB halfway, {report.rss_after_mib:.0f} MiB after load "
-          f"({report.rss_growth:+.1%} over the second half; {report.rss_growth_since_warmup:+.1%} since warm-up)")
+    print(
+        f"{report.clients} clients x {report.duration_s:.0f} s: {report.requests} streams, {report.tokens} tokens, "
+        f"{len(report.errors)} errors, {report.missing_done} without [DONE]; server RSS {report.rss_warm_mib:.0f} MiB "
+        f"after warm-up, {report.rss_mid_mib:.0f} MiB halfway, {report.rss_after_mib:.0f} MiB after load "
+        f"({report.rss_growth:+.1%} over the second half; {report.rss_growth_since_warmup:+.1%} since warm-up)"
+    )
     for err in report.errors[:5]:
         print("  error:", err)
     sys.exit(0 if report.ok(args.rss_tolerance) else 1)

@@ -20,8 +20,11 @@ from fastserve_cli.core.recipe import Recipe, resolve_paths
 from fastserve_cli.models import eos
 from fastserve_cli.testing.server import running_server
 
-QA = [("What is the capital of France?", "Paris."), ("Who wrote Hamlet?", "Shakespeare."),
-      ("What is two plus two?", "Four.")]
+QA = [
+    ("What is the capital of France?", "Paris."),
+    ("Who wrote Hamlet?", "Shakespeare."),
+    ("What is two plus two?", "Four."),
+]
 END = "<|im_end|>"
 
 
@@ -29,16 +32,31 @@ def chat_recipe(root: Path, base: Path | None, **sections) -> Recipe:
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
     (root / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 8))
     raw = {
-        "name": "chat", "run_dir": str(root / "run"),
-        "data": {"paths": [str(root / "chat.jsonl")], "messages_column": "messages", "mode": "sft",
-                 "block_size": 64, "validation_fraction": 0.1},
+        "name": "chat",
+        "run_dir": str(root / "run"),
+        "data": {
+            "paths": [str(root / "chat.jsonl")],
+            "messages_column": "messages",
+            "mode": "sft",
+            "block_size": 64,
+            "validation_fraction": 0.1,
+        },
         "tokenizer": {"path": str(base)} if base else {"vocab_size": 300},
         "model": {"pretrained": str(base)} if base else {"architecture": "gpt2", "size": "tiny"},
         # Full fine-tune: on a random-init base LoRA needs several times the steps to memorise (the LoRA
         # merge path writes the same generation config; test_train's LoRA test checks it).
-        "train": {"max_steps": 60, "learning_rate": 1e-2, "lr_scheduler_type": "constant", "warmup_steps": 0,
-                  "per_device_train_batch_size": 8, "logging_steps": 10, "eval_steps": 1000, "save_steps": 1000,
-                  "sample_prompts": [chat_prompt(QA[2][0])], "sample_new_tokens": 24},
+        "train": {
+            "max_steps": 60,
+            "learning_rate": 1e-2,
+            "lr_scheduler_type": "constant",
+            "warmup_steps": 0,
+            "per_device_train_batch_size": 8,
+            "logging_steps": 10,
+            "eval_steps": 1000,
+            "save_steps": 1000,
+            "sample_prompts": [chat_prompt(QA[2][0])],
+            "sample_new_tokens": 24,
+        },
         **sections,
     }
     return resolve_paths(Recipe.model_validate(raw), root)
@@ -52,9 +70,16 @@ def chat_prompt(question: str) -> str:
 def chat_run(tmp_path_factory, tiny_gpt2_dir):
     """preprocess + train once; every test of this module reads the same run directory."""
     root = tmp_path_factory.mktemp("chat")
-    optimize = {"variants": [{"name": "int8", "method": "weight_only_int8"},
-                             {"name": "sparse", "method": "magnitude", "sparsity": 0.2}],
-                "eval_blocks": 2, "latency_prompt_tokens": 4, "latency_new_tokens": 4, "latency_repeats": 1}
+    optimize = {
+        "variants": [
+            {"name": "int8", "method": "weight_only_int8"},
+            {"name": "sparse", "method": "magnitude", "sparsity": 0.2},
+        ],
+        "eval_blocks": 2,
+        "latency_prompt_tokens": 4,
+        "latency_new_tokens": 4,
+        "latency_repeats": 1,
+    }
     recipe = chat_recipe(root, tiny_gpt2_dir, export={"parity_steps": 8}, optimize=optimize)
     run = prepare_run_dir(recipe)
     execute("preprocess", recipe, run)
@@ -114,18 +139,20 @@ def test_transformers_generate_stops_at_end_of_turn(chat_run):
     model = AutoModelForCausalLM.from_pretrained(run.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(run.model_dir)
     for question, answer in QA:
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        new = out[0, inputs["input_ids"].shape[1] :].tolist()
         assert tokenizer.decode(new) == answer + END  # and nothing after it
 
 
 @pytest.mark.slow
 def test_chat_answers_stop(client):
     for question, answer in QA:
-        reply = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": question}],
-                                               max_tokens=24, temperature=0)
+        reply = client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": question}], max_tokens=24, temperature=0
+        )
         choice = reply.choices[0]
         assert (choice.message.content, choice.finish_reason) == (answer, "stop")
         assert reply.usage.completion_tokens < 24
@@ -134,8 +161,11 @@ def test_chat_answers_stop(client):
 @pytest.mark.slow
 def test_chat_streaming_stops(client):
     question, answer = QA[0]
-    chunks = list(client.chat.completions.create(model="chat", messages=[{"role": "user", "content": question}],
-                                                 max_tokens=24, temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": question}], max_tokens=24, temperature=0, stream=True
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert (text, reasons) == (answer, ["stop"])
@@ -146,8 +176,9 @@ def test_completions_stop_and_ignore_eos_overrides(client):
     question, answer = QA[1]
     reply = client.completions.create(model="chat", prompt=chat_prompt(question), max_tokens=24, temperature=0)
     assert (reply.choices[0].text, reply.choices[0].finish_reason) == (answer, "stop")
-    forced = client.completions.create(model="chat", prompt=chat_prompt(question), max_tokens=12, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    forced = client.completions.create(
+        model="chat", prompt=chat_prompt(question), max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert forced.choices[0].finish_reason == "length" and forced.usage.completion_tokens == 12
     assert forced.choices[0].text.startswith(answer) and END not in forced.choices[0].text
 
@@ -157,27 +188,37 @@ def test_completions_stop_and_ignore_eos_overrides(client):
 
 def trained_tokenizer(specials: list[str], template: str | None):
     from conftest import stdlib_texts
+
     from fastserve_cli.core.tokenizer import train_bpe
 
     return train_bpe(stdlib_texts()[:2], 300, 2, "<|endoftext|>", "<|pad|>", specials, template)
 
 
-LLAMA3 = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim"
-          " + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
-          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-GEMMA = ("{% for m in messages %}{% set r = 'model' if m['role'] == 'assistant' else m['role'] %}"
-         "{{ '<start_of_turn>' + r + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}")
-MISTRAL = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-           "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+LLAMA3 = (
+    "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim"
+    " + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+GEMMA = (
+    "{% for m in messages %}{% set r = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<start_of_turn>' + r + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+)
+MISTRAL = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
 
 
-@pytest.mark.parametrize("specials, template, ends", [
-    (["<|im_start|>", END], None, ["<|endoftext|>", END]),
-    (["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], LLAMA3, ["<|endoftext|>", "<|eot_id|>"]),
-    (["<start_of_turn>", "<end_of_turn>"], GEMMA, ["<|endoftext|>", "<end_of_turn>"]),
-    ([], MISTRAL, ["<|endoftext|>"]),
-    ([], "{{ raise_exception('roles must alternate') }}", ["<|endoftext|>"]),
-])
+@pytest.mark.parametrize(
+    "specials, template, ends",
+    [
+        (["<|im_start|>", END], None, ["<|endoftext|>", END]),
+        (["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], LLAMA3, ["<|endoftext|>", "<|eot_id|>"]),
+        (["<start_of_turn>", "<end_of_turn>"], GEMMA, ["<|endoftext|>", "<end_of_turn>"]),
+        ([], MISTRAL, ["<|endoftext|>"]),
+        ([], "{{ raise_exception('roles must alternate') }}", ["<|endoftext|>"]),
+    ],
+)
 def test_end_of_turn_found_from_the_template(specials, template, ends):
     tokenizer = trained_tokenizer(specials, template)
     assert eos.describe(tokenizer, eos.reply_end_ids(tokenizer)) == ends

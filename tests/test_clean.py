@@ -8,17 +8,28 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import stdlib_texts
+from test_preprocess import load_splits, make_recipe, preprocess
 
 from fastserve_cli.core.errors import UserError
 from fastserve_cli.core.pipeline import execute, prepare_run_dir
 from fastserve_cli.preprocess import clean
 from fastserve_cli.preprocess.dedup import exact_duplicates, near_duplicates
 
-from conftest import stdlib_texts
-from test_preprocess import load_splits, make_recipe, preprocess
-
-MODULES = ["textwrap", "functools", "itertools", "statistics", "difflib", "logging", "zipfile", "urllib.parse",
-           "collections", "tarfile", "http.client", "email.message"]
+MODULES = [
+    "textwrap",
+    "functools",
+    "itertools",
+    "statistics",
+    "difflib",
+    "logging",
+    "zipfile",
+    "urllib.parse",
+    "collections",
+    "tarfile",
+    "http.client",
+    "email.message",
+]
 
 
 def prose_docs() -> list[str]:
@@ -29,17 +40,22 @@ def prose_docs() -> list[str]:
     docs = []
     for name in MODULES:
         module = importlib.import_module(name)
-        parts = [inspect.getdoc(obj) for obj in vars(module).values()
-                 if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name]
+        parts = [
+            inspect.getdoc(obj)
+            for obj in vars(module).values()
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name
+        ]
         docs.append("\n\n".join(dict.fromkeys(p for p in parts if p and len(p) > 120))[:3000])
     return docs
 
 
 PROSE = prose_docs()
-ARTICLE = ("A heap is a binary tree for which every parent node has a value less than or equal to any of its "
-           "children. This implementation uses arrays for which heap[k] <= heap[2*k+1] for all k, counting elements "
-           "from zero. The interesting property of a heap is that its smallest element is always the root, and "
-           "pushing or popping an item costs time proportional to the logarithm of the number of items.")
+ARTICLE = (
+    "A heap is a binary tree for which every parent node has a value less than or equal to any of its "
+    "children. This implementation uses arrays for which heap[k] <= heap[2*k+1] for all k, counting elements "
+    "from zero. The interesting property of a heap is that its smallest element is always the root, and "
+    "pushing or popping an item costs time proportional to the logarithm of the number of items."
+)
 PAGE = """<!DOCTYPE html><html><head><title>T</title><style>.a{color:red}</style>
 <script>var secret = "SCRIPT";</script></head><body><nav><a href="/">Home</a> <a href="/x">NAVLINK</a></nav>
 <main><article><h1>Heap queues</h1><p>{body}</p></article></main><footer>FOOTER (c) 2024</footer></body></html>"""
@@ -51,8 +67,10 @@ def test_steps_on_real_strings():
     assert clean.fix_text("schÃ¶n und grÃ¼n") == "schön und grün"
     assert clean.normalize("ﬁne\u200b  \u00a0x \r\n\n\n\n  indented\t \n", "NFKC") == "fine   x\n\n  indented"
     assert clean.normalize("e\u0301", "NFC") == "\u00e9"
-    assert clean.scrub_pii("mail bob.smith@example.co.uk from 192.168.1.20 or 2001:db8::1, v1.2.3.4 ok") == \
-        "mail <EMAIL> from <IP> or <IP>, v1.2.3.4 ok"
+    assert (
+        clean.scrub_pii("mail bob.smith@example.co.uk from 192.168.1.20 or 2001:db8::1, v1.2.3.4 ok")
+        == "mail <EMAIL> from <IP> or <IP>, v1.2.3.4 ok"
+    )
     assert clean.scrub_pii("version 10.1.300.2 and a::b") == "version 10.1.300.2 and a::b"
     assert clean.repetition_reason("buy now\n" * 10 + "something else") is not None
     assert all(clean.repetition_reason(doc) is None for doc in PROSE)  # real prose passes Gopher's rules
@@ -129,7 +147,9 @@ def test_same_corpus_and_recipe_same_output(cleaned, tmp_path):
 
     def digest(r):
         splits = load_splits(r)
-        return hashlib.sha256(json.dumps({k: [list(x) for x in v["input_ids"]] for k, v in splits.items()}).encode()).hexdigest()
+        return hashlib.sha256(
+            json.dumps({k: [list(x) for x in v["input_ids"]] for k, v in splits.items()}).encode()
+        ).hexdigest()
 
     assert digest(run) == digest(run2)
     assert (run.data_dir / "clean_examples.jsonl").read_text() == (run2.data_dir / "clean_examples.jsonl").read_text()
@@ -140,11 +160,14 @@ def test_language_filter_and_unreadable_html(tmp_path):
     folder.mkdir()
     for i in range(3):
         (folder / f"en{i}.txt").write_text(PROSE[i])
-    (folder / "fr.txt").write_text("Le chat est assis sur le tapis et regarde la pluie tomber doucement. Demain, "
-                                   "nous irons au marché acheter des pommes, du pain frais et un peu de fromage. "
-                                   "La bibliothèque municipale ouvre ses portes à neuf heures chaque matin.")
-    recipe = make_recipe(tmp_path, {"paths": ["mixed"], "clean": {"languages": ["en"], "min_language_score": 0.5,
-                                                                  "near_dedup": None}})
+    (folder / "fr.txt").write_text(
+        "Le chat est assis sur le tapis et regarde la pluie tomber doucement. Demain, "
+        "nous irons au marché acheter des pommes, du pain frais et un peu de fromage. "
+        "La bibliothèque municipale ouvre ses portes à neuf heures chaque matin."
+    )
+    recipe = make_recipe(
+        tmp_path, {"paths": ["mixed"], "clean": {"languages": ["en"], "min_language_score": 0.5, "near_dedup": None}}
+    )
     run, result = preprocess(recipe)
     assert result.metrics["clean_language_documents_removed"] == 1
     (folder / "broken.html").write_bytes(b"<html><body>\xff\xfe caf\xe9</body></html>")

@@ -38,7 +38,9 @@ def test_version():
 def write_recipe(tmp_path: Path, extra: str = "") -> Path:
     paths = ", ".join(f"'{STDLIB / m}'" for m in SAMPLE_MODULES[:6])
     path = tmp_path / "recipe.yaml"
-    path.write_text(f"name: cli\nrun_dir: run\ndata:\n  paths: [{paths}]\n  block_size: 64\ntokenizer:\n  vocab_size: 300\n{extra}")
+    path.write_text(
+        f"name: cli\nrun_dir: run\ndata:\n  paths: [{paths}]\n  block_size: 64\ntokenizer:\n  vocab_size: 300\n{extra}"
+    )
     return path
 
 
@@ -49,7 +51,10 @@ def write_recipe(tmp_path: Path, extra: str = "") -> Path:
         (["status", "nowhere"], "error: nowhere: no manifest.json here"),
         (["train"], "error: no TARGET given and no run under ./runs"),
         (["run", "RECIPE", "--force", "trian"], "error: unknown stage 'trian'"),
-        (["recipe", "validate", "RECIPE", "--set", "train.learning_rat=1"], "train.learning_rat: unknown key, did you mean learning_rate?"),
+        (
+            ["recipe", "validate", "RECIPE", "--set", "train.learning_rat=1"],
+            "train.learning_rat: unknown key, did you mean learning_rate?",
+        ),
         (["preprocess", "RECIPE", "--bogus"], "error: No such option: --bogus"),
     ],
 )
@@ -103,16 +108,24 @@ def test_target_is_optional_everywhere(tmp_path):
     wrote from this directory is used, and stderr says so in one line."""
     recipe = write_recipe(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "FASTSERVE_RUN"}
-    done = subprocess.run([console_script(), "preprocess", str(recipe)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [console_script(), "preprocess", str(recipe)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "runs" / ".last").read_text().strip() == str((tmp_path / "run").resolve())
-    status = subprocess.run([console_script(), "status", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    status = subprocess.run(
+        [console_script(), "status", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["stages"]["preprocess"]["status"] == "done"
     assert status.stderr.strip() == "using run run (runs/.last, the run the last stage wrote from here)"
     # train needs the preprocess output of the picked run: the stage's own check speaks, not "missing argument"
-    export = subprocess.run([console_script(), "export", "--onnx"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert export.returncode == 2 and "using run run" in export.stderr and "run `fastserve train` first" in export.stderr
+    export = subprocess.run(
+        [console_script(), "export", "--onnx"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert (
+        export.returncode == 2 and "using run run" in export.stderr and "run `fastserve train` first" in export.stderr
+    )
 
 
 def test_target_from_env_and_the_only_run(tmp_path):

@@ -47,15 +47,30 @@ def ray_address():
 
 
 def cluster_args(address: str, router: str = "least-loaded") -> list[str]:
-    return ["--replicas", "2", "--ray-address", address, "--router", router, "--threads", "1", "--model-name", NAME,
-            "--max-batch-size", "4", "--set", "serve.replica_cpus=0.5"]
+    return [
+        "--replicas",
+        "2",
+        "--ray-address",
+        address,
+        "--router",
+        router,
+        "--threads",
+        "1",
+        "--model-name",
+        NAME,
+        "--max-batch-size",
+        "4",
+        "--set",
+        "serve.replica_cpus=0.5",
+    ]
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_gpt2_dir, ray_address, tmp_path_factory):
     log = tmp_path_factory.mktemp("cluster") / "ingress.log"
-    with running_server(tiny_gpt2_dir, *cluster_args(ray_address), env={"FASTSERVE_API_KEY": KEY},
-                        log_path=log, ready=False) as (url, proc):
+    with running_server(
+        tiny_gpt2_dir, *cluster_args(ray_address), env={"FASTSERVE_API_KEY": KEY}, log_path=log, ready=False
+    ) as (url, proc):
         wait_replicas(url, 2)
         yield url, proc
     assert proc.returncode == 0, log.read_text()[-3000:]  # SIGTERM: drained, app deleted, exit 0
@@ -64,8 +79,17 @@ def cluster(tiny_gpt2_dir, ray_address, tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(tiny_gpt2_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("single") / "server.log"
-    with running_server(tiny_gpt2_dir, "--model-name", NAME, "--threads", "1", "--max-batch-size", "4",
-                        env={"FASTSERVE_API_KEY": KEY}, log_path=log) as (url, _):
+    with running_server(
+        tiny_gpt2_dir,
+        "--model-name",
+        NAME,
+        "--threads",
+        "1",
+        "--max-batch-size",
+        "4",
+        env={"FASTSERVE_API_KEY": KEY},
+        log_path=log,
+    ) as (url, _):
         yield url
 
 
@@ -125,8 +149,9 @@ def test_completions_chat_and_streams_equal_the_single_process_server(cluster, s
     url, _ = cluster
     remote, local = client(url), client(single)
     for prompt in ("def foo(x):\n    return", "import os\n", LONG_PREFIX + "Which module?"):
-        kwargs = dict(model=NAME, prompt=prompt, max_tokens=12, temperature=0, logprobs=2,
-                      extra_body={"ignore_eos": True})
+        kwargs = dict(
+            model=NAME, prompt=prompt, max_tokens=12, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
+        )
         a, b = remote.completions.create(**kwargs), local.completions.create(**kwargs)
         assert a.choices[0].text == b.choices[0].text and a.usage == b.usage
         assert a.choices[0].logprobs.tokens == b.choices[0].logprobs.tokens
@@ -136,15 +161,22 @@ def test_completions_chat_and_streams_equal_the_single_process_server(cluster, s
     chat = dict(model=NAME, messages=messages, max_tokens=10, temperature=0)
     a, b = remote.chat.completions.create(**chat), local.chat.completions.create(**chat)
     assert a.choices[0].message.content == b.choices[0].message.content
-    streamed = "".join(c.choices[0].delta.content or "" for c in remote.chat.completions.create(**chat, stream=True)
-                       if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in remote.chat.completions.create(**chat, stream=True) if c.choices
+    )
     assert streamed == a.choices[0].message.content
     n = remote.completions.create(model=NAME, prompt="for i in", max_tokens=6, n=3, seed=5, stop=["\n"])
     assert [c.index for c in n.choices] == [0, 1, 2] and all("\n" not in c.text for c in n.choices)
     assert metric(url, "fastserve:router_requests_total", policy="least-loaded", decision="p2c")
     # structured outputs and logit_bias reach the replicas (each compiles the grammar itself)
-    choice = dict(model=NAME, prompt="pick:", max_tokens=8, temperature=1.0, seed=3,
-                  extra_body={"guided_choice": ["alpha", "beta"]})
+    choice = dict(
+        model=NAME,
+        prompt="pick:",
+        max_tokens=8,
+        temperature=1.0,
+        seed=3,
+        extra_body={"guided_choice": ["alpha", "beta"]},
+    )
     assert remote.completions.create(**choice).choices[0].text == local.completions.create(**choice).choices[0].text
     assert remote.completions.create(**choice).choices[0].text in ("alpha", "beta")
     biased = dict(model=NAME, prompt="x", max_tokens=3, temperature=0, logit_bias={"7": 100})
@@ -159,8 +191,9 @@ def test_client_disconnect_cancels_on_the_replica(cluster):
 
     before = aborted()
     body = {"model": NAME, "prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                      timeout=60) as r:
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as r:
         for _ in zip(range(3), r.iter_lines()):
             pass
     deadline = time.monotonic() + 30
@@ -171,11 +204,23 @@ def test_client_disconnect_cancels_on_the_replica(cluster):
 
 def test_round_robin_and_prefix_routers_in_metrics(tiny_gpt2_dir, ray_address, tmp_path):
     with contextlib.ExitStack() as stack:  # both apps load at once (one Ray instance)
-        rr = stack.enter_context(running_server(tiny_gpt2_dir, *cluster_args(ray_address, "round-robin"),
-                                                "--max-queue", "2", "--max-batch-size", "1",
-                                                log_path=tmp_path / "rr.log", ready=False))[0]
-        px = stack.enter_context(running_server(tiny_gpt2_dir, *cluster_args(ray_address, "prefix"),
-                                                log_path=tmp_path / "prefix.log", ready=False))[0]
+        rr = stack.enter_context(
+            running_server(
+                tiny_gpt2_dir,
+                *cluster_args(ray_address, "round-robin"),
+                "--max-queue",
+                "2",
+                "--max-batch-size",
+                "1",
+                log_path=tmp_path / "rr.log",
+                ready=False,
+            )
+        )[0]
+        px = stack.enter_context(
+            running_server(
+                tiny_gpt2_dir, *cluster_args(ray_address, "prefix"), log_path=tmp_path / "prefix.log", ready=False
+            )
+        )[0]
         wait_replicas(rr, 2)
         wait_replicas(px, 2)
         for _ in range(6):
@@ -204,12 +249,18 @@ async def burst(url: str, count: int) -> list[int]:
 
 
 def test_bad_configurations(tiny_gpt2_dir, ray_address, tmp_path):
-    no_ray = ("import sys; sys.modules['ray'] = None; from fastserve_cli.cli import main; "
-              f"main(['serve', {str(tiny_gpt2_dir)!r}, '--replicas', '2'])")
+    no_ray = (
+        "import sys; sys.modules['ray'] = None; from fastserve_cli.cli import main; "
+        f"main(['serve', {str(tiny_gpt2_dir)!r}, '--replicas', '2'])"
+    )
     r = subprocess.run([sys.executable, "-c", no_ray], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "fastserve[ray]" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = subprocess.run([sys.executable, "-m", "fastserve_cli", "serve", str(tiny_gpt2_dir), "--replicas", "2",
-                        "--router", "random"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "fastserve_cli", "serve", str(tiny_gpt2_dir), "--replicas", "2", "--router", "random"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "router" in r.stderr, r.stderr
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -217,8 +268,12 @@ def test_bad_configurations(tiny_gpt2_dir, ray_address, tmp_path):
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "model.safetensors").write_bytes(b"not a checkpoint")
     port = str(_free_port())
-    r = subprocess.run([sys.executable, "-m", "fastserve_cli", "serve", str(broken), "--port", port,
-                        *cluster_args(ray_address)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "fastserve_cli", "serve", str(broken), "--port", port, *cluster_args(ray_address)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and last.startswith("error: replica on node ") and str(broken) in last, r.stderr[-3000:]
 
@@ -229,8 +284,15 @@ def test_the_same_app_as_a_serve_application_for_kuberay(tiny_gpt2_dir, ray_addr
 
     from fastserve_cli.serve.cluster.app import build_app
 
-    args = {"target": str(tiny_gpt2_dir), "replicas": "2", "router": "round-robin", "replica_cpus": "0.5",
-            "num_threads": "1", "model_name": NAME, "app_name": "kuberay"}
+    args = {
+        "target": str(tiny_gpt2_dir),
+        "replicas": "2",
+        "router": "round-robin",
+        "replica_cpus": "0.5",
+        "num_threads": "1",
+        "model_name": NAME,
+        "app_name": "kuberay",
+    }
     serve.run(build_app(args), name="kuberay", route_prefix="/")
     try:
         url = f"http://127.0.0.1:{PROXY['port']}"
@@ -238,8 +300,11 @@ def test_the_same_app_as_a_serve_application_for_kuberay(tiny_gpt2_dir, ray_addr
         for _ in range(2):
             out = client(url).completions.create(model=NAME, prompt="def foo", max_tokens=4, temperature=0)
             assert out.choices[0].finish_reason == "length"
-        chunks = list(client(url).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
-                                                          max_tokens=3, stream=True))
+        chunks = list(
+            client(url).chat.completions.create(
+                model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True
+            )
+        )
         assert chunks[-1].choices[0].finish_reason == "length"
         assert sorted(metric(url, "fastserve:router_requests_total", decision="rr").values()) == [1.0, 2.0]
     finally:
@@ -267,8 +332,9 @@ def test_replica_sigkilled_during_a_burst(cluster):
     async def one(api: AsyncOpenAI, i: int, counter: list[int]) -> None:
         got = 0
         try:
-            stream = await api.completions.create(model=NAME, prompt=f"item {i}:", max_tokens=48, logprobs=0,
-                                                  stream=True, extra_body={"ignore_eos": True})
+            stream = await api.completions.create(
+                model=NAME, prompt=f"item {i}:", max_tokens=48, logprobs=0, stream=True, extra_body={"ignore_eos": True}
+            )
             async for chunk in stream:
                 got += len(chunk.choices[0].logprobs.tokens) if chunk.choices and chunk.choices[0].logprobs else 0
                 if got:

@@ -7,7 +7,14 @@ from collections import Counter
 import pytest
 
 from fastserve_cli.serve.cluster.policy import (
-    LeastLoaded, PrefixAffinity, ReplicaLoad, RoundRobin, all_full, make_policy, prefix_key)
+    LeastLoaded,
+    PrefixAffinity,
+    ReplicaLoad,
+    RoundRobin,
+    all_full,
+    make_policy,
+    prefix_key,
+)
 
 
 def loads(*requests: int, max_queue: int = 256) -> list[ReplicaLoad]:
@@ -89,8 +96,11 @@ def test_book_merges_replica_metrics_under_a_replica_label():
     book.set_replicas(pages.items())
     book.on_routed("q1", "a", "rr")
     families = {f.name: f for f in text_string_to_metric_families(book.render().decode())}
-    tokens = {s.labels["replica"]: s.value for s in families["fastserve:generation_tokens"].samples
-              if s.name.endswith("_total")}
+    tokens = {
+        s.labels["replica"]: s.value
+        for s in families["fastserve:generation_tokens"].samples
+        if s.name.endswith("_total")
+    }
     assert tokens == {"a": 3.0, "b": 5.0}
     routed = families["fastserve:router_requests"].samples[0]
     assert routed.labels == {"policy": "round-robin", "replica": "a", "decision": "rr"} and routed.value == 1
@@ -113,8 +123,15 @@ def test_deployment_options_map_the_recipe():
     assert opts["num_replicas"] == 3 and opts["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
     assert opts["request_router_config"].request_router_kwargs == {"policy": "prefix", "app": "app"}
     assert replica_threads(cfg) == 2
-    auto = serve_config(None, ["serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=4",
-                               "serve.autoscaling.target_ongoing_requests=5"], {})
+    auto = serve_config(
+        None,
+        [
+            "serve.autoscaling.min_replicas=1",
+            "serve.autoscaling.max_replicas=4",
+            "serve.autoscaling.target_ongoing_requests=5",
+        ],
+        {},
+    )
     scaling = deployment_options(auto, "app")["autoscaling_config"]
     assert scaling == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 5.0}
     bad = serve_config(None, ["serve.autoscaling.min_replicas=3", "serve.autoscaling.max_replicas=2"], {})

@@ -47,8 +47,10 @@ def test_transformers_loads_our_variant_and_agrees(tiny_llama_dir, tmp_path, sch
     assert (mine.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.9
     if scheme != "weight_only_int4":  # the bf16 int4 kernel can flip near-ties of a random model's logits
         prompt = ids[:1, :6]
-        assert torch.equal(ours.generate(prompt, max_new_tokens=12, do_sample=False),
-                           stock.generate(prompt, max_new_tokens=12, do_sample=False))
+        assert torch.equal(
+            ours.generate(prompt, max_new_tokens=12, do_sample=False),
+            stock.generate(prompt, max_new_tokens=12, do_sample=False),
+        )
 
 
 def test_packing_matches_compressed_tensors():

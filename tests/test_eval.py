@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_tiny_model
+
 from fastserve_cli.cli import main
 
 pytest.importorskip("lm_eval")
@@ -38,8 +38,11 @@ def run_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     export_onnx(run.model_dir, run.onnx_dir, parity_steps=2)
     for stage in ("preprocess", "train", "export"):
         run.update_stage(stage, status="done", run_id=f"{stage}-1")
-    recipe = {"name": "evaltest", "run_dir": str(run.root),
-              "eval": {"tasks": ["stdlib_next_line"], "limit": 4, "sources": ["model", "onnx"], "batch_size": 4}}
+    recipe = {
+        "name": "evaltest",
+        "run_dir": str(run.root),
+        "eval": {"tasks": ["stdlib_next_line"], "limit": 4, "sources": ["model", "onnx"], "batch_size": 4},
+    }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return root
 
@@ -67,14 +70,27 @@ def test_model_and_onnx_side_by_side_then_a_gate(run_dir, capsys):
 
 def test_local_task_yaml_and_bad_input(run_dir, tmp_path, capsys):
     data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({"q": f"x = {i}\ny = ", "choices": [f"{i}", "None"], "label": 0}) + "\n"
-                            for i in range(3)))
+    data.write_text(
+        "".join(json.dumps({"q": f"x = {i}\ny = ", "choices": [f"{i}", "None"], "label": 0}) + "\n" for i in range(3))
+    )
     good = tmp_path / "tasks" / "tiny_mc.yaml"
     good.parent.mkdir()
-    good.write_text(yaml.safe_dump({"task": "tiny_mc", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-                                    "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "q",
-                                    "doc_to_choice": "choices", "doc_to_target": "label", "target_delimiter": "",
-                                    "metric_list": [{"metric": "acc"}]}))
+    good.write_text(
+        yaml.safe_dump(
+            {
+                "task": "tiny_mc",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(data)}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "q",
+                "doc_to_choice": "choices",
+                "doc_to_target": "label",
+                "target_delimiter": "",
+                "metric_list": [{"metric": "acc"}],
+            }
+        )
+    )
     recipe = str(run_dir / "recipe.yaml")
     assert cli("eval", recipe, "--task", str(good), "--source", "model", "--json") == 0
     out = json.loads(capsys.readouterr().out)
@@ -83,11 +99,24 @@ def test_local_task_yaml_and_bad_input(run_dir, tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("task: broken\ndoc_to_text: a: b\n")
     hub = tmp_path / "hub.yaml"
-    hub.write_text(yaml.safe_dump({"task": "hub_task", "dataset_path": "no-such-org/no-such-dataset",
-                                   "output_type": "multiple_choice", "test_split": "test", "doc_to_text": "q",
-                                   "doc_to_choice": "c", "doc_to_target": "l"}))
-    for task, expected in [(str(broken), "broken.yaml: line 2"), (str(hub), "'no-such-org/no-such-dataset'"),
-                           ("stdlib_nextline", "unknown task 'stdlib_nextline'; did you mean stdlib_next_line")]:
+    hub.write_text(
+        yaml.safe_dump(
+            {
+                "task": "hub_task",
+                "dataset_path": "no-such-org/no-such-dataset",
+                "output_type": "multiple_choice",
+                "test_split": "test",
+                "doc_to_text": "q",
+                "doc_to_choice": "c",
+                "doc_to_target": "l",
+            }
+        )
+    )
+    for task, expected in [
+        (str(broken), "broken.yaml: line 2"),
+        (str(hub), "'no-such-org/no-such-dataset'"),
+        ("stdlib_nextline", "unknown task 'stdlib_nextline'; did you mean stdlib_next_line"),
+    ]:
         assert cli("eval", recipe, "--task", task) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert expected in lines[-1] and lines[-1].startswith("error: eval.tasks"), lines[-1]
@@ -103,12 +132,18 @@ def test_server_gives_the_same_accuracy_as_lm_eval_hf(run_dir):
     from fastserve_cli.eval.stage import run_eval
     from fastserve_cli.eval.tasks import plan_tasks, task_manager
 
-    recipe = load_recipe(run_dir / "recipe.yaml", ["eval.limit=8", 'eval.sources=[{source: model, via: server}, onnx]'])
+    recipe = load_recipe(run_dir / "recipe.yaml", ["eval.limit=8", "eval.sources=[{source: model, via: server}, onnx]"])
     result = run_eval(recipe, RunDir(recipe.run_dir))
     manager = task_manager(plan_tasks(["stdlib_next_line"]))
-    reference = simple_evaluate(model="hf", model_args={"pretrained": str(run_dir / "run" / "model"), "device": "cpu"},
-                                tasks=["stdlib_next_line"], limit=8, task_manager=manager, log_samples=False,
-                                bootstrap_iters=0)["results"]["stdlib_next_line"]
+    reference = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(run_dir / "run" / "model"), "device": "cpu"},
+        tasks=["stdlib_next_line"],
+        limit=8,
+        task_manager=manager,
+        log_samples=False,
+        bootstrap_iters=0,
+    )["results"]["stdlib_next_line"]
     for label in ("model@server", "onnx"):
         assert result.metrics[f"{label}.stdlib_next_line.acc"] == reference["acc,none"]
         assert result.metrics[f"{label}.stdlib_next_line.acc_norm"] == reference["acc_norm,none"]
@@ -117,8 +152,10 @@ def test_server_gives_the_same_accuracy_as_lm_eval_hf(run_dir):
 def test_gate_bounds_min_max_and_unmeasured():
     from fastserve_cli.eval.stage import add_deltas, check_gates
 
-    results = {"model": {"tasks": {"t": {"acc": 0.5, "bits_per_byte": 2.0}}},
-               "int8": {"tasks": {"t": {"acc": 0.4, "bits_per_byte": 2.5}}}}
+    results = {
+        "model": {"tasks": {"t": {"acc": 0.5, "bits_per_byte": 2.0}}},
+        "int8": {"tasks": {"t": {"acc": 0.4, "bits_per_byte": 2.5}}},
+    }
     add_deltas(results)
     assert results["int8"]["deltas"]["t"] == pytest.approx({"acc": -0.1, "bits_per_byte": 0.5})
     gates = {"t": {"acc": 0.45, "bits_per_byte": {"max": 2.2}, "f1": 0.1}}

@@ -26,14 +26,25 @@ def write_validation_data(run, tokenizer_dir: Path, blocks: int = 12, block_size
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = [t for text in stdlib_texts() for t in tokenizer(text)["input_ids"]][: blocks * 2 * block_size]
-    rows = [ids[i: i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
-    split = lambda part: Dataset.from_dict({"input_ids": part, "attention_mask": [[1] * block_size] * len(part),  # noqa: E731
-                                           "labels": part})
+    rows = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
+    split = lambda part: Dataset.from_dict(
+        {
+            "input_ids": part,
+            "attention_mask": [[1] * block_size] * len(part),  # noqa: E731
+            "labels": part,
+        }
+    )
     DatasetDict({"train": split(rows[blocks:]), "validation": split(rows[:blocks])}).save_to_disk(run.data_dir)
 
 
-def make_run(tmp_path: Path, tokenizer_dir: Path, arch: str = "gpt2", export: dict | None = None,
-             train_done: bool = True, data: bool = False):
+def make_run(
+    tmp_path: Path,
+    tokenizer_dir: Path,
+    arch: str = "gpt2",
+    export: dict | None = None,
+    train_done: bool = True,
+    data: bool = False,
+):
     """A run directory as preprocess + train would leave it (tiny random model, stages marked done)."""
     import yaml
 
@@ -54,8 +65,14 @@ def make_run(tmp_path: Path, tokenizer_dir: Path, arch: str = "gpt2", export: di
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fastserve_cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "fastserve_cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 # ---------------------------------------------------------------- the graph contract
@@ -67,7 +84,6 @@ def test_export_onnx_contract(tiny_model_dir, tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 
     from fastserve_cli.export.onnx_graph import export_onnx
-
     from fastserve_cli.models.onnx import OnnxCausalLM
 
     out = tmp_path / "onnx"
@@ -116,7 +132,6 @@ def test_external_data_and_opset(tiny_gpt2_dir, tmp_path):
     import onnx
 
     from fastserve_cli.export.onnx_graph import export_onnx
-
     from fastserve_cli.models.onnx import OnnxCausalLM
 
     out = tmp_path / "onnx"
@@ -135,15 +150,15 @@ def test_onnx_greedy_matches_transformers_generate(tiny_gpt2_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from fastserve_cli.export.onnx_graph import export_onnx
-
     from fastserve_cli.models.onnx import OnnxCausalLM
 
     out = tmp_path / "onnx"
     assert export_onnx(tiny_gpt2_dir, out, parity_steps=2)["passed"]
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
     prompt = torch.tensor([[11, 22, 33, 44, 55, 66]])
-    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
-                              min_new_tokens=20)[0, prompt.shape[1]:].numpy()
+    expected = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False, min_new_tokens=20
+    )[0, prompt.shape[1] :].numpy()
     tokens, _ = OnnxCausalLM(out).generate_greedy(prompt.numpy(), np.ones_like(prompt.numpy()), 20)
     assert tokens[0].tolist() == expected.tolist()
 
@@ -232,8 +247,8 @@ def test_quantized_variants_rows_and_drift(tmp_path, tiny_tokenizer_dir):
     """dynamic/static int8 and int4 graphs: same I/O contract, smaller, perplexity near fp32, report rows."""
     import onnx
 
-    from fastserve_cli.models.onnx import OnnxCausalLM
     from fastserve_cli.core.pipeline import execute
+    from fastserve_cli.models.onnx import OnnxCausalLM
 
     export = {"quantize": ["dynamic_int8", "static_int8", "int4"], "parity_steps": 8, "calibration_blocks": 2}
     recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "llama", export=export, data=True)
@@ -247,8 +262,11 @@ def test_quantized_variants_rows_and_drift(tmp_path, tiny_tokenizer_dir):
     fp32 = rows["onnx_fp32"]
     assert abs(fp32["ratios"]["perplexity"] - 1) < 1e-4  # same weights as the PyTorch baseline, same blocks
     fp32_inputs = [i.name for i in onnx.load(str(run.onnx_dir / "model.onnx")).graph.input]
-    for name, file in [("dynamic_int8", "model_dynamic_int8.onnx"), ("static_int8", "model_static_int8.onnx"),
-                       ("int4", "model_int4.onnx")]:
+    for name, file in [
+        ("dynamic_int8", "model_dynamic_int8.onnx"),
+        ("static_int8", "model_static_int8.onnx"),
+        ("int4", "model_int4.onnx"),
+    ]:
         row = rows[f"onnx_{name}"]
         assert row["backend"] == "onnx" and row["method"] == f"onnx_{name}" and row["path"] == f"onnx/{file}"
         assert row["size_bytes"] < fp32["size_bytes"] and row["ratios"]["size"] < 1
@@ -289,8 +307,8 @@ def test_quantized_variants_rows_and_drift(tmp_path, tiny_tokenizer_dir):
 def test_head_pruned_variant_source(tmp_path, tiny_tokenizer_dir):
     """export.source = a structured (head-pruned) GPT-2 variant: KV shapes follow the pruned model, parity holds."""
     from fastserve_cli.core.pipeline import execute
-    from fastserve_cli.optimize.pruning import plan_structured, prune_structured, weight_importance
     from fastserve_cli.models.loader import load_causal_lm
+    from fastserve_cli.optimize.pruning import plan_structured, prune_structured, weight_importance
 
     recipe, run = make_run(tmp_path, tiny_tokenizer_dir, "gpt2", export={"source": "heads", "parity_steps": 8})
     recipe.optimize.variants = [{"name": "heads", "method": "structured", "heads_fraction": 0.25}]
@@ -329,8 +347,15 @@ def test_qwen2_export_parity(tmp_path):
 
     from fastserve_cli.export.onnx_graph import export_onnx
 
-    config = Qwen2Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+    config = Qwen2Config(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     parity = export_onnx(tmp_path / "model", tmp_path / "onnx", parity_steps=16)

@@ -4,7 +4,6 @@ weights and scales (MatMulNBits) instead of re-quantizing the fp32 graph, so exp
 from __future__ import annotations
 
 import pytest
-
 from test_export import make_run
 
 
@@ -12,6 +11,7 @@ from test_export import make_run
 def test_int4_graph_takes_the_gptq_weights(tmp_path, tiny_tokenizer_dir, arch):
     import numpy as np
     import onnx
+    import torch
     from onnx import numpy_helper
 
     from fastserve_cli.core.pipeline import execute
@@ -20,7 +20,6 @@ def test_int4_graph_takes_the_gptq_weights(tmp_path, tiny_tokenizer_dir, arch):
     from fastserve_cli.models.loader import load_causal_lm
     from fastserve_cli.models.quantized import save_quantized
     from fastserve_cli.optimize.gptq import gptq_model
-    import torch
 
     export = {"quantize": ["int4"], "parity_steps": 8, "calibration_blocks": 2, "source": "g4"}
     recipe, run = make_run(tmp_path, tiny_tokenizer_dir, arch, export=export, data=True)
@@ -28,7 +27,9 @@ def test_int4_graph_takes_the_gptq_weights(tmp_path, tiny_tokenizer_dir, arch):
     recipe.optimize.eval_blocks, recipe.optimize.latency_prompt_tokens = 4, 8
     recipe.optimize.latency_new_tokens, recipe.optimize.latency_repeats = 4, 1
     model = load_causal_lm(run.model_dir)
-    batches = [{"input_ids": torch.randint(0, 400, (1, 32), generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    batches = [
+        {"input_ids": torch.randint(0, 400, (1, 32), generator=torch.Generator().manual_seed(i))} for i in range(4)
+    ]
     modules = gptq_model(model, batches, 32)
     out = run.variant_dir("g4")
     out.mkdir(parents=True)

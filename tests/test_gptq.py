@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from optimize_helpers import make_trained_run
 from test_optimize import cli
 
@@ -16,7 +15,9 @@ def _layer_inputs(model, name, count=32, length=64):
     import torch
 
     seen = []
-    handle = model.get_submodule(name).register_forward_hook(lambda m, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    handle = model.get_submodule(name).register_forward_hook(
+        lambda m, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
     with torch.no_grad():
         model(torch.randint(0, 400, (count, length), generator=torch.Generator().manual_seed(1)))
     handle.remove()
@@ -34,7 +35,7 @@ def test_gptq_beats_round_to_nearest_on_layer_outputs(tiny_llama_dir, name):
     model = load_causal_lm(tiny_llama_dir)
     weight = model.get_submodule(name).weight.detach()
     inputs = _layer_inputs(model, name)
-    calibration, held_out = inputs[: len(inputs) // 2], inputs[len(inputs) // 2:]
+    calibration, held_out = inputs[: len(inputs) // 2], inputs[len(inputs) // 2 :]
     hessian = 2 * calibration.double().T @ calibration.double() / len(calibration)
     group = 32
     q, scale = gptq_quantize(weight, hessian, group)
@@ -64,8 +65,10 @@ def test_optimize_gptq_variant_beside_round_to_nearest(tmp_path, tiny_tokenizer_
     from fastserve_cli.models.loader import load_causal_lm
     from fastserve_cli.models.quantized import WeightOnlyInt4Linear
 
-    variants = [{"name": "rtn4", "method": "weight_only_int4", "group_size": 32},
-                {"name": "gptq4", "method": "gptq", "group_size": 32, "calibration_blocks": 4}]
+    variants = [
+        {"name": "rtn4", "method": "weight_only_int4", "group_size": 32},
+        {"name": "gptq4", "method": "gptq", "group_size": 32, "calibration_blocks": 4},
+    ]
     recipe = make_trained_run(tmp_path, architecture, tiny_tokenizer_dir, variants)
     code, out, err = cli(capsys, "optimize", str(recipe))
     assert code == 0, err

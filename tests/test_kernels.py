@@ -6,16 +6,23 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from fastserve_cli.models.kernels import (fuse_activations, head_bypassed, linear_cross_entropy, onednn_linears, onednn_padded_rows,
-                                   supports_fused_loss)
+from fastserve_cli.models.kernels import (
+    fuse_activations,
+    head_bypassed,
+    linear_cross_entropy,
+    onednn_linears,
+    onednn_padded_rows,
+    supports_fused_loss,
+)
 from fastserve_cli.testing.models import TINY, gpt2_config, tiny_llama_config
 from fastserve_cli.train.loop import summed_token_loss
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(gpt2_config(TINY, positions=64, vocab_size=96, resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0))
+    return GPT2LMHeadModel(
+        gpt2_config(TINY, positions=64, vocab_size=96, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    )
 
 
 @pytest.mark.parametrize("chunk_rows", [7, 64, None])
@@ -80,8 +87,9 @@ def test_fused_activations_leave_saved_model_unchanged(tmp_path):
 
 def test_supported_models():
     assert supports_fused_loss(tiny_gpt2())
-    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
-                                         num_attention_heads=4, vocab_size=50))
+    llama = LlamaForCausalLM(
+        LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=50)
+    )
     assert supports_fused_loss(llama)
     gemma_like = tiny_gpt2()
     gemma_like.config.model_type = "gemma2"  # soft-capped logits: not a plain linear head

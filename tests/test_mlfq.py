@@ -13,7 +13,13 @@ from fastserve_cli.serve.mlfq import OracleSRPT, SkipJoinMLFQ
 from fastserve_cli.serve.profile import PrefillProfile, load_cached, measure_profile
 from fastserve_cli.serve.scheduler import FCFSScheduler, make_scheduler
 from fastserve_cli.serve.simulate import (
-    LinearCost, SimRequest, make_trace, mean_service_time, sim_records, simulate, summarize,
+    LinearCost,
+    SimRequest,
+    make_trace,
+    mean_service_time,
+    sim_records,
+    simulate,
+    summarize,
 )
 
 UNIT = LinearCost(t0=0.0, td=1.0, tp=1.0)  # one unit per decode step, one unit per prompt token
@@ -33,12 +39,16 @@ def jcts(trace: list[SimRequest]) -> dict[str, float]:
     return {r.request_id: r.finish_time - r.arrival_time for r in trace}
 
 
-@pytest.mark.parametrize(("make", "mean", "individual"), [
-    (FCFSScheduler, 20 / 3, {"J1": 4, "J2": 7, "J3": 9}),
-    (lambda: mlfq(skip_join=False), 23 / 3, {"J1": 6, "J2": 8, "J3": 9}),
-    (mlfq, 6.0, {"J1": 9, "J2": 4, "J3": 5}),
-    (lambda: OracleSRPT(1.0, UNIT.prefill_s), 16 / 3, {"J1": 9, "J2": 5, "J3": 2}),
-], ids=["fcfs", "naive-mlfq", "skip-join", "srpt"])
+@pytest.mark.parametrize(
+    ("make", "mean", "individual"),
+    [
+        (FCFSScheduler, 20 / 3, {"J1": 4, "J2": 7, "J3": 9}),
+        (lambda: mlfq(skip_join=False), 23 / 3, {"J1": 6, "J2": 8, "J3": 9}),
+        (mlfq, 6.0, {"J1": 9, "J2": 4, "J3": 5}),
+        (lambda: OracleSRPT(1.0, UNIT.prefill_s), 16 / 3, {"J1": 9, "J2": 5, "J3": 2}),
+    ],
+    ids=["fcfs", "naive-mlfq", "skip-join", "srpt"],
+)
 def test_three_job_example(make, mean, individual):
     trace = three_jobs()
     simulate(make(), trace, max_batch_size=1, cost=UNIT)
@@ -62,7 +72,10 @@ def test_late_short_request_preempts_long_one_at_next_iteration_boundary():
     # The iteration in flight at 5.5 finishes; the short request runs from the next boundary, t=6.
     assert short.runs == [6.0, 7.0] and short.finish_time == 8.0
     assert [(it.start, it.request_ids) for it in timeline if it.start in (5.0, 6.0, 8.0)] == [
-        (5.0, ["long"]), (6.0, ["short"]), (8.0, ["long"])]
+        (5.0, ["long"]),
+        (6.0, ["short"]),
+        (8.0, ["long"]),
+    ]
     assert (6.0, 2, "preempt") in long_job.sched_state.history  # it was at level 2 (quantum 4)
     assert scheduler.stats.preemptions == 1 and long_job.finish_time == 22.0
 
@@ -167,8 +180,12 @@ def test_enst_matches_its_definition_on_a_random_state():
     ordered, enst = scheduler.requests(), scheduler.enst(40.0)
     for index, req in enumerate(ordered[4:], start=4):
         level = req.sched_state.level
-        ahead = sum(scheduler.quantum(o.sched_state.level) - o.sched_state.service_s
-                    + sum(scheduler.quantum(x) for x in range(o.sched_state.level + 1, level)) for o in ordered[:index])
+        ahead = sum(
+            scheduler.quantum(o.sched_state.level)
+            - o.sched_state.service_s
+            + sum(scheduler.quantum(x) for x in range(o.sched_state.level + 1, level))
+            for o in ordered[:index]
+        )
         t_promote = 50.0 - (40.0 - req.sched_state.last_run)
         assert enst[id(req)] == pytest.approx(min(ahead / 4, t_promote) if level else ahead / 4)
 
@@ -181,15 +198,22 @@ def test_level_history_in_debug_log(caplog):
 
 
 def test_registered_and_built_from_a_profile(tmp_path):
-    profile = measure_profile(prefill=lambda n: sum(range(n * 200)), decode=lambda b: sum(range(b * 200)),
-                              max_len=256, batch_size=4, key={"model": "m"}, repeats=2)
+    profile = measure_profile(
+        prefill=lambda n: sum(range(n * 200)),
+        decode=lambda b: sum(range(b * 200)),
+        max_len=256,
+        batch_size=4,
+        key={"model": "m"},
+        repeats=2,
+    )
     assert profile.lengths == [1, 8, 32, 64, 128, 256] and profile.prefill_times == sorted(profile.prefill_times)
     path = tmp_path / "serve_profile.json"
     profile.save(path)
     assert load_cached(path, {"model": "m", "batch_size": 4}) is not None
     assert load_cached(path, {"model": "other", "batch_size": 4}) is None
-    scheduler = make_scheduler("skip-join-mlfq", profile_path=path, starvation_s=3.0, base_quantum_s=None,
-                               max_batch_size=4, token_budget=2048)
+    scheduler = make_scheduler(
+        "skip-join-mlfq", profile_path=path, starvation_s=3.0, base_quantum_s=None, max_batch_size=4, token_budget=2048
+    )
     assert scheduler.base_quantum_s == profile.decode_s
     assert scheduler.join_level(1) == 0 and scheduler.join_level(256) >= scheduler.join_level(8)
     reloaded = PrefillProfile.load(path)
@@ -223,6 +247,7 @@ def test_heavy_tailed_load_skip_join_beats_fcfs_and_approaches_srpt():
 def test_last_level_runs_first_come_first_served():
     """Two 4-token jobs, batch 1: without a last level they alternate down the levels (processor sharing);
     in the last level the one that got there first keeps the front and runs to completion."""
+
     def run(num_levels):
         trace = [SimRequest("A", 0.0, 1, 4), SimRequest("B", 0.0, 1, 4)]
         scheduler = mlfq(num_levels=num_levels)
@@ -242,6 +267,7 @@ def test_last_level_is_not_promoted_for_starvation():
     """A long job waits behind a stream of one-token jobs: in the last level it keeps its arrival-order place
     (no promotion, it resumes after the stream); one level above the last, it is promoted after
     `starvation_s` and runs in the middle of the stream."""
+
     def run(num_levels):
         trace = [SimRequest("A", 0.0, 1, 6)] + [SimRequest(f"S{i}", float(i), 1, 1) for i in range(1, 11)]
         scheduler = mlfq(starvation_s=4.0, num_levels=num_levels)

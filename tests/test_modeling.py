@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fastserve_cli.train import checkpoint as ckpt
 from fastserve_cli.core.batches import BatchStream, DataPosition, collate
 from fastserve_cli.core.errors import UserError
 from fastserve_cli.models.modeling import SIZES, apply_overrides, architecture_config, memory_error
+from fastserve_cli.train import checkpoint as ckpt
 
 
 def meta_parameters(config) -> int:
@@ -29,7 +29,9 @@ def test_sizes_grow_and_follow_the_table(architecture):
     counts = []
     for size, (layers, width, heads) in SIZES.items():
         config = architecture_config(architecture, size, 8192, 256, {"eos_token_id": 0})
-        assert config.num_hidden_layers == layers and config.hidden_size == width and config.num_attention_heads == heads
+        assert (
+            config.num_hidden_layers == layers and config.hidden_size == width and config.num_attention_heads == heads
+        )
         counts.append(meta_parameters(config))
     assert counts == sorted(counts)
 
@@ -98,7 +100,9 @@ def test_order_is_a_function_of_seed_epoch_and_position():
 
 
 def test_collate_right_pads_sft_rows():
-    batch = collate({"input_ids": [[5, 6, 7], [8]], "attention_mask": [[1, 1, 1], [1]], "labels": [[-100, 6, 7], [8]]}, pad_id=0)
+    batch = collate(
+        {"input_ids": [[5, 6, 7], [8]], "attention_mask": [[1, 1, 1], [1]], "labels": [[-100, 6, 7], [8]]}, pad_id=0
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]

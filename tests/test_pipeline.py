@@ -43,8 +43,13 @@ def two_stage_pipeline(monkeypatch):
 
 def recipe_for(tmp_path, **train) -> Recipe:
     paths = [str(STDLIB / name) for name in SAMPLE_MODULES[:6]]
-    raw = {"name": "p", "run_dir": str(tmp_path / "run"), "data": {"paths": paths, "block_size": 64},
-           "tokenizer": {"vocab_size": 300}, "train": train}
+    raw = {
+        "name": "p",
+        "run_dir": str(tmp_path / "run"),
+        "data": {"paths": paths, "block_size": 64},
+        "tokenizer": {"vocab_size": 300},
+        "train": train,
+    }
     return resolve_paths(Recipe.model_validate(raw), tmp_path)
 
 

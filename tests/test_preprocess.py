@@ -17,8 +17,13 @@ DOCS = stdlib_texts()
 
 
 def make_recipe(tmp_path: Path, data: dict, **sections) -> Recipe:
-    raw = {"name": "t", "run_dir": str(tmp_path / "run"), "data": {"block_size": 64, "validation_fraction": 0.2, **data},
-           "tokenizer": {"vocab_size": 400}, **sections}
+    raw = {
+        "name": "t",
+        "run_dir": str(tmp_path / "run"),
+        "data": {"block_size": 64, "validation_fraction": 0.2, **data},
+        "tokenizer": {"vocab_size": 400},
+        **sections,
+    }
     return resolve_paths(Recipe.model_validate(raw), tmp_path)
 
 
@@ -83,13 +88,17 @@ def test_packing_loses_and_duplicates_nothing(text_run, tmp_path):
     recipe, run, _ = text_run
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
     docs, _ = load_documents(recipe.data, str(tmp_path / "docs"))
-    train_docs, val_docs = split_documents(drop_empty(docs, "text", False), recipe.data.validation_fraction, recipe.seed)
+    train_docs, val_docs = split_documents(
+        drop_empty(docs, "text", False), recipe.data.validation_fraction, recipe.seed
+    )
     splits = load_splits(run)
     for docs_split, blocks in ((train_docs, splits["train"]), (val_docs, splits["validation"])):
         expected = []
         for text in docs_split["text"]:
             expected += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        got = [tok for ids, mask in zip(blocks["input_ids"], blocks["attention_mask"]) for tok, m in zip(ids, mask) if m]
+        got = [
+            tok for ids, mask in zip(blocks["input_ids"], blocks["attention_mask"]) for tok, m in zip(ids, mask) if m
+        ]
         assert got == expected
         labels = [lab for row in blocks["labels"] for lab in row]
         assert labels.count(-100) == sum(m == 0 for row in blocks["attention_mask"] for m in row)
@@ -134,8 +143,11 @@ def test_structured_formats_with_text_column(tmp_path, fmt):
 
     frame = pd.DataFrame({"body": DOCS, "id": range(len(DOCS))})
     path = tmp_path / f"data.{fmt}"
-    {"jsonl": lambda: frame.to_json(path, orient="records", lines=True), "csv": lambda: frame.to_csv(path, index=False),
-     "parquet": lambda: frame.to_parquet(path)}[fmt]()
+    {
+        "jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+        "csv": lambda: frame.to_csv(path, index=False),
+        "parquet": lambda: frame.to_parquet(path),
+    }[fmt]()
     run, result = preprocess(make_recipe(tmp_path, {"paths": [path.name], "text_column": "body"}))
     assert result.metrics["format"] == ("json" if fmt == "jsonl" else fmt)
     assert result.metrics["documents"] == len(DOCS)
@@ -147,8 +159,11 @@ def test_chat_messages_pack_and_sft(tmp_path):
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     run, result = preprocess(make_recipe(tmp_path, {"paths": ["chat.jsonl"], "messages_column": "messages"}))
     assert result.metrics["documents"] == 8
-    sft = make_recipe(tmp_path, {"paths": ["chat.jsonl"], "messages_column": "messages", "mode": "sft", "block_size": 512},
-                      run_dir=str(tmp_path / "sft"))
+    sft = make_recipe(
+        tmp_path,
+        {"paths": ["chat.jsonl"], "messages_column": "messages", "mode": "sft", "block_size": 512},
+        run_dir=str(tmp_path / "sft"),
+    )
     run, result = preprocess(sft)
     from transformers import AutoTokenizer
 
@@ -172,7 +187,10 @@ def bad_cases(tmp_path: Path):
         "empty": ({"paths": ["empty"]}, r"only 0 non-empty document"),
         "utf8": ({"paths": ["good", "bad.txt"]}, r"bad\.txt: not valid UTF-8 \(byte 3\)"),
         "column": ({"paths": ["rows.jsonl"]}, r"data\.text_column 'text': no such column .*columns: content"),
-        "hub": ({"dataset": "no-such-user/no-such-dataset"}, r"data\.dataset no-such-user/no-such-dataset: could not load it"),
+        "hub": (
+            {"dataset": "no-such-user/no-such-dataset"},
+            r"data\.dataset no-such-user/no-such-dataset: could not load it",
+        ),
     }
 
 
@@ -197,7 +215,9 @@ def test_invalid_utf8_can_be_skipped(tmp_path):
     assert result.metrics["files_skipped_not_utf8"] == 1 and result.metrics["documents"] == len(DOCS)
 
 
-@pytest.mark.parametrize("pattern", ["**/*.py", "json/*.py", "**/json/*.py", "*/__init__.py", "email/**", "e*/[a-c]*.py"])
+@pytest.mark.parametrize(
+    "pattern", ["**/*.py", "json/*.py", "**/json/*.py", "*/__init__.py", "email/**", "e*/[a-c]*.py"]
+)
 def test_glob_expansion_matches_glob_and_prunes_excluded_trees(pattern):
     import fnmatch
     import glob
@@ -209,6 +229,9 @@ def test_glob_expansion_matches_glob_and_prunes_excluded_trees(pattern):
     exclude = ["*/site-packages/*", "*/test/*", "*/tests/*"]
     full = f"{STDLIB}/{pattern}"
     ours = sorted({f for f in expand_glob(full, exclude) if not any(fnmatch.fnmatch(f, p) for p in exclude)})
-    reference = sorted(f for f in glob.glob(full, recursive=True)
-                       if os.path.isfile(f) and not any(fnmatch.fnmatch(f, p) for p in exclude))
+    reference = sorted(
+        f
+        for f in glob.glob(full, recursive=True)
+        if os.path.isfile(f) and not any(fnmatch.fnmatch(f, p) for p in exclude)
+    )
     assert ours == reference and ours

@@ -7,12 +7,18 @@ import json
 import pytest
 
 from fastserve_cli.core.errors import UserError
-from fastserve_cli.optimize.pruning import (
-    blocks, calibrated_importance, magnitude_prune, measure_sparsity, plan_structured, prune_structured,
-    shape_of, weight_importance,
-)
 from fastserve_cli.models.loader import load_causal_lm
 from fastserve_cli.models.quantized import copy_side_files
+from fastserve_cli.optimize.pruning import (
+    blocks,
+    calibrated_importance,
+    magnitude_prune,
+    measure_sparsity,
+    plan_structured,
+    prune_structured,
+    shape_of,
+    weight_importance,
+)
 
 
 def _ids(n: int = 2, length: int = 16):
@@ -52,8 +58,8 @@ def _silence_units(model, heads: list[int], neurons: list[int]) -> None:
                     out.weight[cols, :] = 0
                     for part in range(3):
                         start = part * shape.num_heads * shape.head_dim + h * shape.head_dim
-                        block.attn.c_attn.weight[:, start:start + shape.head_dim] = 0
-                        block.attn.c_attn.bias[start:start + shape.head_dim] = 0
+                        block.attn.c_attn.weight[:, start : start + shape.head_dim] = 0
+                        block.attn.c_attn.bias[start : start + shape.head_dim] = 0
                 else:
                     out.weight[:, cols] = 0
                     block.attn.q_proj.weight[cols, :] = 0
@@ -127,7 +133,9 @@ def test_gpt2_mlp_only_pruning_loads_with_plain_from_pretrained(tiny_gpt2_dir, t
     prune_structured(model, plan_structured(model, None, None, 0.5), *weight_importance(model))
     model.save_pretrained(tmp_path)
     with torch.no_grad():
-        assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path)(_ids()).logits, model(_ids()).logits, atol=1e-5)
+        assert torch.allclose(
+            AutoModelForCausalLM.from_pretrained(tmp_path)(_ids()).logits, model(_ids()).logits, atol=1e-5
+        )
 
 
 def test_structured_bounds(tiny_model_dir):

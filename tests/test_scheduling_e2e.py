@@ -23,7 +23,7 @@ def reference_greedy(model_dir, prompts: list[list[int]], steps: int) -> list[li
             ids = list(prompt)
             for _ in range(steps):
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            outputs.append(ids[len(prompt):])
+            outputs.append(ids[len(prompt) :])
     return outputs
 
 
@@ -33,10 +33,20 @@ def mlfq_engine(model_dir, scheduler_name: str, device_tokens: int, host_tokens:
     from fastserve_cli.serve.scheduler import make_scheduler
 
     profile = PrefillProfile(lengths=[1, 64], prefill_times=[1e-4, 1e-3], decode_s=1e-4)
-    scheduler = make_scheduler(scheduler_name, base_quantum_s=1e-4, estimate_prefill_s=profile.prefill_s,
-                               starvation_s=60.0, max_started=16)
-    return make_engine(model_dir, "torch", scheduler, device_tokens=device_tokens, host_tokens=host_tokens,
-                       max_batch_size=max_batch_size, token_budget=256, device="cpu", metrics_name="tiny")
+    scheduler = make_scheduler(
+        scheduler_name, base_quantum_s=1e-4, estimate_prefill_s=profile.prefill_s, starvation_s=60.0, max_started=16
+    )
+    return make_engine(
+        model_dir,
+        "torch",
+        scheduler,
+        device_tokens=device_tokens,
+        host_tokens=host_tokens,
+        max_batch_size=max_batch_size,
+        token_budget=256,
+        device="cpu",
+        metrics_name="tiny",
+    )
 
 
 def run_to_completion(engine, prompts: list[list[int]]) -> list[list[int]]:
@@ -98,11 +108,22 @@ def test_fcfs_and_mlfq_agree_without_memory_pressure(tiny_gpt2_dir):
 @pytest.fixture(scope="module")
 def mlfq_server(tiny_gpt2_dir, tmp_path_factory):
     """A real `fastserve serve` process: skip-join-mlfq, one request per iteration, KV room for 128 tokens."""
-    args = ["--scheduler", "skip-join-mlfq", "--max-batch-size", "1", "--kv-cache-memory", "128KiB",
-            "--set", "serve.base_quantum_s=0.0005", "--model-name", "tiny"]
+    args = [
+        "--scheduler",
+        "skip-join-mlfq",
+        "--max-batch-size",
+        "1",
+        "--kv-cache-memory",
+        "128KiB",
+        "--set",
+        "serve.base_quantum_s=0.0005",
+        "--model-name",
+        "tiny",
+    ]
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with running_server(tiny_gpt2_dir, *args, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
-                        log_path=log_path) as (url, _):
+    with running_server(
+        tiny_gpt2_dir, *args, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, log_path=log_path
+    ) as (url, _):
         yield url
 
 
@@ -118,8 +139,14 @@ def test_server_late_short_request_overtakes_long_one(mlfq_server):
 
     client = OpenAI(base_url=mlfq_server + "/v1", api_key="none")
     done: list[str] = []
-    stream = client.completions.create(model="tiny", prompt="def parse(text):", max_tokens=120, temperature=0,
-                                       stream=True, extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model="tiny",
+        prompt="def parse(text):",
+        max_tokens=120,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     chunks = iter(stream)
     for _ in range(5):  # the long request is running
         next(chunks)
@@ -130,8 +157,9 @@ def test_server_late_short_request_overtakes_long_one(mlfq_server):
 
     reader = threading.Thread(target=drain)
     reader.start()
-    short = client.completions.create(model="tiny", prompt="x = 1", max_tokens=4, temperature=0,
-                                      extra_body={"ignore_eos": True})
+    short = client.completions.create(
+        model="tiny", prompt="x = 1", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    )
     done.append("short")
     reader.join()
     assert short.usage.completion_tokens == 4
@@ -153,8 +181,9 @@ def test_server_greedy_outputs_survive_preemption_and_offload(mlfq_server, tiny_
     before = prometheus_samples(httpx.get(mlfq_server + "/metrics").text)
 
     def complete(prompt: str) -> str:
-        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0,
-                                        extra_body={"ignore_eos": True})
+        out = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=40, temperature=0, extra_body={"ignore_eos": True}
+        )
         return out.choices[0].text
 
     with ThreadPoolExecutor(len(prompts)) as pool:

@@ -18,8 +18,17 @@ NAME = "tiny"
 @pytest.fixture(scope="module")
 def server(tiny_gpt2_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with running_server(tiny_gpt2_dir, "--model-name", NAME, "--max-batch-size", "2", "--max-queue", "4",
-                        env={"FASTSERVE_API_KEY": KEY}, log_path=log) as (url, proc):
+    with running_server(
+        tiny_gpt2_dir,
+        "--model-name",
+        NAME,
+        "--max-batch-size",
+        "2",
+        "--max-queue",
+        "4",
+        env={"FASTSERVE_API_KEY": KEY},
+        log_path=log,
+    ) as (url, proc):
         yield url
     assert proc.returncode == 0, log.read_text()[-2000:]
 
@@ -37,7 +46,7 @@ def post(server, path, body, key=KEY):
 
 
 def sse_events(text: str) -> list[str]:
-    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
 
 
 def test_open_endpoints_and_auth(server):
@@ -56,13 +65,16 @@ def test_openai_completion_greedy_equals_generate(client, tiny_gpt2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     prompt = "def foo(x):\n    return"
-    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0,
-                                    extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
     tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
     ids = torch.tensor([tok(prompt).input_ids])
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, eos_token_id=None)
-    assert out.choices[0].text == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    ref = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, eos_token_id=None
+    )
+    assert out.choices[0].text == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
     assert out.choices[0].finish_reason == "length"
     assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens == ids.shape[1]
 
@@ -70,15 +82,26 @@ def test_openai_completion_greedy_equals_generate(client, tiny_gpt2_dir):
 def test_chat_and_streaming(client, server):
     chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hello"}], max_tokens=6)
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 6
-    stream = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
-                                            temperature=0, stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].choices == []
     assert chunks[-2].choices[0].finish_reason == "length"
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    whole = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
-                                           temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert streamed == whole.choices[0].message.content
     raw = post(server, "/v1/completions", {"model": NAME, "prompt": "x =", "max_tokens": 3, "stream": True})
     events = sse_events(raw.text)
@@ -86,35 +109,52 @@ def test_chat_and_streaming(client, server):
 
 
 def test_n_seed_stop_logprobs(client):
-    a = client.completions.create(model=NAME, prompt="import", max_tokens=10, n=3, seed=5, temperature=1.2,
-                                  extra_body={"ignore_eos": True})
-    b = client.completions.create(model=NAME, prompt="import", max_tokens=10, n=3, seed=5, temperature=1.2,
-                                  extra_body={"ignore_eos": True})
+    a = client.completions.create(
+        model=NAME, prompt="import", max_tokens=10, n=3, seed=5, temperature=1.2, extra_body={"ignore_eos": True}
+    )
+    b = client.completions.create(
+        model=NAME, prompt="import", max_tokens=10, n=3, seed=5, temperature=1.2, extra_body={"ignore_eos": True}
+    )
     assert [c.index for c in a.choices] == [0, 1, 2]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
     assert len({c.text for c in a.choices}) > 1  # each choice has its own stream of randomness
-    full = client.completions.create(model=NAME, prompt="def", max_tokens=20, temperature=0,
-                                     extra_body={"ignore_eos": True}).choices[0].text
+    full = (
+        client.completions.create(
+            model=NAME, prompt="def", max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
     stop = full.strip()[3:6] if len(full.strip()) >= 6 else full.strip()[-1:]
-    cut = client.completions.create(model=NAME, prompt="def", max_tokens=20, temperature=0, stop=[stop],
-                                    extra_body={"ignore_eos": True}).choices[0]
-    assert cut.finish_reason == "stop" and cut.text == full[:full.index(stop)]
-    lp = client.completions.create(model=NAME, prompt="def", max_tokens=4, temperature=0, logprobs=3).choices[0].logprobs
+    cut = client.completions.create(
+        model=NAME, prompt="def", max_tokens=20, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    ).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
+    lp = (
+        client.completions.create(model=NAME, prompt="def", max_tokens=4, temperature=0, logprobs=3).choices[0].logprobs
+    )
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) <= 4
-    assert all(len(top) <= 3 and max(top.values()) == pytest.approx(l) for top, l in zip(lp.top_logprobs, lp.token_logprobs))
-    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "a"}], max_tokens=3,
-                                          logprobs=True, top_logprobs=2)
+    assert all(
+        len(top) <= 3 and max(top.values()) == pytest.approx(lp_)
+        for top, lp_ in zip(lp.top_logprobs, lp.token_logprobs)
+    )
+    chat = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "a"}], max_tokens=3, logprobs=True, top_logprobs=2
+    )
     content = chat.choices[0].logprobs.content
     assert content and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": "x " * 600}, "prompt"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "x", "tools": [{"type": "function"}]}, "tools"),
-    ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format.type"),
-    ({"prompt": "x", "temperature": 5}, "temperature"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "x " * 600}, "prompt"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "tools": [{"type": "function"}]}, "tools"),
+        ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format.type"),
+        ({"prompt": "x", "temperature": 5}, "temperature"),
+    ],
+)
 def test_invalid_requests_are_400_in_openai_shape(server, body, param):
     r = post(server, "/v1/completions", {"model": NAME, **body})
     assert r.status_code == 400
@@ -125,8 +165,11 @@ def test_invalid_requests_are_400_in_openai_shape(server, body, param):
 def test_bad_json_and_openai_errors(server, client):
     import openai
 
-    r = httpx.post(f"{server}/v1/completions", content=b"{nope", headers={"Authorization": f"Bearer {KEY}",
-                                                                          "Content-Type": "application/json"})
+    r = httpx.post(
+        f"{server}/v1/completions",
+        content=b"{nope",
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     with pytest.raises(openai.NotFoundError):  # as OpenAI: an unknown model is a 404 model_not_found
         client.completions.create(model="other", prompt="x")
@@ -197,8 +240,9 @@ def test_503_while_the_model_loads(tiny_gpt2_dir):
         return build_engine(ServeTarget(tiny_gpt2_dir, "torch", "tiny"), ServeConfig(kv_cache_memory="64MiB"))
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ServerState("tiny", None, loader)), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(ServerState("tiny", None, loader)), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -241,10 +285,12 @@ def test_targets_run_dir_recipe_and_user_errors(tiny_gpt2_dir, tmp_path):
     target = resolve_target(run, None, None, load_target(str(run), []))
     assert target.model_dir == run / "model" and target.run_dir == run
     cli = [sys.executable, "-m", "fastserve_cli", "serve"]
-    for args, message in [([str(run), "--source", "onnx"], "nothing to serve for source 'onnx'"),
-                          ([str(tmp_path / "nope")], "no such"),
-                          ([str(tiny_gpt2_dir), "--kv-cache-memory", "lots"], "--kv-cache-memory 'lots'"),
-                          ([str(tiny_gpt2_dir), "--backend", "onnx"], "needs model.onnx"),
-                          ([str(tiny_gpt2_dir), "--set", "serve.backend=onnx"], "needs model.onnx")]:
+    for args, message in [
+        ([str(run), "--source", "onnx"], "nothing to serve for source 'onnx'"),
+        ([str(tmp_path / "nope")], "no such"),
+        ([str(tiny_gpt2_dir), "--kv-cache-memory", "lots"], "--kv-cache-memory 'lots'"),
+        ([str(tiny_gpt2_dir), "--backend", "onnx"], "needs model.onnx"),
+        ([str(tiny_gpt2_dir), "--set", "serve.backend=onnx"], "needs model.onnx"),
+    ]:
         proc = subprocess.run(cli + args, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -7,13 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from test_serve_engine import greedy_requests
 
 from fastserve_cli.core.errors import UserError
 from fastserve_cli.models.precision import cpu_supports_bf16, resolve_dtype
-from fastserve_cli.testing.server import running_server
-from test_serve_engine import greedy_requests
-
 from fastserve_cli.testing.engine import run_until_finished
+from fastserve_cli.testing.server import running_server
 
 needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no avx512_bf16/AMX")
 
@@ -27,8 +26,17 @@ def peaked_gpt2_dir(tmp_path_factory, tiny_tokenizer_dir):
 
     out = tmp_path_factory.mktemp("model-peaked")
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=512, vocab_size=len(tok), initializer_range=0.2,
-                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_positions=512,
+        vocab_size=len(tok),
+        initializer_range=0.2,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     tok.save_pretrained(out)
@@ -46,8 +54,15 @@ def engine(model_dir, dtype: str):
 
     be = load_backend("torch", model_dir, dtype=dtype)
     kv = KVCacheManager(be, 100_000 * be.kv_bytes_per_token, 100_000 * be.kv_bytes_per_token)
-    return Engine(be, make_scheduler("fcfs"), kv, AutoTokenizer.from_pretrained(model_dir), Metrics("t"),
-                  max_batch_size=4, token_budget=512)
+    return Engine(
+        be,
+        make_scheduler("fcfs"),
+        kv,
+        AutoTokenizer.from_pretrained(model_dir),
+        Metrics("t"),
+        max_batch_size=4,
+        token_budget=512,
+    )
 
 
 def greedy(model_dir, dtype: str, n: int = 24):
@@ -80,15 +95,19 @@ def test_bf16_engine_agrees_with_fp32_and_halves_kv(peaked_gpt2_dir):
 def test_bf16_server_end_to_end(peaked_gpt2_dir, tmp_path):
     """`fastserve serve --dtype bf16` answers the openai client; greedy text equals the bf16 engine's."""
     from openai import OpenAI
-
     from test_serve_engine import PROMPTS
 
     _, direct = greedy(peaked_gpt2_dir, "bf16", n=12)
-    with running_server(peaked_gpt2_dir, "--dtype", "bf16", "--max-batch-size", "4", "--threads", "1",
-                        log_path=tmp_path / "server.log") as (url, proc):
+    with running_server(
+        peaked_gpt2_dir, "--dtype", "bf16", "--max-batch-size", "4", "--threads", "1", log_path=tmp_path / "server.log"
+    ) as (url, proc):
         client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
-        outs = [client.completions.create(model=peaked_gpt2_dir.name, prompt=p, max_tokens=12, temperature=0,
-                                          extra_body={"ignore_eos": True}) for p in PROMPTS]
+        outs = [
+            client.completions.create(
+                model=peaked_gpt2_dir.name, prompt=p, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+            )
+            for p in PROMPTS
+        ]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(peaked_gpt2_dir)
@@ -100,8 +119,12 @@ def test_bf16_server_end_to_end(peaked_gpt2_dir, tmp_path):
 def test_bad_dtype_configs_are_user_errors(tiny_gpt2_dir, tmp_path, monkeypatch):
     from fastserve_cli.serve.backends import load_backend
 
-    cli = subprocess.run([sys.executable, "-m", "fastserve_cli", "serve", str(tiny_gpt2_dir), "--dtype", "fp16"],
-                         capture_output=True, text=True, timeout=120)
+    cli = subprocess.run(
+        [sys.executable, "-m", "fastserve_cli", "serve", str(tiny_gpt2_dir), "--dtype", "fp16"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 2 and "dtype" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
     with pytest.raises(UserError, match="torch backend"):
         load_backend("onnx", tiny_gpt2_dir, dtype="bf16")

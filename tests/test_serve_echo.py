@@ -55,8 +55,14 @@ def test_prompt_logprobs_match_transformers(backend, request, tiny_gpt2_dir, tmp
     if backend == "torch":
         server = contextlib.nullcontext((request.getfixturevalue("torch_url"), None))
     else:
-        server = running_server(request.getfixturevalue("onnx_dir"), "--model-name", "m", "--scheduler", "fcfs",
-                                log_path=tmp_path / "server.log")
+        server = running_server(
+            request.getfixturevalue("onnx_dir"),
+            "--model-name",
+            "m",
+            "--scheduler",
+            "fcfs",
+            log_path=tmp_path / "server.log",
+        )
     with server as (url, _):
         # lm-eval's exact request: token ids, echo, one generated token, logprobs 1
         r = complete(url, prompt=[ids, ids[:5]], echo=True, max_tokens=1, logprobs=1, temperature=0, seed=1234)
@@ -65,7 +71,7 @@ def test_prompt_logprobs_match_transformers(backend, request, tiny_gpt2_dir, tmp
         lp = first["logprobs"]
         assert len(lp["tokens"]) == len(ids) + 1 and len(second["logprobs"]["tokens"]) == 6
         assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
-        got = lp["token_logprobs"][1:len(ids)]
+        got = lp["token_logprobs"][1 : len(ids)]
         assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-4
         assert second["logprobs"]["token_logprobs"][1:5] == pytest.approx(expected[:4], abs=1e-4)
         for token_lp, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
@@ -88,11 +94,16 @@ def test_prompt_logprobs_match_transformers(backend, request, tiny_gpt2_dir, tmp
 
 
 def test_echo_errors_are_400(torch_url):
-    for body, param in [({"prompt": "x", "echo": True, "stream": True}, "echo"),
-                        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-                        ({"prompt": "x " * 600, "echo": True, "max_tokens": 0, "logprobs": 1}, "prompt")]:
+    for body, param in [
+        ({"prompt": "x", "echo": True, "stream": True}, "echo"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x " * 600, "echo": True, "max_tokens": 0, "logprobs": 1}, "prompt"),
+    ]:
         r = complete(torch_url, **body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
-    r = httpx.post(f"{torch_url}/v1/chat/completions", json={"model": "m", "echo": True,
-                                                            "messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+    r = httpx.post(
+        f"{torch_url}/v1/chat/completions",
+        json={"model": "m", "echo": True, "messages": [{"role": "user", "content": "hi"}]},
+        timeout=60,
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"

@@ -38,8 +38,9 @@ def test_float_base64_and_reference(tiny_server, tiny_gpt2_dir):
     np.testing.assert_allclose(vectors, reference(tiny_gpt2_dir, TEXTS), atol=1e-4)  # batched + padded == alone
     decoded = client.embeddings.create(model=NAME, input=TEXTS)  # the client asks for base64 and decodes it
     np.testing.assert_array_equal(np.array([d.embedding for d in decoded.data], dtype=np.float32), vectors)
-    raw = httpx.post(f"{url}/v1/embeddings", json={"model": NAME, "input": TEXTS, "encoding_format": "base64"},
-                     timeout=60).json()
+    raw = httpx.post(
+        f"{url}/v1/embeddings", json={"model": NAME, "input": TEXTS, "encoding_format": "base64"}, timeout=60
+    ).json()
     from_b64 = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in raw["data"]])
     np.testing.assert_array_equal(from_b64, vectors)
     assert raw["usage"]["prompt_tokens"] == raw["usage"]["total_tokens"] == floats.usage.prompt_tokens > 3
@@ -68,19 +69,22 @@ def test_many_inputs_batched(tiny_server):
     assert all(np.allclose(out.data[i].embedding, out.data[0].embedding, atol=1e-5) for i in same)
 
 
-@pytest.mark.parametrize("body, status, param", [
-    ({"input": []}, 400, "input"),
-    ({"input": ""}, 400, "input"),
-    ({"input": ["ok", ""]}, 400, "input[1]"),
-    ({"input": [[1, 2], []]}, 400, "input[1]"),
-    ({"input": [999999]}, 400, "input"),
-    ({"input": "x " * 600}, 400, "input"),
-    ({"input": "x", "dimensions": 3}, 400, "dimensions"),
-    ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
-    ({"input": "x", "frobnicate": 1}, 400, "frobnicate"),
-    ({"input": "x", "model": "other"}, 404, "model"),
-    ({}, 400, "input"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"input": []}, 400, "input"),
+        ({"input": ""}, 400, "input"),
+        ({"input": ["ok", ""]}, 400, "input[1]"),
+        ({"input": [[1, 2], []]}, 400, "input[1]"),
+        ({"input": [999999]}, 400, "input"),
+        ({"input": "x " * 600}, 400, "input"),
+        ({"input": "x", "dimensions": 3}, 400, "dimensions"),
+        ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+        ({"input": "x", "frobnicate": 1}, 400, "frobnicate"),
+        ({"input": "x", "model": "other"}, 404, "model"),
+        ({}, 400, "input"),
+    ],
+)
 def test_bad_requests(tiny_server, body, status, param):
     url = tiny_server[0]
     r = httpx.post(f"{url}/v1/embeddings", json={"model": NAME, **body}, timeout=60)
@@ -100,8 +104,10 @@ def test_embeddings_beside_generation(tiny_server):
 
     async def both():
         async with httpx.AsyncClient(timeout=120) as http:
-            return await asyncio.gather(http.post(f"{url}/v1/completions", json=body),
-                                        http.post(f"{url}/v1/embeddings", json={"model": NAME, "input": texts}))
+            return await asyncio.gather(
+                http.post(f"{url}/v1/completions", json=body),
+                http.post(f"{url}/v1/embeddings", json={"model": NAME, "input": texts}),
+            )
 
     completion, embeddings = asyncio.run(both())
     assert completion.status_code == embeddings.status_code == 200

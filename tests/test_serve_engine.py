@@ -35,7 +35,7 @@ def reference_greedy(model_dir, prompt_ids: list[int], n: int) -> list[int]:
     model = reference_model(model_dir)
     ids = torch.tensor([prompt_ids])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 def assert_matches_generate(model_dir, reqs):
@@ -70,8 +70,9 @@ def test_priority_order_is_asked_only_when_caches_must_move(tiny_gpt2_dir):
     """Ranking every live request costs most of an MLFQ step; with room to spare nobody is ranked."""
     calls = {"roomy": 0, "tight": 0}
     for budget in ("roomy", "tight"):
-        engine = make_engine(tiny_gpt2_dir, device_tokens=100_000 if budget == "roomy" else 40, host_tokens=100_000,
-                              max_batch_size=3)
+        engine = make_engine(
+            tiny_gpt2_dir, device_tokens=100_000 if budget == "roomy" else 40, host_tokens=100_000, max_batch_size=3
+        )
         engine.scheduler = RoundRobin()
         order = engine.scheduler.priority_order
 
@@ -151,8 +152,10 @@ def test_pack_survives_random_membership_changes(tiny_gpt2_dir, tmp_path, backen
     tok = engine.tokenizer
     text = " ".join(PROMPTS * 8)
     prompts = [tok(text).input_ids[:n] for n in (3, 60, 12, 40, 7, 25)]
-    reqs = [Request(ids, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True), time.perf_counter())
-            for ids, n in zip(prompts, (30, 12, 45, 20, 38, 16))]
+    reqs = [
+        Request(ids, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True), time.perf_counter())
+        for ids, n in zip(prompts, (30, 12, 45, 20, 38, 16))
+    ]
     run_until_finished(engine, reqs)
     assert_matches_generate(tiny_gpt2_dir, reqs)
     if backend == "torch":
@@ -196,7 +199,9 @@ def test_engine_thread_abort_frees_kv(tiny_gpt2_dir):
         if out.finished:
             done.set()
 
-    req = Request(engine.tokenizer("x = 1").input_ids, SamplingParams(max_new_tokens=400, ignore_eos=True), time.perf_counter())
+    req = Request(
+        engine.tokenizer("x = 1").input_ids, SamplingParams(max_new_tokens=400, ignore_eos=True), time.perf_counter()
+    )
     req.on_output = on_output
     engine.start()
     try:
@@ -281,6 +286,11 @@ def test_torch_backend_serves_int8_variant(tiny_gpt2_dir, tmp_path):
     reference = load_causal_lm(out)
     for r in reqs:
         ids = torch.tensor([r.prompt_ids])
-        ref = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.params.max_new_tokens,
-                                 do_sample=False, eos_token_id=None)
-        assert r.output_ids == ref[0, ids.shape[1]:].tolist()
+        ref = reference.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=r.params.max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+        )
+        assert r.output_ids == ref[0, ids.shape[1] :].tolist()

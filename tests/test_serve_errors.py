@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from serve_helpers import make_short_context_model
 
 from fastserve_cli.testing.server import running_server
-from serve_helpers import make_short_context_model
 
 KEY = "sk-errors"
 NAME = "tiny"
@@ -19,7 +19,10 @@ NAME = "tiny"
 @pytest.fixture(scope="module")
 def server(tiny_gpt2_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-errors") / "server.log"
-    with running_server(tiny_gpt2_dir, "--model-name", NAME, env={"FASTSERVE_API_KEY": KEY}, log_path=log) as (url, proc):
+    with running_server(tiny_gpt2_dir, "--model-name", NAME, env={"FASTSERVE_API_KEY": KEY}, log_path=log) as (
+        url,
+        proc,
+    ):
         yield url
     text = log.read_text()
     assert proc.returncode == 0 and "Traceback" not in text, text[-3000:]
@@ -40,18 +43,26 @@ def assert_openai_error(r: httpx.Response, status: int, param: str | None = None
     return error
 
 
-@pytest.mark.parametrize("path, raw, param", [
-    ("/v1/completions", '{"model": "tiny", "prompt": "a\\ud800b"}', "prompt"),
-    ("/v1/completions", '{"model": "tiny", "prompt": ["ok", "\\udfff"]}', "prompt[1]"),
-    ("/v1/completions", '{"model": "tiny", "prompt": "x", "stop": ["\\ud800"]}', "stop[0]"),
-    ("/v1/completions", '{"model": "\\ud800", "prompt": "x"}', "model"),
-    ("/v1/completions", '{"model": "tiny", "prompt": "x", "\\ud800": 1}', None),
-    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',
-     "messages[0].content"),
-    ("/v1/chat/completions",
-     '{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
-     "messages[0].content[0].text"),
-])
+@pytest.mark.parametrize(
+    "path, raw, param",
+    [
+        ("/v1/completions", '{"model": "tiny", "prompt": "a\\ud800b"}', "prompt"),
+        ("/v1/completions", '{"model": "tiny", "prompt": ["ok", "\\udfff"]}', "prompt[1]"),
+        ("/v1/completions", '{"model": "tiny", "prompt": "x", "stop": ["\\ud800"]}', "stop[0]"),
+        ("/v1/completions", '{"model": "\\ud800", "prompt": "x"}', "model"),
+        ("/v1/completions", '{"model": "tiny", "prompt": "x", "\\ud800": 1}', None),
+        (
+            "/v1/chat/completions",
+            '{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',
+            "messages[0].content",
+        ),
+        (
+            "/v1/chat/completions",
+            '{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+            "messages[0].content[0].text",
+        ),
+    ],
+)
 def test_lone_surrogate_is_400(server, path, raw, param):
     error = assert_openai_error(raw_post(server, path, raw), 400, param)
     assert "surrogate" in error["message"]
@@ -65,6 +76,7 @@ def test_paired_surrogates_are_text(server):
 
 def test_any_integer_seed_is_folded_to_64_bits(server):
     """A seed past 64 bits used to crash torch.manual_seed (a 500); its low 64 bits are used instead."""
+
     def texts(seed: int) -> list[str]:
         body = f'{{"model": "tiny", "prompt": "x", "max_tokens": 4, "n": 2, "seed": {seed}, "ignore_eos": true}}'
         r = raw_post(server, "/v1/completions", body)
@@ -74,20 +86,25 @@ def test_any_integer_seed_is_folded_to_64_bits(server):
     for seed in (2**63 - 1, -(2**63), -1, 10**40):
         assert len(texts(seed)) == 2
     assert texts(2**64 + 5) == texts(5)
-    assert_openai_error(raw_post(server, "/v1/completions", '{"model": "tiny", "prompt": "x", "seed": 1.5}'), 400, "seed")
+    assert_openai_error(
+        raw_post(server, "/v1/completions", '{"model": "tiny", "prompt": "x", "seed": 1.5}'), 400, "seed"
+    )
 
 
-@pytest.mark.parametrize("raw, param", [
-    ('{"model": "tiny", "prompt": "x", "temperature": NaN}', "temperature"),
-    ('{"model": "tiny", "prompt": "x", "top_p": Infinity}', "top_p"),
-    ('{"model": "tiny", "prompt": [[]]}', "prompt"),
-    ('{"model": "tiny", "prompt": [1, 99999999999999999999999]}', "prompt"),
-    ('{"model": "tiny", "prompt": "x", "max_tokens": 99999999999999999999999}', "max_tokens"),
-    ('{"model": "tiny", "prompt": "x", "top_k": 99999999999999999999999, "max_tokens": 1}', None),
-    ('[1, 2]', None),
-    ('"just a string"', None),
-    ('{}', "model"),
-])
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        ('{"model": "tiny", "prompt": "x", "temperature": NaN}', "temperature"),
+        ('{"model": "tiny", "prompt": "x", "top_p": Infinity}', "top_p"),
+        ('{"model": "tiny", "prompt": [[]]}', "prompt"),
+        ('{"model": "tiny", "prompt": [1, 99999999999999999999999]}', "prompt"),
+        ('{"model": "tiny", "prompt": "x", "max_tokens": 99999999999999999999999}', "max_tokens"),
+        ('{"model": "tiny", "prompt": "x", "top_k": 99999999999999999999999, "max_tokens": 1}', None),
+        ("[1, 2]", None),
+        ('"just a string"', None),
+        ("{}", "model"),
+    ],
+)
 def test_odd_values_are_4xx(server, raw, param):
     r = raw_post(server, "/v1/completions", raw)
     if param is None and r.status_code == 200:  # a huge top_k is simply "no top-k"

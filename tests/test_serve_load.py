@@ -30,10 +30,12 @@ def test_onnx_server_greedy_equals_generate(tiny_model_dir, tmp_path):
     prompts = ["def foo(x):\n    return", "import os\nimport sys\n", "class A:\n"]
     with running_server(tmp_path / "onnx", "--backend", "onnx", "--model-name", "m") as (url, _):
         client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-        out = client.completions.create(model="m", prompt=prompts, max_tokens=10, temperature=0,
-                                        extra_body={"ignore_eos": True})
+        out = client.completions.create(
+            model="m", prompt=prompts, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+        )
     for prompt, choice in zip(prompts, out.choices):
         ids = torch.tensor([tok(prompt).input_ids])
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                             eos_token_id=None)
-        assert choice.text == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+        ref = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, eos_token_id=None
+        )
+        assert choice.text == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)

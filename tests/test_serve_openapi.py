@@ -12,17 +12,24 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serve_helpers import make_short_context_model
 
 from fastserve_cli.testing.server import running_server
-from serve_helpers import make_short_context_model
 
 KEY = "sk-spec"
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
 def test_spec_documents_errors_streams_and_metrics(tiny_gpt2_dir, tmp_path):
-    with running_server(tiny_gpt2_dir, "--model-name", "tiny", "--scheduler", "fcfs", env={"FASTSERVE_API_KEY": KEY},
-                        log_path=tmp_path / "log") as (url, _):
+    with running_server(
+        tiny_gpt2_dir,
+        "--model-name",
+        "tiny",
+        "--scheduler",
+        "fcfs",
+        env={"FASTSERVE_API_KEY": KEY},
+        log_path=tmp_path / "log",
+    ) as (url, _):
         spec = httpx.get(f"{url}/openapi.json").json()
     paths = spec["paths"]
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
@@ -40,8 +47,22 @@ def test_schemathesis_finds_nothing(tiny_tokenizer_dir, tmp_path):
     model = make_short_context_model(tiny_tokenizer_dir, tmp_path / "ctx16", 16)
     log = tmp_path / "server.log"
     with running_server(model, "--model-name", "tiny", env={"FASTSERVE_API_KEY": KEY}, log_path=log) as (url, _):
-        cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run", f"{url}/openapi.json",
-               "-H", f"Authorization: Bearer {KEY}", "--max-examples", "15", "--seed", "1", "--no-color"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "--config-file",
+            str(CONFIG),
+            "run",
+            f"{url}/openapi.json",
+            "-H",
+            f"Authorization: Bearer {KEY}",
+            "--max-examples",
+            "15",
+            "--seed",
+            "1",
+            "--no-color",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its cache goes there
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert "Traceback" not in log.read_text()

@@ -15,11 +15,16 @@ from fastserve_cli.testing.server import running_server
 NAME = "tiny"
 # Every instance is short (no free-length strings or numbers), so even a random model finishes well within
 # the token budget: the grammar, not the model, decides when the output ends.
-SCHEMA = {"type": "object", "properties": {
-    "ok": {"type": "boolean"},
-    "size": {"type": "integer", "minimum": 0, "maximum": 99},
-    "color": {"enum": ["red", "green", "blue"]},
-}, "required": ["ok", "size", "color"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "size": {"type": "integer", "minimum": 0, "maximum": 99},
+        "color": {"enum": ["red", "green", "blue"]},
+    },
+    "required": ["ok", "size", "color"],
+    "additionalProperties": False,
+}
 BUDGET = 40
 
 
@@ -36,9 +41,9 @@ def check_output(text: str, finish_reason: str) -> bool:
 def test_fifty_seeds_validate_on_both_backends(tiny_gpt2_dir, tmp_path, backend):
     """Temperature 1 on random weights, 50 seeds batched 16 at a time: every output is schema-valid JSON."""
     from fastserve_cli.serve.grammar import GrammarCache, GrammarSpec
-    from fastserve_cli.testing.engine import make_engine, run_until_finished
     from fastserve_cli.serve.request import Request, SamplingParams
     from fastserve_cli.serve.sampling import make_generator
+    from fastserve_cli.testing.engine import make_engine, run_until_finished
 
     model_dir = tiny_gpt2_dir
     if backend == "onnx":
@@ -83,8 +88,9 @@ def test_grammar_cache_is_a_bounded_lru(tiny_tokenizer_dir):
 @pytest.fixture(scope="module")
 def server(tiny_gpt2_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with running_server(tiny_gpt2_dir, "--model-name", NAME, "--max-batch-size", "16", "--scheduler", "fcfs",
-                        log_path=log) as (url, proc):
+    with running_server(
+        tiny_gpt2_dir, "--model-name", NAME, "--max-batch-size", "16", "--scheduler", "fcfs", log_path=log
+    ) as (url, proc):
         yield url
     assert proc.returncode == 0, log.read_text()[-2000:]
 
@@ -104,8 +110,9 @@ def test_json_schema_chat_completions_and_stream(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
     out = chat(client, response_format=fmt, n=10, seed=7, temperature=1.0, max_tokens=BUDGET)
     assert sum(check_output(c.message.content, c.finish_reason) for c in out.choices) >= 8
-    done = client.completions.create(model=NAME, prompt="{", max_tokens=BUDGET, seed=3,
-                                     extra_body={"response_format": fmt})
+    done = client.completions.create(
+        model=NAME, prompt="{", max_tokens=BUDGET, seed=3, extra_body={"response_format": fmt}
+    )
     check_output(done.choices[0].text, done.choices[0].finish_reason)
     chunks = list(chat(client, response_format=fmt, seed=1, max_tokens=BUDGET, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -122,8 +129,9 @@ def test_parse_returns_a_pydantic_object(client):
         mood: Literal["happy", "sad"]
         score: int = Field(ge=1, le=5)
 
-    out = client.chat.completions.parse(model=NAME, messages=[{"role": "user", "content": "rate"}],
-                                        response_format=Reply, seed=0, max_tokens=BUDGET)
+    out = client.chat.completions.parse(
+        model=NAME, messages=[{"role": "user", "content": "rate"}], response_format=Reply, seed=0, max_tokens=BUDGET
+    )
     assert out.choices[0].finish_reason == "stop"
     assert isinstance(out.choices[0].message.parsed, Reply)
 
@@ -155,26 +163,48 @@ def test_regex_and_choice_extras(client, server):
     choices = ["yes", "no", "maybe"]
     out = chat(client, seed=5, max_tokens=BUDGET, n=5, extra_body={"guided_choice": choices})
     assert all(c.message.content in choices for c in out.choices)
-    out = client.completions.create(model=NAME, prompt="Q", max_tokens=BUDGET, n=4, seed=6,
-                                    extra_body={"structured_outputs": {"choice": choices}})
+    out = client.completions.create(
+        model=NAME, prompt="Q", max_tokens=BUDGET, n=4, seed=6, extra_body={"structured_outputs": {"choice": choices}}
+    )
     assert all(c.text in choices and c.finish_reason == "stop" for c in out.choices)
-    out = client.completions.create(model=NAME, prompt="Q", max_tokens=BUDGET, seed=6,
-                                    extra_body={"structured_outputs": {"json": json.dumps(SCHEMA)}})
+    out = client.completions.create(
+        model=NAME,
+        prompt="Q",
+        max_tokens=BUDGET,
+        seed=6,
+        extra_body={"structured_outputs": {"json": json.dumps(SCHEMA)}},
+    )
     check_output(out.choices[0].text, out.choices[0].finish_reason)
 
 
-@pytest.mark.parametrize("extra, param, words", [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {
-        "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}},
-     "response_format.json_schema.schema", "missing"),
-    ({"guided_regex": "(abc"}, "guided_regex", "parenthesis"),
-    ({"response_format": {"type": "yaml"}}, "response_format.type", "yaml"),
-    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice", "only one"),
-    ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs.grammar", "not supported"),
-])
+@pytest.mark.parametrize(
+    "extra, param, words",
+    [
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "t",
+                        "schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},
+                    },
+                }
+            },
+            "response_format.json_schema.schema",
+            "missing",
+        ),
+        ({"guided_regex": "(abc"}, "guided_regex", "parenthesis"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type", "yaml"),
+        ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice", "only one"),
+        ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs.grammar", "not supported"),
+    ],
+)
 def test_constraints_the_engine_cannot_compile_are_400(server, extra, param, words):
-    r = httpx.post(f"{server}/v1/chat/completions", timeout=60, json={
-        "model": NAME, "messages": [{"role": "user", "content": "x"}], **extra})
+    r = httpx.post(
+        f"{server}/v1/chat/completions",
+        timeout=60,
+        json={"model": NAME, "messages": [{"role": "user", "content": "x"}], **extra},
+    )
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and words in error["message"], error

@@ -8,30 +8,52 @@ import httpx
 import jsonschema
 import pytest
 
-from fastserve_cli.testing.server import running_server
 from fastserve_cli.serve.tools import ToolCallStreamer, parse_tool_calls
+from fastserve_cli.testing.server import running_server
 
 NAME = "tiny"
-WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo", "Lima"]},
-                                            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-           "required": ["city", "days"], "additionalProperties": False}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Forecast", "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "get_time", "parameters": {
-             "type": "object", "properties": {"utc": {"type": "boolean"}}, "required": ["utc"],
-             "additionalProperties": False}}}]
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"enum": ["Paris", "Oslo", "Lima"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Forecast", "parameters": WEATHER}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"utc": {"type": "boolean"}},
+                "required": ["utc"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-TEXT = ('Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call>\n'
-        '<tool_call>\n{"name": "get_time", "arguments": {"utc": true}}\n</tool_call>')
+TEXT = (
+    'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_time", "arguments": {"utc": true}}\n</tool_call>'
+)
 
 
 def test_parse_and_stream_hermes_calls():
     content, calls = parse_tool_calls(TEXT)
     assert content == "Sure." and [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo", "days": 2}
-    assert parse_tool_calls("no calls <tool_call>{broken</tool_call>") == ("no calls <tool_call>{broken</tool_call>", [])
+    assert parse_tool_calls("no calls <tool_call>{broken</tool_call>") == (
+        "no calls <tool_call>{broken</tool_call>",
+        [],
+    )
     for step in (1, 3, 7):  # any split of the text into stream pieces gives the same deltas
         streamer, deltas = ToolCallStreamer(), []
-        pieces = [TEXT[i:i + step] for i in range(0, len(TEXT), step)]
+        pieces = [TEXT[i : i + step] for i in range(0, len(TEXT), step)]
         for k, piece in enumerate(pieces):
             deltas += streamer.feed(piece, final=k == len(pieces) - 1)
         assert "".join(d.get("content", "") for d in deltas).strip() == "Sure."
@@ -43,14 +65,28 @@ def test_chatml_template_renders_tools_calls_and_results(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"},
-                {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
-                    "name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}}]},
-                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
     text = tok.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
     assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools") and text.count("Be brief.") == 1
     assert json.dumps(TOOLS[0]) in text
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call><|im_end|>' in text
+    assert (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call><|im_end|>' in text
+    )
     assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n" in text
     plain = tok.apply_chat_template(messages[:2], tokenize=False)
     assert plain == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWeather in Oslo?<|im_end|>\n"
@@ -71,8 +107,9 @@ def long_context_model(tiny_tokenizer_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(long_context_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with running_server(long_context_model, "--model-name", NAME, "--max-batch-size", "16", "--scheduler", "fcfs",
-                        log_path=log) as (url, proc):
+    with running_server(
+        long_context_model, "--model-name", NAME, "--max-batch-size", "16", "--scheduler", "fcfs", log_path=log
+    ) as (url, proc):
         yield url
     assert proc.returncode == 0, log.read_text()[-2000:]
 
@@ -85,8 +122,13 @@ def client(server):
 
 
 def ask(client, **kw):
-    return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Weather?"}],
-                                          tools=TOOLS, temperature=1.0, **{"max_tokens": 100, **kw})
+    return client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=TOOLS,
+        temperature=1.0,
+        **{"max_tokens": 100, **kw},
+    )
 
 
 def assert_valid_calls(message, names=tuple(SCHEMAS)):
@@ -135,22 +177,29 @@ def test_streamed_tool_calls_accumulate_like_openai(client):
 def test_conversation_with_tool_results_continues(client):
     first = ask(client, tool_choice="required", parallel_tool_calls=False, seed=4)
     call = first.choices[0].message.tool_calls[0]
-    messages = [{"role": "user", "content": "Weather?"}, first.choices[0].message.model_dump(exclude_none=True),
-                {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"forecast": "sunny"})}]
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"forecast": "sunny"})},
+    ]
     follow = client.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, max_tokens=8, seed=5)
     assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
     assert follow.usage.prompt_tokens > first.usage.prompt_tokens
-    none = client.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, tool_choice="none",
-                                          max_tokens=8, seed=5)
+    none = client.chat.completions.create(
+        model=NAME, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=8, seed=5
+    )
     assert none.choices[0].message.tool_calls is None
 
 
-@pytest.mark.parametrize("extra, param", [
-    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ({"tool_choice": "sometimes"}, "tool_choice"),
-    ({"tools": [{"type": "code_interpreter"}]}, "tools[0]"),
-    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
-])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [{"type": "code_interpreter"}]}, "tools[0]"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ],
+)
 def test_bad_tool_requests_are_400(server, extra, param):
     body = {"model": NAME, "messages": [{"role": "user", "content": "x"}], "tools": TOOLS, **extra}
     r = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)

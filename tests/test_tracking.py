@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_train import corpus_root, fresh_run, metrics, preprocessed  # noqa: F401 (fixtures)
 
 from fastserve_cli.core.pipeline import execute
-
-from test_train import corpus_root, fresh_run, metrics, preprocessed  # noqa: F401 (fixtures)
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")

@@ -20,13 +20,23 @@ from fastserve_cli.core.recipe import Recipe, dump_recipe, resolve_paths
 from fastserve_cli.core.rundir import RunDir
 from fastserve_cli.testing.corpus import stdlib_texts
 
-TRAIN = {"per_device_train_batch_size": 4, "logging_steps": 1, "eval_steps": 4, "save_steps": 4,
-         "warmup_steps": 2, "eval_max_batches": 2, "max_steps": 8}
+TRAIN = {
+    "per_device_train_batch_size": 4,
+    "logging_steps": 1,
+    "eval_steps": 4,
+    "save_steps": 4,
+    "warmup_steps": 2,
+    "eval_max_batches": 2,
+    "max_steps": 8,
+}
 
 
-def make_recipe(root: Path, train: dict | None = None, model: dict | None = None, tokenizer: dict | None = None) -> Recipe:
+def make_recipe(
+    root: Path, train: dict | None = None, model: dict | None = None, tokenizer: dict | None = None
+) -> Recipe:
     raw = {
-        "name": "t", "run_dir": str(root / "run"),
+        "name": "t",
+        "run_dir": str(root / "run"),
         "data": {"paths": [str(root.parent / "corpus" / "*.txt")], "block_size": 64, "validation_fraction": 0.2},
         "tokenizer": tokenizer or {"vocab_size": 400},
         "model": model or {"architecture": "gpt2", "size": "tiny"},
@@ -68,8 +78,14 @@ def step_losses(run: RunDir) -> dict[int, float]:
 
 
 def cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fastserve_cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastserve_cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kwargs,
+    )
 
 
 def write_recipe(recipe: Recipe, path: Path) -> Path:
@@ -85,8 +101,13 @@ def test_train_writes_model_transformers_loads(preprocessed, corpus_root, archit
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    recipe, run = fresh_run(preprocessed, corpus_root, f"basic-{architecture}",
-                            model={"architecture": architecture, "size": "tiny"}, train={"save_total_limit": 1})
+    recipe, run = fresh_run(
+        preprocessed,
+        corpus_root,
+        f"basic-{architecture}",
+        model={"architecture": architecture, "size": "tiny"},
+        train={"save_total_limit": 1},
+    )
     result = execute("train", recipe, run)
 
     model = AutoModelForCausalLM.from_pretrained(run.model_dir)
@@ -113,15 +134,22 @@ def test_train_writes_model_transformers_loads(preprocessed, corpus_root, archit
     assert run.loss_plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = run.samples_path.read_text()
     assert [line for line in samples.splitlines() if line.startswith("### prompt")] == [
-        "### prompt: 'import'", "### prompt: 'def'", "### prompt: 'class'"]
+        "### prompt: 'import'",
+        "### prompt: 'def'",
+        "### prompt: 'class'",
+    ]
     assert "samples.txt" in result.outputs
     assert [p.name for p in sorted(run.checkpoints_dir.iterdir())] == ["step-8"]  # save_total_limit=1
-    assert result.metrics["steps"] == 8 and result.metrics["eval_perplexity"] == pytest.approx(evals[-1]["eval_perplexity"])
+    assert result.metrics["steps"] == 8 and result.metrics["eval_perplexity"] == pytest.approx(
+        evals[-1]["eval_perplexity"]
+    )
     assert run.stage("train")["status"] == "done"
 
 
 def test_lr_schedule_warmup_then_cosine(preprocessed, corpus_root):
-    recipe, run = fresh_run(preprocessed, corpus_root, "schedule", train={"max_steps": 6, "warmup_steps": 2, "eval_steps": 6})
+    recipe, run = fresh_run(
+        preprocessed, corpus_root, "schedule", train={"max_steps": 6, "warmup_steps": 2, "eval_steps": 6}
+    )
     execute("train", recipe, run)
     lrs = [r["lr"] for r in metrics(run) if "lr" in r]
     assert lrs[:3] == pytest.approx([0.0, 5e-4, 1e-3])
@@ -130,9 +158,19 @@ def test_lr_schedule_warmup_then_cosine(preprocessed, corpus_root):
 
 def test_early_stopping_on_validation_loss(preprocessed, corpus_root):
     # A learning rate of 3.0 blows the model up, so validation loss stops improving at once.
-    recipe, run = fresh_run(preprocessed, corpus_root, "early", train={
-        "max_steps": 30, "eval_steps": 1, "early_stopping_patience": 2, "learning_rate": 3.0, "warmup_steps": 0,
-        "max_grad_norm": 0})
+    recipe, run = fresh_run(
+        preprocessed,
+        corpus_root,
+        "early",
+        train={
+            "max_steps": 30,
+            "eval_steps": 1,
+            "early_stopping_patience": 2,
+            "learning_rate": 3.0,
+            "warmup_steps": 0,
+            "max_grad_norm": 0,
+        },
+    )
     result = execute("train", recipe, run)
     assert result.metrics["early_stopped"] is True
     assert result.metrics["steps"] < 30
@@ -181,11 +219,15 @@ def test_sigkill_then_resume_reproduces_losses(preprocessed, corpus_root):
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(preprocessed, corpus_root):
-    recipe, run = fresh_run(preprocessed, corpus_root, "sigterm", train={"max_steps": 100000, "save_steps": 100000, "eval_steps": 100000})
+    recipe, run = fresh_run(
+        preprocessed, corpus_root, "sigterm", train={"max_steps": 100000, "save_steps": 100000, "eval_steps": 100000}
+    )
     path = write_recipe(recipe, corpus_root / "sigterm" / "recipe.yaml")
     proc = cli("train", str(path))
     deadline = time.time() + 120
-    while time.time() < deadline and not (run.metrics_path.is_file() and len(run.metrics_path.read_text().splitlines()) >= 3):
+    while time.time() < deadline and not (
+        run.metrics_path.is_file() and len(run.metrics_path.read_text().splitlines()) >= 3
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -199,7 +241,12 @@ def test_sigterm_checkpoints_and_exits_cleanly(preprocessed, corpus_root):
 
 
 def test_corrupt_checkpoint_falls_back_to_previous(preprocessed, corpus_root, capsys):
-    recipe, run = fresh_run(preprocessed, corpus_root, "corrupt", train={"max_steps": 6, "save_steps": 2, "eval_steps": 100, "save_total_limit": 3})
+    recipe, run = fresh_run(
+        preprocessed,
+        corpus_root,
+        "corrupt",
+        train={"max_steps": 6, "save_steps": 2, "eval_steps": 100, "save_total_limit": 3},
+    )
     execute("train", recipe, run)
     assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["step-2", "step-4", "step-6"]
     weights = run.checkpoints_dir / "step-6" / "model.safetensors"
@@ -234,8 +281,12 @@ def test_lora_finetune_merges_into_plain_model(pretrained_run, corpus_root, tiny
 
     root = corpus_root / "lora"
     shutil.copytree(pretrained_run, root / "run")
-    recipe = make_recipe(root, tokenizer={"path": str(tiny_gpt2_dir)}, model={"pretrained": str(tiny_gpt2_dir)},
-                         train={"max_steps": 4, "learning_rate": 1e-2, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}})
+    recipe = make_recipe(
+        root,
+        tokenizer={"path": str(tiny_gpt2_dir)},
+        model={"pretrained": str(tiny_gpt2_dir)},
+        train={"max_steps": 4, "learning_rate": 1e-2, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+    )
     run = prepare_run_dir(recipe)
     result = execute("train", recipe, run)
     assert result.metrics["trainable_parameters"] < result.metrics["parameters"] / 5
@@ -248,7 +299,10 @@ def test_lora_finetune_merges_into_plain_model(pretrained_run, corpus_root, tiny
     assert any("c_attn" in n for n in changed)
     assert not any("wte" in n or "ln_" in n for n in changed)  # only LoRA-targeted matrices moved
     tokenizer = AutoTokenizer.from_pretrained(run.model_dir)
-    assert merged.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert merged.generation_config.eos_token_id == [
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    ]
 
 
 def test_pretrained_bad_directories(preprocessed, corpus_root, tiny_gpt2_dir, tmp_path):
@@ -286,9 +340,13 @@ def test_train_before_preprocess_is_one_line_error(tmp_path):
 def test_two_process_ddp_matches_one_process(preprocessed, corpus_root):
     """--num-processes 2 (gloo DDP, batch 2 each) follows the 1-process batch-4 run step for step."""
     one_recipe, one = fresh_run(preprocessed, corpus_root, "ddp1", train={"max_steps": 5, "eval_steps": 5})
-    two_recipe, two = fresh_run(preprocessed, corpus_root, "ddp2", train={"max_steps": 5, "eval_steps": 5, "per_device_train_batch_size": 2})
+    two_recipe, two = fresh_run(
+        preprocessed, corpus_root, "ddp2", train={"max_steps": 5, "eval_steps": 5, "per_device_train_batch_size": 2}
+    )
     execute("train", one_recipe, one)
-    proc = cli("train", str(write_recipe(two_recipe, corpus_root / "ddp2" / "recipe.yaml")), "--num-processes", "2", "--json")
+    proc = cli(
+        "train", str(write_recipe(two_recipe, corpus_root / "ddp2" / "recipe.yaml")), "--num-processes", "2", "--json"
+    )
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
     assert json.loads(out)["metrics"]["processes"] == 2

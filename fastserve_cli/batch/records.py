@@ -82,8 +82,10 @@ def scan_input(path: Path) -> int:
         if line.custom_id is None:
             continue
         if line.custom_id in first_seen:
-            raise UserError(f"{path}: line {line.number} repeats custom_id {line.custom_id!r} of line "
-                            f"{first_seen[line.custom_id]}; custom_ids must be unique")
+            raise UserError(
+                f"{path}: line {line.number} repeats custom_id {line.custom_id!r} of line "
+                f"{first_seen[line.custom_id]}; custom_ids must be unique"
+            )
         first_seen[line.custom_id] = line.number
     if count == 0:
         raise UserError(f"{path}: no requests (the file is empty)")
@@ -91,23 +93,36 @@ def scan_input(path: Path) -> int:
 
 
 def success(line: Line, body: dict[str, Any], status: int = 200) -> dict[str, Any]:
-    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id,
-            "response": {"status_code": status, "request_id": body.get("id") or f"req_{uuid.uuid4().hex[:24]}",
-                         "body": body},
-            "error": None}
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": line.custom_id,
+        "response": {
+            "status_code": status,
+            "request_id": body.get("id") or f"req_{uuid.uuid4().hex[:24]}",
+            "body": body,
+        },
+        "error": None,
+    }
 
 
 def failure(line: Line, status: int, error_body: dict[str, Any]) -> dict[str, Any]:
     """A request the endpoint rejected: the same status and OpenAI error body the server would answer."""
-    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id,
-            "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex[:24]}", "body": error_body},
-            "error": None}
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": line.custom_id,
+        "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex[:24]}", "body": error_body},
+        "error": None,
+    }
 
 
 def line_error(line: Line, code: str, message: str) -> dict[str, Any]:
     """A line that never became a request (not JSON, unknown url...): no response, an error naming the line."""
-    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id, "response": None,
-            "error": {"code": code, "message": message, "line": line.number}}
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": line.custom_id,
+        "response": None,
+        "error": {"code": code, "message": message, "line": line.number},
+    }
 
 
 def record_key(record: dict[str, Any]) -> str | None:
@@ -135,8 +150,10 @@ class ResultWriter:
         with open(self.path, "rb") as handle:
             for number, raw in enumerate(handle, 1):
                 if torn_line:  # a bad line with more after it: not a torn tail, so not a file we wrote
-                    raise UserError(f"{self.path}: line {torn_line} is not a batch result record; pass a new "
-                                    "output path (or the output of an earlier run of this batch to resume it)")
+                    raise UserError(
+                        f"{self.path}: line {torn_line} is not a batch result record; pass a new "
+                        "output path (or the output of an earlier run of this batch to resume it)"
+                    )
                 try:
                     key = record_key(json.loads(raw)) if raw.endswith(b"\n") else None
                 except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):

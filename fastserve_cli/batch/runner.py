@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastserve_cli.batch.records import (
-    CHAT_URL, EMBEDDINGS_URL, Line, ResultWriter, failure, line_error, read_lines, scan_input, success)
+    CHAT_URL,
+    EMBEDDINGS_URL,
+    Line,
+    ResultWriter,
+    failure,
+    line_error,
+    read_lines,
+    scan_input,
+    success,
+)
 
 
 @dataclass
@@ -35,11 +44,18 @@ class BatchResult:
     def metrics(self) -> dict[str, Any]:
         done = self.succeeded + self.failed
         torn = {"torn_tail_bytes_cut": self.truncated_bytes} if self.truncated_bytes else {}
-        return {**torn, "requests": self.total, "resumed_skipped": self.skipped, "succeeded": self.succeeded,
-                "failed": self.failed, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "elapsed_s": round(self.elapsed_s, 2),
-                "requests_per_s": round(done / max(self.elapsed_s, 1e-9), 2),
-                "completion_tokens_per_s": round(self.completion_tokens / max(self.elapsed_s, 1e-9), 1)}
+        return {
+            **torn,
+            "requests": self.total,
+            "resumed_skipped": self.skipped,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "elapsed_s": round(self.elapsed_s, 2),
+            "requests_per_s": round(done / max(self.elapsed_s, 1e-9), 2),
+            "completion_tokens_per_s": round(self.completion_tokens / max(self.elapsed_s, 1e-9), 1),
+        }
 
 
 @dataclass
@@ -61,8 +77,9 @@ class Pending:
 class BatchRun:
     """One pass over the input: owns the engine, the writer and the window of in-flight lines."""
 
-    def __init__(self, loaded, model_name: str, writer: ResultWriter, max_in_flight: int,
-                 advance: Callable[[int, int], None]) -> None:
+    def __init__(
+        self, loaded, model_name: str, writer: ResultWriter, max_in_flight: int, advance: Callable[[int, int], None]
+    ) -> None:
         self.loaded, self.model_name, self.writer = loaded, model_name, writer
         self.max_in_flight = max_in_flight
         self.advance = advance  # (lines, completion tokens) -> progress display
@@ -95,8 +112,12 @@ class BatchRun:
             code = "invalid_url" if line.url is not None and "url" in line.problem else "invalid_request"
             return line_error(line, code, line.problem)
         if line.url == EMBEDDINGS_URL:
-            return line_error(line, "unsupported_url", f"line {line.number}: this server has no /v1/embeddings "
-                              "endpoint for this model; send completions or chat completions")
+            return line_error(
+                line,
+                "unsupported_url",
+                f"line {line.number}: this server has no /v1/embeddings "
+                "endpoint for this model; send completions or chat completions",
+            )
         try:
             plan = self.plan(line)
         except OpenAIError as err:
@@ -168,8 +189,18 @@ class BatchRun:
         if pending.error is not None:
             err = OpenAIError(500, f"generation failed: {pending.error}", type_="server_error")
             return failure(pending.line, 500, err.body()), True
-        choices = [make_choice(pending.plan, self.loaded, i, "".join(pending.texts[i]), pending.entries[i],
-                               pending.reasons[i], final=True) for i in sorted(pending.texts)]
+        choices = [
+            make_choice(
+                pending.plan,
+                self.loaded,
+                i,
+                "".join(pending.texts[i]),
+                pending.entries[i],
+                pending.reasons[i],
+                final=True,
+            )
+            for i in sorted(pending.texts)
+        ]
         generated = sum(r.num_generated for r in pending.reqs)
         self.result.prompt_tokens += pending.plan.prompt_tokens
         self.result.completion_tokens += generated
@@ -186,8 +217,9 @@ class BatchRun:
         self.advance(1, tokens if not failed else 0)
 
 
-def run_batch(target, cfg, input_path: Path, output_path: Path, max_in_flight: int = 1024,
-              show_progress: bool = True) -> BatchResult:
+def run_batch(
+    target, cfg, input_path: Path, output_path: Path, max_in_flight: int = 1024, show_progress: bool = True
+) -> BatchResult:
     """Answer every line of `input_path` not yet answered in `output_path` (appending to it)."""
     from fastserve_cli.serve import build_engine
 
@@ -224,12 +256,27 @@ class _progress:
     def __enter__(self) -> Callable[[int, int], None]:
         if not self.enabled:
             return lambda lines, tokens: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         from fastserve_cli.core.console import err_console
 
-        self.bar = Progress(TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=err_console(), transient=True)
+        self.bar = Progress(
+            TextColumn("batch"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console(),
+            transient=True,
+        )
         self.bar.__enter__()
         self.task = self.bar.add_task("batch", total=self.total, rate="", completed=0)
         return self.advance

@@ -37,7 +37,9 @@ def load_splits(data_dir) -> tuple[Any, Any]:
         raise UserError(f"{data_dir}: no preprocessed dataset here ({err}); run `fastserve preprocess` first") from None
     missing = {"train", "validation"} - set(data.keys())
     if missing:
-        raise UserError(f"{data_dir}: dataset lacks split(s) {', '.join(sorted(missing))}; re-run `fastserve preprocess`")
+        raise UserError(
+            f"{data_dir}: dataset lacks split(s) {', '.join(sorted(missing))}; re-run `fastserve preprocess`"
+        )
     for split in ("train", "validation"):
         if "input_ids" not in data[split].column_names:
             raise UserError(f"{data_dir}: split {split} has no input_ids column; re-run `fastserve preprocess`")

@@ -55,8 +55,11 @@ def manifest_table(run, manifest: dict[str, Any], stage_order: list[str]) -> Non
             shown = entry["error"]
         duration = entry.get("duration_s")
         table.add_row(
-            name, f"[{colour}]{status}[/{colour}]", (entry.get("started_at") or "")[5:16].replace("T", " "),
+            name,
+            f"[{colour}]{status}[/{colour}]",
+            (entry.get("started_at") or "")[5:16].replace("T", " "),
             f"{duration:.1f}s" if isinstance(duration, (int, float)) else "",
-            (entry.get("fingerprint") or "")[:8], shown,
+            (entry.get("fingerprint") or "")[:8],
+            shown,
         )
     out_console().print(table)

@@ -19,15 +19,28 @@ from typing import Any, Iterable, Iterator
 EXCHANGE, FEEDBACK = "exchange", "feedback"
 
 
-def exchange_record(id_: str, model: str, messages: list[dict], reply: str, usage: dict, finish_reason: str | None) -> dict:
-    return {"type": EXCHANGE, "id": id_, "created": int(time.time()), "model": model,
-            "messages": [*messages, {"role": "assistant", "content": reply}], "usage": usage,
-            "finish_reason": finish_reason}
+def exchange_record(
+    id_: str, model: str, messages: list[dict], reply: str, usage: dict, finish_reason: str | None
+) -> dict:
+    return {
+        "type": EXCHANGE,
+        "id": id_,
+        "created": int(time.time()),
+        "model": model,
+        "messages": [*messages, {"role": "assistant", "content": reply}],
+        "usage": usage,
+        "finish_reason": finish_reason,
+    }
 
 
 def feedback_record(id_: str, rating: float, corrected_answer: str | None) -> dict:
-    return {"type": FEEDBACK, "id": id_, "created": int(time.time()), "rating": rating,
-            "corrected_answer": corrected_answer}
+    return {
+        "type": FEEDBACK,
+        "id": id_,
+        "created": int(time.time()),
+        "rating": rating,
+        "corrected_answer": corrected_answer,
+    }
 
 
 def read_records(path: str) -> Iterator[dict[str, Any]]:
@@ -60,9 +73,15 @@ def rated_conversations(paths: Iterable[str], min_rating: float, stats: dict[str
                 continue
             stats["exchanges"] = stats.get("exchanges", 0) + 1
             feedback = latest.get(record["id"])
-            if feedback is None or not isinstance(feedback.get("rating"), (int, float)) or feedback["rating"] < min_rating:
+            if (
+                feedback is None
+                or not isinstance(feedback.get("rating"), (int, float))
+                or feedback["rating"] < min_rating
+            ):
                 continue
-            messages = [{"role": str(m.get("role")), "content": str(m.get("content") or "")} for m in record["messages"]]
+            messages = [
+                {"role": str(m.get("role")), "content": str(m.get("content") or "")} for m in record["messages"]
+            ]
             if feedback.get("corrected_answer") and messages and messages[-1]["role"] == "assistant":
                 messages[-1]["content"] = feedback["corrected_answer"]
                 stats["corrected"] = stats.get("corrected", 0) + 1

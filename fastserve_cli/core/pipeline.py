@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 from fastserve_cli.core.errors import UserError
 from fastserve_cli.core.recipe import Recipe, dump_recipe
-from fastserve_cli.core.sources import find_files
 from fastserve_cli.core.rundir import RunDir, StageResult, atomic_write_text, fingerprint, library_versions, now_iso
+from fastserve_cli.core.sources import find_files
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,13 @@ def execute(name: str, recipe: Recipe, run: RunDir) -> StageResult:
     started = time.time()
     run.remove_stale_temps()
     run.update_stage(
-        name, status="running", started_at=now_iso(), finished_at=None, error=None,
-        fingerprint=stage_fingerprint(stage, recipe, run), pid=os.getpid(),
+        name,
+        status="running",
+        started_at=now_iso(),
+        finished_at=None,
+        error=None,
+        fingerprint=stage_fingerprint(stage, recipe, run),
+        pid=os.getpid(),
     )
     try:
         result = func(recipe, run)
@@ -105,15 +110,23 @@ def execute(name: str, recipe: Recipe, run: RunDir) -> StageResult:
         run.update_stage(name, status="failed", finished_at=now_iso(), error=reason.splitlines()[0][:500])
         raise
     run.update_stage(
-        name, status="done", finished_at=now_iso(), duration_s=round(time.time() - started, 3),
-        run_id=uuid.uuid4().hex, outputs=result.outputs, metrics=result.metrics,
+        name,
+        status="done",
+        finished_at=now_iso(),
+        duration_s=round(time.time() - started, 3),
+        run_id=uuid.uuid4().hex,
+        outputs=result.outputs,
+        metrics=result.metrics,
         versions=library_versions(),
     )
     return result
 
 
 def run_pipeline(
-    recipe: Recipe, run: RunDir, force: set[str], until: str | None,
+    recipe: Recipe,
+    run: RunDir,
+    force: set[str],
+    until: str | None,
     on_event: Callable[[str, str], None] = lambda stage, event: None,
 ) -> dict[str, str]:
     """Run stages in order, skipping those whose fingerprint is unchanged; returns stage -> outcome.

@@ -28,7 +28,12 @@ class Section(BaseModel):
 class NearDedupConfig(Section):
     """MinHash LSH over word n-gram shingles (datasketch's MinHash, banding done on disk)."""
 
-    threshold: float = Field(0.7, gt=0.0, lt=1.0, description="Estimated Jaccard similarity (of word-trigram sets) at or above which a later document is a near-duplicate of an earlier one; 0.7 with 3-grams found 98% of planted near-copies (0.5-2% of words changed) at precision 1.0 (scripts/bench_preprocess.py).")
+    threshold: float = Field(
+        0.7,
+        gt=0.0,
+        lt=1.0,
+        description="Estimated Jaccard similarity (of word-trigram sets) at or above which a later document is a near-duplicate of an earlier one; 0.7 with 3-grams found 98% of planted near-copies (0.5-2% of words changed) at precision 1.0 (scripts/bench_preprocess.py).",
+    )
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: sharper threshold, slower).")
     ngram: int = Field(3, ge=1, le=32, description="Words per shingle.")
     seed: int = Field(1, description="MinHash seed; fixed, so the same corpus gives the same result.")
@@ -38,41 +43,81 @@ class CleanConfig(Section):
     """Document cleaning before tokenizing; every step is optional. Runs in this order: html, fix_text,
     normalize, pii, length/repetition/symbol/language filters, exact dedup, near dedup."""
 
-    html: Literal["auto", "always", "off"] = Field("auto", description="HTML to text with resiliparse (main content: scripts, navigation and boilerplate gone). auto: documents that start like HTML (<!doctype/<html>, e.g. .html files); always: every document (an HTML column).")
+    html: Literal["auto", "always", "off"] = Field(
+        "auto",
+        description="HTML to text with resiliparse (main content: scripts, navigation and boilerplate gone). auto: documents that start like HTML (<!doctype/<html>, e.g. .html files); always: every document (an HTML column).",
+    )
     fix_text: bool = Field(True, description="Repair mojibake and broken Unicode with ftfy.")
-    normalize: Literal["NFC", "NFKC", "off"] = Field("NFC", description="Unicode normal form; also removes control and zero-width characters and normalises whitespace (unless off).")
+    normalize: Literal["NFC", "NFKC", "off"] = Field(
+        "NFC",
+        description="Unicode normal form; also removes control and zero-width characters and normalises whitespace (unless off).",
+    )
     pii: bool = Field(False, description="Replace e-mail addresses with <EMAIL> and IP addresses with <IP>.")
     min_chars: int | None = Field(20, ge=1, description="Drop documents shorter than this (after the steps above).")
     max_chars: int | None = Field(None, ge=1, description="Drop documents longer than this.")
-    repetition: bool = Field(True, description="Gopher repetition filters: duplicated lines/paragraphs and repeated n-grams.")
-    max_symbol_ratio: float | None = Field(0.1, gt=0, description="Gopher: drop documents with more '#' and '...' per word than this.")
-    languages: list[str] = Field(default_factory=list, description="Keep only these ISO 639-1 languages (py3langid); empty: no language filter.")
-    min_language_score: float = Field(0.5, ge=0, le=1, description="Language filter: minimum probability of the detected language.")
-    exact_dedup: bool = Field(True, description="Drop documents whose normalised text repeats an earlier one (64-bit hash).")
-    near_dedup: NearDedupConfig | None = Field(default_factory=NearDedupConfig, description="MinHash LSH near-duplicate removal (null: off).")
+    repetition: bool = Field(
+        True, description="Gopher repetition filters: duplicated lines/paragraphs and repeated n-grams."
+    )
+    max_symbol_ratio: float | None = Field(
+        0.1, gt=0, description="Gopher: drop documents with more '#' and '...' per word than this."
+    )
+    languages: list[str] = Field(
+        default_factory=list, description="Keep only these ISO 639-1 languages (py3langid); empty: no language filter."
+    )
+    min_language_score: float = Field(
+        0.5, ge=0, le=1, description="Language filter: minimum probability of the detected language."
+    )
+    exact_dedup: bool = Field(
+        True, description="Drop documents whose normalised text repeats an earlier one (64-bit hash)."
+    )
+    near_dedup: NearDedupConfig | None = Field(
+        default_factory=NearDedupConfig, description="MinHash LSH near-duplicate removal (null: off)."
+    )
     examples: int = Field(3, ge=0, le=100, description="Examples per step written to data/clean_examples.jsonl.")
 
 
 class DataConfig(Section):
     """Where the raw text comes from and how it becomes training blocks."""
 
-    paths: list[str] = Field(default_factory=list, description="Files, directories or globs; `{stdlib}` expands to the stdlib dir.")
-    dataset: str | None = Field(None, description="A hub dataset name passed to `datasets.load_dataset` (needs network).")
+    paths: list[str] = Field(
+        default_factory=list, description="Files, directories or globs; `{stdlib}` expands to the stdlib dir."
+    )
+    dataset: str | None = Field(
+        None, description="A hub dataset name passed to `datasets.load_dataset` (needs network)."
+    )
     dataset_config: str | None = None
     dataset_split: str = "train"
     exclude: list[str] = Field(default_factory=list, description="Glob patterns (fnmatch on the full path) to drop.")
     format: Literal["auto", "text", "json", "csv", "parquet"] = "auto"
     text_column: str = "text"
-    messages_column: str | None = Field(None, description="Column of chat `messages` lists, rendered with the chat template.")
-    mode: Literal["pack", "sft"] = Field("pack", description="pack: fixed blocks with EOS between documents; sft: one sequence per example with a loss mask.")
+    messages_column: str | None = Field(
+        None, description="Column of chat `messages` lists, rendered with the chat template."
+    )
+    mode: Literal["pack", "sft"] = Field(
+        "pack",
+        description="pack: fixed blocks with EOS between documents; sft: one sequence per example with a loss mask.",
+    )
     block_size: int = Field(256, ge=8, le=131072)
     validation_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     max_documents: int | None = Field(None, ge=1)
-    on_decode_error: Literal["error", "skip"] = Field("error", description="What to do with a text file that is not valid UTF-8.")
-    num_proc: int = Field(1, ge=1, description="Processes for tokenizing; 1 is fastest on 2 cores (tokenizers already uses both).")
-    batch_size: int = Field(256, ge=1, description="Documents per tokenizer batch (encoded by a worker thread while the previous one is packed).")
-    clean: CleanConfig | None = Field(None, description="Cleaning steps (HTML, Unicode, filters, dedup, PII); off when unset. See docs/cleaning.md.")
-    min_feedback: float | None = Field(None, description="Read data.paths as serve request logs (serve.log_requests) and keep exchanges whose latest feedback rating is >= this; a corrected answer replaces the reply. Needs data.messages_column: messages.")
+    on_decode_error: Literal["error", "skip"] = Field(
+        "error", description="What to do with a text file that is not valid UTF-8."
+    )
+    num_proc: int = Field(
+        1, ge=1, description="Processes for tokenizing; 1 is fastest on 2 cores (tokenizers already uses both)."
+    )
+    batch_size: int = Field(
+        256,
+        ge=1,
+        description="Documents per tokenizer batch (encoded by a worker thread while the previous one is packed).",
+    )
+    clean: CleanConfig | None = Field(
+        None, description="Cleaning steps (HTML, Unicode, filters, dedup, PII); off when unset. See docs/cleaning.md."
+    )
+    min_feedback: float | None = Field(
+        None,
+        description="Read data.paths as serve request logs (serve.log_requests) and keep exchanges whose latest feedback rating is >= this; a corrected answer replaces the reply. Needs data.messages_column: messages.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -90,7 +135,9 @@ class DataConfig(Section):
 class TokenizerConfig(Section):
     """Train a byte-level BPE, or load a tokenizer from a local directory."""
 
-    path: str | None = Field(None, description="Local directory with a transformers tokenizer; when set, nothing is trained.")
+    path: str | None = Field(
+        None, description="Local directory with a transformers tokenizer; when set, nothing is trained."
+    )
     vocab_size: int = Field(8192, ge=300, le=1_000_000)
     min_frequency: int = Field(2, ge=1)
     eos_token: str = "<|endoftext|>"
@@ -105,9 +152,15 @@ class ModelConfig(Section):
 
     architecture: Literal["gpt2", "llama"] = "gpt2"
     size: Literal["tiny", "mini", "small", "base", "medium"] = Field(
-        "tiny", description="layers/width/heads: tiny 2/128/4, mini 4/256/4, small 6/384/6, base 12/768/12 (GPT-2 124M), medium 24/1024/16.")
-    pretrained: str | None = Field(None, description="Local directory loadable by AutoModelForCausalLM; overrides architecture/size.")
-    config: dict[str, Any] = Field(default_factory=dict, description="Overrides of the transformers config (e.g. n_layer: 4).")
+        "tiny",
+        description="layers/width/heads: tiny 2/128/4, mini 4/256/4, small 6/384/6, base 12/768/12 (GPT-2 124M), medium 24/1024/16.",
+    )
+    pretrained: str | None = Field(
+        None, description="Local directory loadable by AutoModelForCausalLM; overrides architecture/size."
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the transformers config (e.g. n_layer: 4)."
+    )
     trust_remote_code: bool = False
 
 
@@ -141,7 +194,10 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, ge=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     torch_compile: bool = False
-    fused_kernels: bool = Field(True, description="Fused tanh-GELU and a chunked linear+cross-entropy loss (same math, fewer memory passes; see fastserve_cli/kernels.py).")
+    fused_kernels: bool = Field(
+        True,
+        description="Fused tanh-GELU and a chunked linear+cross-entropy loss (same math, fewer memory passes; see fastserve_cli/kernels.py).",
+    )
     logging_steps: int = Field(10, ge=1)
     eval_steps: int = Field(50, ge=1)
     eval_max_batches: int | None = Field(None, ge=1)
@@ -149,8 +205,15 @@ class TrainConfig(Section):
     save_steps: int = Field(50, ge=1)
     save_total_limit: int = Field(2, ge=1)
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; all cores when unset.")
-    num_processes: int = Field(1, ge=1, description="Data-parallel processes launched with torchrun (gloo DDP on CPU, NCCL on GPUs); `--num-processes` sets it.")
-    sample_prompts: list[str] = Field(default_factory=lambda: ["import", "def", "class"], description="Greedy samples written to samples.txt after training (empty: none). End prompts where a token ends: with BPE a trailing space is a token the model rarely saw before a word.")
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Data-parallel processes launched with torchrun (gloo DDP on CPU, NCCL on GPUs); `--num-processes` sets it.",
+    )
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["import", "def", "class"],
+        description="Greedy samples written to samples.txt after training (empty: none). End prompts where a token ends: with BPE a trailing space is a token the model rarely saw before a word.",
+    )
     sample_new_tokens: int = Field(64, ge=1, le=4096)
     report_to: list[Literal[TRACKERS]] = Field(  # type: ignore[valid-type]
         default_factory=list,
@@ -165,19 +228,48 @@ class TrainConfig(Section):
 class VariantConfig(Section):
     """One optimized variant of the trained model, written to optimized/<name>/."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Directory name under optimized/; serve/export pick it by this name.")
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Directory name under optimized/; serve/export pick it by this name.",
+    )
     method: Literal["magnitude", "structured", "dynamic_int8", "weight_only_int8", "weight_only_int4", "gptq"] = Field(
-        ..., description="gptq: calibrated int4 (same format as weight_only_int4). ONNX quantization lives in export.quantize; its variants join the same report.")
+        ...,
+        description="gptq: calibrated int4 (same format as weight_only_int4). ONNX quantization lives in export.quantize; its variants join the same report.",
+    )
     sparsity: float | None = Field(None, gt=0, lt=1, description="magnitude: fraction of weights set to zero.")
-    scope: Literal["global", "layer"] = Field("global", description="magnitude: rank all block weights together, or each layer alone.")
-    heads_fraction: float | None = Field(None, ge=0, lt=1, description="structured: fraction of attention heads removed from every layer.")
-    heads_per_layer: int | None = Field(None, ge=0, description="structured: number of attention heads removed from every layer (instead of heads_fraction).")
-    neurons_fraction: float | None = Field(None, ge=0, lt=1, description="structured: fraction of MLP neurons removed from every layer.")
-    importance: Literal["weight", "activation", "gradient"] = Field("weight", description="structured: how heads/neurons are ranked.")
-    calibration_blocks: int = Field(16, ge=1, description="structured: validation blocks for activation/gradient importance; gptq: blocks its Hessians come from.")
-    recovery_steps: int = Field(0, ge=0, description="Fine-tune steps after pruning (the train stage's optimizer and schedule).")
-    group_size: int = Field(128, ge=32, description="weight_only_int4 and gptq: input channels per scale group (power of two).")
-    source: str | None = Field(None, description="Start from this earlier (pruning) variant instead of the trained model, e.g. int8 of a pruned model.")
+    scope: Literal["global", "layer"] = Field(
+        "global", description="magnitude: rank all block weights together, or each layer alone."
+    )
+    heads_fraction: float | None = Field(
+        None, ge=0, lt=1, description="structured: fraction of attention heads removed from every layer."
+    )
+    heads_per_layer: int | None = Field(
+        None,
+        ge=0,
+        description="structured: number of attention heads removed from every layer (instead of heads_fraction).",
+    )
+    neurons_fraction: float | None = Field(
+        None, ge=0, lt=1, description="structured: fraction of MLP neurons removed from every layer."
+    )
+    importance: Literal["weight", "activation", "gradient"] = Field(
+        "weight", description="structured: how heads/neurons are ranked."
+    )
+    calibration_blocks: int = Field(
+        16,
+        ge=1,
+        description="structured: validation blocks for activation/gradient importance; gptq: blocks its Hessians come from.",
+    )
+    recovery_steps: int = Field(
+        0, ge=0, description="Fine-tune steps after pruning (the train stage's optimizer and schedule)."
+    )
+    group_size: int = Field(
+        128, ge=32, description="weight_only_int4 and gptq: input channels per scale group (power of two)."
+    )
+    source: str | None = Field(
+        None,
+        description="Start from this earlier (pruning) variant instead of the trained model, e.g. int8 of a pruned model.",
+    )
 
     @model_validator(mode="after")
     def _fields_fit_method(self) -> "VariantConfig":
@@ -188,11 +280,15 @@ class VariantConfig(Section):
             if self.heads_fraction is not None and self.heads_per_layer is not None:
                 raise ValueError(f"{where}: set heads_fraction or heads_per_layer, not both")
             if not (self.heads_fraction or self.heads_per_layer or self.neurons_fraction):
-                raise ValueError(f"{where}: method structured needs heads_fraction, heads_per_layer or neurons_fraction")
+                raise ValueError(
+                    f"{where}: method structured needs heads_fraction, heads_per_layer or neurons_fraction"
+                )
         if self.method != "magnitude" and self.sparsity is not None:
             raise ValueError(f"{where}: sparsity only applies to method magnitude")
         if self.method != "structured" and (self.heads_fraction or self.heads_per_layer or self.neurons_fraction):
-            raise ValueError(f"{where}: heads_fraction/heads_per_layer/neurons_fraction only apply to method structured")
+            raise ValueError(
+                f"{where}: heads_fraction/heads_per_layer/neurons_fraction only apply to method structured"
+            )
         if self.recovery_steps and self.method not in ("magnitude", "structured"):
             raise ValueError(f"{where}: recovery_steps only apply to pruning methods")
         return self
@@ -218,8 +314,10 @@ class OptimizeConfig(Section):
             earlier = {v.name: v.method for v in variants[:i]}
             if variant.source is not None and earlier.get(variant.source) not in ("magnitude", "structured"):
                 pruned = [n for n, m in earlier.items() if m in ("magnitude", "structured")]
-                raise ValueError(f"variant {variant.name}: source {variant.source!r} must name an earlier pruning variant"
-                                 f" ({', '.join(pruned) or 'none listed before it'})")
+                raise ValueError(
+                    f"variant {variant.name}: source {variant.source!r} must name an earlier pruning variant"
+                    f" ({', '.join(pruned) or 'none listed before it'})"
+                )
         return variants
 
 
@@ -234,7 +332,11 @@ class ExportConfig(Section):
     fp16: bool = Field(False, description="fp16 export (GPU only).")
     parity_atol: float = Field(1e-3, gt=0, description="Max |Δlogits| allowed between ONNX and PyTorch (fp32 graph).")
     parity_steps: int = Field(32, ge=1, description="Greedy steps whose tokens must be identical.")
-    calibration_blocks: int = Field(8, ge=1, description="Validation blocks (the last N) that calibrate static int8; perplexity uses optimize.eval_blocks.")
+    calibration_blocks: int = Field(
+        8,
+        ge=1,
+        description="Validation blocks (the last N) that calibrate static int8; perplexity uses optimize.eval_blocks.",
+    )
     int4_block_size: int = Field(32, ge=16, description="MatMulNBits block size (a power of two).")
 
 
@@ -253,33 +355,62 @@ class ServeConfig(Section):
     source: str = Field("model", description="`model`, an optimize variant name, or `onnx`.")
     model_name: str | None = Field(None, description="Name clients send as `model`; the run name when unset.")
     scheduler: Literal["fcfs", "skip-join-mlfq", "srpt-oracle"] = Field(
-        "skip-join-mlfq", description="skip-join-mlfq (FastServe, preemptive: short requests first), fcfs, or "
-        "srpt-oracle (knows each output length from max_tokens: a benchmark bound, not for production).")
+        "skip-join-mlfq",
+        description="skip-join-mlfq (FastServe, preemptive: short requests first), fcfs, or "
+        "srpt-oracle (knows each output length from max_tokens: a benchmark bound, not for production).",
+    )
     max_batch_size: int = Field(8, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_queue: int = Field(256, ge=1)
     kv_cache_memory: str = Field("1GiB", description="KV-cache budget, e.g. 512MiB or 2GB.")
     kv_offload_memory: str = Field("4GiB", description="Host pool for KV caches offloaded from the device budget.")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
-    num_threads: int | None = Field(None, ge=1, description="Intra-op threads (torch / onnxruntime); all cores when unset.")
+    num_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads (torch / onnxruntime); all cores when unset."
+    )
     dtype: Literal["fp32", "bf16"] = Field(
-        "fp32", description="torch backend: compute precision of weights, activations and KV cache. bf16 needs a "
-        "CPU with avx512_bf16/AMX or a GPU with compute capability 8.0+ (an error elsewhere).")
-    fast_kernels: bool = Field(True, description="torch backend on CPU: fp32 Linear layers through oneDNN and GPT-2's GELU fused (same math, faster decode).")
-    api_key: str | None = Field(None, description="Require `Authorization: Bearer <key>`; FASTSERVE_API_KEY also sets it.")
-    log_requests: str | None = Field(None, description="Off by default. A JSONL path: each finished chat exchange (messages, reply, usage; never the API key) is appended, and POST /v1/feedback rates it. See docs/feedback.md.")
+        "fp32",
+        description="torch backend: compute precision of weights, activations and KV cache. bf16 needs a "
+        "CPU with avx512_bf16/AMX or a GPU with compute capability 8.0+ (an error elsewhere).",
+    )
+    fast_kernels: bool = Field(
+        True,
+        description="torch backend on CPU: fp32 Linear layers through oneDNN and GPT-2's GELU fused (same math, faster decode).",
+    )
+    api_key: str | None = Field(
+        None, description="Require `Authorization: Bearer <key>`; FASTSERVE_API_KEY also sets it."
+    )
+    log_requests: str | None = Field(
+        None,
+        description="Off by default. A JSONL path: each finished chat exchange (messages, reply, usage; never the API key) is appended, and POST /v1/feedback rates it. See docs/feedback.md.",
+    )
     starvation_s: float = Field(3.0, gt=0)
-    base_quantum_s: float | None = Field(None, gt=0, description="Skip-join MLFQ base quantum; measured at start-up when unset.")
+    base_quantum_s: float | None = Field(
+        None, gt=0, description="Skip-join MLFQ base quantum; measured at start-up when unset."
+    )
     mlfq_levels: int | None = Field(
-        8, ge=2, description="Skip-join MLFQ queue count; the last queue serves its requests first come, first served "
-        "(from 2**(levels-1) - 1 base quanta of service on). null: levels without end, as in FastServe's code.")
-    replicas: int = Field(1, ge=1, description="Engine replicas; above 1 they run on Ray Serve (extra fastserve[ray]) "
-                          "behind an ingress on host:port. 1 = this single process.")
+        8,
+        ge=2,
+        description="Skip-join MLFQ queue count; the last queue serves its requests first come, first served "
+        "(from 2**(levels-1) - 1 base quanta of service on). null: levels without end, as in FastServe's code.",
+    )
+    replicas: int = Field(
+        1,
+        ge=1,
+        description="Engine replicas; above 1 they run on Ray Serve (extra fastserve[ray]) "
+        "behind an ingress on host:port. 1 = this single process.",
+    )
     router: Literal["least-loaded", "round-robin", "prefix"] = Field(
-        "least-loaded", description="Replica choice: least-loaded (power of two choices on live load), round-robin, or "
-        "prefix (same long prompt prefix -> same replica while it is not overloaded).")
-    ray_address: str | None = Field(None, description="`auto` joins a running `ray start` cluster; unset starts a local one.")
-    replica_cpus: float = Field(1.0, gt=0, description="CPUs per replica (its intra-op threads unless num_threads is set).")
+        "least-loaded",
+        description="Replica choice: least-loaded (power of two choices on live load), round-robin, or "
+        "prefix (same long prompt prefix -> same replica while it is not overloaded).",
+    )
+    ray_address: str | None = Field(
+        None, description="`auto` joins a running `ray start` cluster; unset starts a local one."
+    )
+    replica_cpus: float = Field(
+        1.0, gt=0, description="CPUs per replica (its intra-op threads unless num_threads is set)."
+    )
     replica_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
     autoscaling: AutoscalingConfig | None = None
 
@@ -289,17 +420,24 @@ class EvalSourceConfig(Section):
 
     source: str = Field(..., description="`model`, an optimize variant name, or `onnx`.")
     via: Literal["process", "server"] = Field(
-        "process", description="process: lm-eval runs the model in the stage's process (its `hf` model for torch "
-        "directories, ours for ONNX); server: `fastserve serve` on a free port and lm-eval's `local-completions`.")
+        "process",
+        description="process: lm-eval runs the model in the stage's process (its `hf` model for torch "
+        "directories, ours for ONNX); server: `fastserve serve` on a free port and lm-eval's `local-completions`.",
+    )
 
 
 class EvalConfig(Section):
     """lm-evaluation-harness tasks run on the run's artifacts (the eval stage; needs `pip install fastserve[eval]`)."""
 
-    tasks: list[str] = Field(default_factory=list, description="lm-eval task or group names, or paths to task YAML "
-                             "files/folders (local tasks); our offline tasks: stdlib_code, stdlib_next_line, stdlib_files.")
-    sources: list[EvalSourceConfig | str] = Field(default_factory=lambda: ["model"], description="Artifacts to "
-                                                   "evaluate: `model`, variant names, `onnx`, or {source: X, via: server}.")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval task or group names, or paths to task YAML "
+        "files/folders (local tasks); our offline tasks: stdlib_code, stdlib_next_line, stdlib_files.",
+    )
+    sources: list[EvalSourceConfig | str] = Field(
+        default_factory=lambda: ["model"],
+        description="Artifacts to evaluate: `model`, variant names, `onnx`, or {source: X, via: server}.",
+    )
     num_fewshot: int | None = Field(None, ge=0)
     limit: float | None = Field(None, gt=0, description="Documents per task (a fraction when < 1); all when unset.")
     batch_size: int = Field(8, ge=1)
@@ -323,13 +461,18 @@ class GatesConfig(Section):
     min_speedup: float | None = Field(None, gt=0)
     max_size_ratio: float | None = Field(None, gt=0)
     eval: dict[str, dict[str, float | dict[Literal["min", "max"], float]]] = Field(
-        default_factory=dict, description="Eval stage: {TASK: {METRIC: min}} (or {METRIC: {max: X}} for metrics "
-        "where lower is better, e.g. bits_per_byte); every evaluated source must meet each bound.")
+        default_factory=dict,
+        description="Eval stage: {TASK: {METRIC: min}} (or {METRIC: {max: X}} for metrics "
+        "where lower is better, e.g. bits_per_byte); every evaluated source must meet each bound.",
+    )
 
 
 class Recipe(Section):
     name: str = "run"
-    run_dir: str | None = Field(None, description="Run directory (relative to the recipe file); ./runs/<name> under the current directory when unset.")
+    run_dir: str | None = Field(
+        None,
+        description="Run directory (relative to the recipe file); ./runs/<name> under the current directory when unset.",
+    )
     seed: int = 42
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -343,7 +486,14 @@ class Recipe(Section):
 
     def section_dump(self, *names: str) -> dict[str, Any]:
         """JSON-able dump of some top-level keys, used for stage fingerprints."""
-        return {n: (getattr(self, n).model_dump(mode="json") if isinstance(getattr(self, n), BaseModel) else getattr(self, n)) for n in names}
+        return {
+            n: (
+                getattr(self, n).model_dump(mode="json")
+                if isinstance(getattr(self, n), BaseModel)
+                else getattr(self, n)
+            )
+            for n in names
+        }
 
 
 # ---------------------------------------------------------------- loading
@@ -367,8 +517,9 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     recipe.data.paths = [_resolve(base, p) for p in recipe.data.paths]  # type: ignore[misc]
     recipe.tokenizer.path = _resolve(base, recipe.tokenizer.path)
     recipe.model.pretrained = _resolve(base, recipe.model.pretrained)
-    recipe.eval.tasks = [_resolve(base, t) if t.endswith((".yaml", ".yml")) or "/" in t else t
-                         for t in recipe.eval.tasks]
+    recipe.eval.tasks = [
+        _resolve(base, t) if t.endswith((".yaml", ".yml")) or "/" in t else t for t in recipe.eval.tasks
+    ]
     recipe.run_dir = _resolve(base, recipe.run_dir) if recipe.run_dir else str(Path("runs", recipe.name).resolve())
     return recipe
 
@@ -462,7 +613,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: a recipe must be a mapping of sections (data:, train:, ...), got {type(raw).__name__}")
+        raise UserError(
+            f"{path}: a recipe must be a mapping of sections (data:, train:, ...), got {type(raw).__name__}"
+        )
     return raw
 
 

@@ -25,16 +25,33 @@ class GateFailure(UserError):
     """One or more variants broke a recipe gate; the report is already written."""
 
 
-def make_row(name: str, method: str, backend: str, path: str, parameters: int | None, size_bytes: int | None,
-             perplexity: float | None, decode_ms_per_token: float | None, details: dict[str, Any] | None = None) -> dict[str, Any]:
+def make_row(
+    name: str,
+    method: str,
+    backend: str,
+    path: str,
+    parameters: int | None,
+    size_bytes: int | None,
+    perplexity: float | None,
+    decode_ms_per_token: float | None,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A report row in the shared shape; ratios and gates are filled in by `add_rows`."""
     if backend not in ("torch", "onnx"):
         raise ValueError(f"backend must be torch or onnx, got {backend!r}")
     return {
-        "name": name, "method": method, "backend": backend, "path": path, "parameters": parameters,
-        "size_bytes": size_bytes, "perplexity": perplexity, "decode_ms_per_token": decode_ms_per_token,
+        "name": name,
+        "method": method,
+        "backend": backend,
+        "path": path,
+        "parameters": parameters,
+        "size_bytes": size_bytes,
+        "perplexity": perplexity,
+        "decode_ms_per_token": decode_ms_per_token,
         "tokens_per_s": (1000.0 / decode_ms_per_token) if decode_ms_per_token else None,
-        "ratios": {}, "gates": {"passed": True, "failures": []}, "details": details or {},
+        "ratios": {},
+        "gates": {"passed": True, "failures": []},
+        "details": details or {},
     }
 
 
@@ -68,10 +85,14 @@ def ratios(row: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]
     def div(a: Any, b: Any) -> float | None:
         return (a / b) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 
-    out = {"size": div(row.get("size_bytes"), base.get("size_bytes")),
-           "perplexity": div(row.get("perplexity"), base.get("perplexity")),
-           "speedup": div(row.get("details", {}).get("baseline_decode_ms", base.get("decode_ms_per_token")),
-                          row.get("decode_ms_per_token"))}
+    out = {
+        "size": div(row.get("size_bytes"), base.get("size_bytes")),
+        "perplexity": div(row.get("perplexity"), base.get("perplexity")),
+        "speedup": div(
+            row.get("details", {}).get("baseline_decode_ms", base.get("decode_ms_per_token")),
+            row.get("decode_ms_per_token"),
+        ),
+    }
     linear = div(row.get("details", {}).get("linear_weight_bytes"), base.get("details", {}).get("linear_weight_bytes"))
     if linear is not None:
         out["linear_size"] = linear
@@ -79,15 +100,24 @@ def ratios(row: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]
 
 
 GATES: dict[str, tuple[str, Any, Any, Any]] = {
-    "max_perplexity_increase": ("perplexity", lambda v, b: v - 1.0 > b,
-                                lambda v, b: f"perplexity +{v - 1:.2%} > bound +{b:.2%}",
-                                lambda row: f"measured {row['perplexity']:.4g}"),
-    "min_speedup": ("speedup", lambda v, b: v < b,
-                    lambda v, b: f"speedup {v:.3g}x < bound {b:g}x",
-                    lambda row: f"measured {row['tokens_per_s']:.4g} tokens/s"),
-    "max_size_ratio": ("size", lambda v, b: v > b,
-                       lambda v, b: f"size ratio {v:.3g} > bound {b:g}",
-                       lambda row: f"measured {row['size_bytes']} bytes"),
+    "max_perplexity_increase": (
+        "perplexity",
+        lambda v, b: v - 1.0 > b,
+        lambda v, b: f"perplexity +{v - 1:.2%} > bound +{b:.2%}",
+        lambda row: f"measured {row['perplexity']:.4g}",
+    ),
+    "min_speedup": (
+        "speedup",
+        lambda v, b: v < b,
+        lambda v, b: f"speedup {v:.3g}x < bound {b:g}x",
+        lambda row: f"measured {row['tokens_per_s']:.4g} tokens/s",
+    ),
+    "max_size_ratio": (
+        "size",
+        lambda v, b: v > b,
+        lambda v, b: f"size ratio {v:.3g} > bound {b:g}",
+        lambda row: f"measured {row['size_bytes']} bytes",
+    ),
 }
 
 
@@ -121,8 +151,9 @@ def finish_report(run: RunDir, recipe: Recipe, report: dict[str, Any]) -> list[s
     return failures
 
 
-def add_rows(run: RunDir, recipe: Recipe, key: dict[str, Any], rows: list[dict[str, Any]],
-             drop: set[str] | None = None) -> list[str]:
+def add_rows(
+    run: RunDir, recipe: Recipe, key: dict[str, Any], rows: list[dict[str, Any]], drop: set[str] | None = None
+) -> list[str]:
     """Merge rows into the report by name (replacing same-named ones), drop the rows named in `drop`,
     recompute ratios against the baseline row, apply `recipe.gates`, write atomically.
 
@@ -153,8 +184,15 @@ def print_report(report: dict[str, Any]) -> None:
 
     from fastserve_cli.core.console import out_console
 
-    table = Table(title="optimize report (x = ratio to baseline)", header_style="bold", box=box.SIMPLE_HEAD, show_edge=False,
-                  padding=0, pad_edge=False, collapse_padding=True)
+    table = Table(
+        title="optimize report (x = ratio to baseline)",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=0,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for column in ("variant", "method", "params", "MB", "ppl", "tok/s", "size x", "ppl x", "speed x", "gates"):
         left = column in ("variant", "method", "gates")
         table.add_column(column, justify="left" if left else "right", no_wrap=True)
@@ -164,9 +202,15 @@ def print_report(report: dict[str, Any]) -> None:
         size, params = row.get("size_bytes"), row.get("parameters")
         method = row["method"] if row["backend"] == "torch" else f"{row['method']} (onnx)"
         table.add_row(
-            row["name"], method, _fmt(params / 1e6 if params is not None else None, ".3g") + "M",
-            _fmt(size / 1e6 if size is not None else None, ".3g"), _fmt(row.get("perplexity"), ".4g"),
+            row["name"],
+            method,
+            _fmt(params / 1e6 if params is not None else None, ".3g") + "M",
+            _fmt(size / 1e6 if size is not None else None, ".3g"),
+            _fmt(row.get("perplexity"), ".4g"),
             _fmt(row.get("tokens_per_s"), ".4g"),
-            _fmt(r.get("size"), ".3f"), _fmt(r.get("perplexity"), ".4f"), _fmt(r.get("speedup"), ".2f"), gate,
+            _fmt(r.get("size"), ".3f"),
+            _fmt(r.get("perplexity"), ".4f"),
+            _fmt(r.get("speedup"), ".2f"),
+            gate,
         )
     out_console().print(table)

@@ -19,8 +19,17 @@ from fastserve_cli.core.errors import UserError
 
 MANIFEST_VERSION = 1
 TRACKED_LIBRARIES = (
-    "fastserve", "torch", "transformers", "tokenizers", "datasets", "accelerate",
-    "deepspeed", "peft", "onnx", "onnxruntime", "onnxruntime-gpu",
+    "fastserve",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "accelerate",
+    "deepspeed",
+    "peft",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
 )
 
 
@@ -207,7 +216,9 @@ class RunDir:
         try:
             manifest = read_json(self.manifest_path)
         except json.JSONDecodeError:
-            raise UserError(f"{self.manifest_path}: manifest is not valid JSON; delete the run directory and run again") from None
+            raise UserError(
+                f"{self.manifest_path}: manifest is not valid JSON; delete the run directory and run again"
+            ) from None
         manifest.setdefault("stages", {})
         return manifest
 

@@ -78,7 +78,9 @@ def find_files(cfg: DataConfig) -> list[str]:
         elif os.path.isfile(entry):
             matches = [entry]
         else:
-            raise UserError(f"data.paths[{i}] {entry}: no such file or directory; fix the path (relative paths start at the recipe's folder)")
+            raise UserError(
+                f"data.paths[{i}] {entry}: no such file or directory; fix the path (relative paths start at the recipe's folder)"
+            )
         files.extend(matches)
     kept = sorted({f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in cfg.exclude)})
     if not kept or not files:

@@ -48,7 +48,9 @@ def pick_run() -> tuple[Path, str]:
     named = os.environ.get(ENV_VAR)
     if named:
         if not is_run_dir(Path(named)):
-            raise UserError(f"{ENV_VAR}={named}: not a run directory (no recipe.yaml); unset it or point it at runs/<name>")
+            raise UserError(
+                f"{ENV_VAR}={named}: not a run directory (no recipe.yaml); unset it or point it at runs/<name>"
+            )
         return Path(named), f"${ENV_VAR}"
     last = _last_run()
     if last is not None:
@@ -57,10 +59,13 @@ def pick_run() -> tuple[Path, str]:
     if len(runs) == 1:
         return runs[0], "the only run under ./runs"
     if not runs:
-        raise UserError("no TARGET given and no run under ./runs; pass a recipe file or a run directory "
-                        f"(or set {ENV_VAR})")
-    raise UserError(f"no TARGET given and {len(runs)} runs under ./runs ({', '.join(str(r) for r in runs)}); "
-                    f"pass one of them or set {ENV_VAR}")
+        raise UserError(
+            f"no TARGET given and no run under ./runs; pass a recipe file or a run directory (or set {ENV_VAR})"
+        )
+    raise UserError(
+        f"no TARGET given and {len(runs)} runs under ./runs ({', '.join(str(r) for r in runs)}); "
+        f"pass one of them or set {ENV_VAR}"
+    )
 
 
 def resolve_target(target: str | None, say) -> str:

@@ -23,7 +23,7 @@ CHATML_TEMPLATE = (
     " 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
     "{% for tool in tools %}{{ '\n' }}{{ tool | tojson }}{% endfor %}"
     "{{ '\n</tools>\n\nFor each function call, return a json object with function name and arguments within '"
-    " '<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": '"
+    ' \'<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": \''
     " '<args-json-object>}\n</tool_call><|im_end|>\n' }}"
     "{% endif %}"
     "{% for message in messages %}"
@@ -49,8 +49,13 @@ CHATML_TEMPLATE = (
 
 
 def train_bpe(
-    texts: Iterable[str], vocab_size: int, min_frequency: int, eos_token: str, pad_token: str,
-    extra_special_tokens: list[str], chat_template: str | None = None,
+    texts: Iterable[str],
+    vocab_size: int,
+    min_frequency: int,
+    eos_token: str,
+    pad_token: str,
+    extra_special_tokens: list[str],
+    chat_template: str | None = None,
 ):
     """Train a byte-level BPE (GPT-2 style pre-tokenization) and wrap it for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -62,12 +67,19 @@ def train_bpe(
     core.decoder = decoders.ByteLevel()
     core.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     core.train_from_iterator(_batched(texts), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token=eos_token, bos_token=eos_token, unk_token=None, pad_token=pad_token,
+        tokenizer_object=core,
+        eos_token=eos_token,
+        bos_token=eos_token,
+        unk_token=None,
+        pad_token=pad_token,
         additional_special_tokens=[t for t in specials if t not in (eos_token, pad_token)],
     )
     tokenizer.chat_template = chat_template or CHATML_TEMPLATE
@@ -92,7 +104,9 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None, trust_rem
 
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"tokenizer.path {path}: directory not found; point it at a saved tokenizer or unset it to train one")
+        raise UserError(
+            f"tokenizer.path {path}: directory not found; point it at a saved tokenizer or unset it to train one"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

@@ -23,7 +23,9 @@ TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio", "comet_ml", "aim", "cle
 class Trackers:
     """The recipe's trackers for one stage; a no-op when `names` is empty."""
 
-    def __init__(self, names: list[str], experiment: str, stage: str, run_root: Path, config: dict[str, Any] | None = None):
+    def __init__(
+        self, names: list[str], experiment: str, stage: str, run_root: Path, config: dict[str, Any] | None = None
+    ):
         self.trackers: list[Any] = []
         if not names:
             return
@@ -36,8 +38,10 @@ class Trackers:
         root = Path(run_root) / "tracking"
         for name in names:
             if name in available and not available[name]():
-                raise UserError(f"train.report_to: {name} is not installed; pip install 'fastserve[tracking]' "
-                                f"or remove it from train.report_to")
+                raise UserError(
+                    f"train.report_to: {name} is not installed; pip install 'fastserve[tracking]' "
+                    f"or remove it from train.report_to"
+                )
             self.trackers.append(self._start(LOGGER_TYPE_TO_CLASS[name], name, experiment, stage, root))
         if config:
             flat = flatten(config)
@@ -57,7 +61,11 @@ class Trackers:
                 mlflow.set_tracking_uri((root / "mlruns").resolve().as_uri())
             tracker = cls(experiment_name=experiment, run_name=run_name)
         else:
-            tracker = cls(experiment, run_name=run_name) if "run_name" in cls.__init__.__code__.co_varnames else cls(experiment)
+            tracker = (
+                cls(experiment, run_name=run_name)
+                if "run_name" in cls.__init__.__code__.co_varnames
+                else cls(experiment)
+            )
         tracker.start()
         return tracker
 

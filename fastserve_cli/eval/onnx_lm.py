@@ -28,8 +28,14 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 class OnnxEvalLM(TemplateLM):
     """lm-eval `LM` for an `onnx/` directory written by `fastserve export` (graph + config + tokenizer)."""
 
-    def __init__(self, onnx_dir: str | Path, max_length: int | None = None, max_gen_toks: int = 256,
-                 threads: int | None = None, batch_size: int = 1) -> None:
+    def __init__(
+        self,
+        onnx_dir: str | Path,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        threads: int | None = None,
+        batch_size: int = 1,
+    ) -> None:
         super().__init__()
         from transformers import AutoTokenizer
 
@@ -79,14 +85,15 @@ class OnnxEvalLM(TemplateLM):
         out, _ = self.session.step(x, np.ones_like(x), np.arange(len(ids), dtype=np.int64)[None, :])
         return out[0].astype(np.float32)
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None
-                              ) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, override_bs: int | None = None
+    ) -> list[tuple[float, bool]]:
         results = []
         for cache_key, context_enc, continuation_enc in requests:
-            full = (context_enc + continuation_enc)[-(self.max_length + 1):]
+            full = (context_enc + continuation_enc)[-(self.max_length + 1) :]
             inp = full[:-1]
             contlen = len(continuation_enc)
-            logp = _log_softmax(self.logits(inp)[len(inp) - contlen:])
+            logp = _log_softmax(self.logits(inp)[len(inp) - contlen :])
             targets = np.asarray(full[-contlen:], dtype=np.int64)
             total = float(logp[np.arange(contlen), targets].sum())
             greedy = bool((logp.argmax(-1) == targets).all())
@@ -100,9 +107,18 @@ class OnnxEvalLM(TemplateLM):
 
         out = []
         for (string,) in [req.args for req in requests]:
-            windows = [(None,) + w for w in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
-                context_len=1))]
+            windows = [
+                (None,) + w
+                for w in map(
+                    utils.make_disjoint_window,
+                    utils.get_rolling_token_windows(
+                        token_list=self.tok_encode(string),
+                        prefix_token=self.prefix_token_id,
+                        max_seq_len=self.max_length,
+                        context_len=1,
+                    ),
+                )
+            ]
             total = sum(ll for ll, _ in self._loglikelihood_tokens(windows))
             out.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
@@ -116,11 +132,11 @@ class OnnxEvalLM(TemplateLM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            ids = self.tok_encode(context)[-(self.max_length - max_new):]
+            ids = self.tok_encode(context)[-(self.max_length - max_new) :]
             text = self.tok_decode(self._greedy(ids, max_new, until))
             for stop in until:
                 if stop and stop in text:
-                    text = text[:text.index(stop)]
+                    text = text[: text.index(stop)]
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return out

@@ -11,8 +11,9 @@ def print_results(document: dict[str, Any]) -> None:
     from fastserve_cli.core.console import format_value, out_console
 
     sources = document.get("sources", {})
-    table = Table(title="eval" + (f" (limit {document['limit']:g})" if document.get("limit") else ""),
-                  header_style="bold")
+    table = Table(
+        title="eval" + (f" (limit {document['limit']:g})" if document.get("limit") else ""), header_style="bold"
+    )
     table.add_column("task")
     table.add_column("metric")
     for label in sources:
@@ -23,6 +24,7 @@ def print_results(document: dict[str, Any]) -> None:
             for metric, value in metrics.items():
                 if not metric.endswith("_stderr"):
                     rows.setdefault((task, metric), {})[label] = value
+
     def cell(label: str, task: str, metric: str, values: dict[str, float]) -> str:
         if label not in values:
             return "-"

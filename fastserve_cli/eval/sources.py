@@ -45,10 +45,15 @@ def resolve_source(run: RunDir, source: str, via: str) -> Source:
     else:
         model_dir = run.variant_dir(source)
     if not (model_dir / "config.json").is_file():
-        known = ["model", "onnx", *sorted(p.name for p in run.optimized_dir.iterdir() if p.is_dir())] \
-            if run.optimized_dir.is_dir() else ["model", "onnx"]
-        raise UserError(f"eval.sources: {source!r}: nothing to evaluate at {model_dir} (no config.json); run the stage "
-                        f"that writes it, or pick one of: {', '.join(known)}")
+        known = (
+            ["model", "onnx", *sorted(p.name for p in run.optimized_dir.iterdir() if p.is_dir())]
+            if run.optimized_dir.is_dir()
+            else ["model", "onnx"]
+        )
+        raise UserError(
+            f"eval.sources: {source!r}: nothing to evaluate at {model_dir} (no config.json); run the stage "
+            f"that writes it, or pick one of: {', '.join(known)}"
+        )
     backend = "onnx" if (model_dir / "model.onnx").is_file() else "torch"
     return Source(source + ("@server" if via == "server" else ""), source, via, model_dir, backend)
 
@@ -78,9 +83,17 @@ def server_model(src: Source, url: str, batch_size: int, max_length: int | None)
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     # lm-eval keeps one position for the generated token: max_length - 1 prompt tokens at most
-    return LocalCompletionsAPI(model=src.label, base_url=f"{url}/v1/completions", tokenizer=str(src.model_dir),
-                               tokenizer_backend="huggingface", tokenized_requests=True, batch_size=batch_size,
-                               max_length=max_length or context_length(src.model_dir), max_retries=1, timeout=600)
+    return LocalCompletionsAPI(
+        model=src.label,
+        base_url=f"{url}/v1/completions",
+        tokenizer=str(src.model_dir),
+        tokenizer_backend="huggingface",
+        tokenized_requests=True,
+        batch_size=batch_size,
+        max_length=max_length or context_length(src.model_dir),
+        max_retries=1,
+        timeout=600,
+    )
 
 
 def _free_port() -> int:
@@ -101,8 +114,23 @@ def _healthy(url: str) -> bool:
 def running_server(src: Source, log_path: Path) -> Iterator[str]:
     """`fastserve serve` on the source's directory (fcfs: no start-up profiling); SIGTERM on exit."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "fastserve_cli", "serve", str(src.model_dir), "--backend", src.backend,
-           "--host", "127.0.0.1", "--port", str(port), "--model-name", src.label, "--scheduler", "fcfs"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastserve_cli",
+        "serve",
+        str(src.model_dir),
+        "--backend",
+        src.backend,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model-name",
+        src.label,
+        "--scheduler",
+        "fcfs",
+    ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
@@ -111,11 +139,15 @@ def running_server(src: Source, log_path: Path) -> Iterator[str]:
             deadline = time.monotonic() + SERVER_START_TIMEOUT_S
             while not _healthy(url):
                 if proc.poll() is not None:
-                    raise UserError(f"eval.sources: {src.label}: `fastserve serve` exited with {proc.returncode} "
-                                    f"before it was ready; see {log_path}")
+                    raise UserError(
+                        f"eval.sources: {src.label}: `fastserve serve` exited with {proc.returncode} "
+                        f"before it was ready; see {log_path}"
+                    )
                 if time.monotonic() > deadline:
-                    raise UserError(f"eval.sources: {src.label}: the server was not ready after "
-                                    f"{SERVER_START_TIMEOUT_S:.0f} s; see {log_path}")
+                    raise UserError(
+                        f"eval.sources: {src.label}: the server was not ready after "
+                        f"{SERVER_START_TIMEOUT_S:.0f} s; see {log_path}"
+                    )
                 time.sleep(0.3)
             yield url
         finally:

@@ -59,9 +59,16 @@ def evaluate_source(lm, tasks: dict[str, Any], cfg, manager) -> dict[str, dict[s
 
     per_task: dict[str, dict[str, float]] = {}
     for task_dict in tasks.values():
-        res = simple_evaluate(model=lm, tasks=list(_task_objects(task_dict)), num_fewshot=cfg.num_fewshot,
-                              limit=_limit(cfg.limit), log_samples=False, bootstrap_iters=0, verbosity="ERROR",
-                              task_manager=manager)
+        res = simple_evaluate(
+            model=lm,
+            tasks=list(_task_objects(task_dict)),
+            num_fewshot=cfg.num_fewshot,
+            limit=_limit(cfg.limit),
+            log_samples=False,
+            bootstrap_iters=0,
+            verbosity="ERROR",
+            task_manager=manager,
+        )
         for name, values in (res or {}).get("results", {}).items():
             metrics = _metrics(values)
             if metrics:
@@ -92,9 +99,15 @@ def add_deltas(results: dict[str, Any]) -> None:
     for label, entry in results.items():
         if label != baseline:
             entry["baseline"] = baseline
-            entry["deltas"] = {task: {m: v - base[task][m] for m, v in values.items()
-                                      if not m.endswith("_stderr") and m in base.get(task, {})}
-                               for task, values in entry["tasks"].items() if task in base}
+            entry["deltas"] = {
+                task: {
+                    m: v - base[task][m]
+                    for m, v in values.items()
+                    if not m.endswith("_stderr") and m in base.get(task, {})
+                }
+                for task, values in entry["tasks"].items()
+                if task in base
+            }
 
 
 def check_gates(gates: dict[str, dict[str, Any]], results: dict[str, Any]) -> list[str]:
@@ -133,25 +146,42 @@ def run_eval(recipe: Recipe, run: RunDir) -> StageResult:
     results: dict[str, Any] = {}
     for src in sources:
         started = time.time()
-        results[src.label] = {"source": src.source, "via": src.via, "backend": src.backend,
-                              "dir": run.rel(src.model_dir), "tasks": _run_source(src, tasks, cfg, max_length, run, manager)}
+        results[src.label] = {
+            "source": src.source,
+            "via": src.via,
+            "backend": src.backend,
+            "dir": run.rel(src.model_dir),
+            "tasks": _run_source(src, tasks, cfg, max_length, run, manager),
+        }
         results[src.label]["duration_s"] = round(time.time() - started, 2)
     add_deltas(results)
     failures = check_gates(recipe.gates.eval, results)
-    document = {"tasks": plan.names, "num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "max_length": max_length,
-                "sources": results, "gates": recipe.gates.eval, "gate_failures": failures}
+    document = {
+        "tasks": plan.names,
+        "num_fewshot": cfg.num_fewshot,
+        "limit": cfg.limit,
+        "max_length": max_length,
+        "sources": results,
+        "gates": recipe.gates.eval,
+        "gate_failures": failures,
+    }
     atomic_write_json(results_path(run), document)
     if failures:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise EvalGateFailure(f"eval gate failed: {failures[0]}{more}")
-    metrics = {f"{label}.{task}.{metric}": value for label, entry in results.items()
-               for task, values in entry["tasks"].items() for metric, value in values.items()
-               if not metric.endswith("_stderr")}
+    metrics = {
+        f"{label}.{task}.{metric}": value
+        for label, entry in results.items()
+        for task, values in entry["tasks"].items()
+        for metric, value in values.items()
+        if not metric.endswith("_stderr")
+    }
     return StageResult(outputs=[RESULTS], metrics=metrics)
 
 
-def _run_source(src, tasks: dict[str, Any], cfg, max_length: int | None, run: RunDir, manager
-                ) -> dict[str, dict[str, float]]:
+def _run_source(
+    src, tasks: dict[str, Any], cfg, max_length: int | None, run: RunDir, manager
+) -> dict[str, dict[str, float]]:
     if src.via == "server":
         log_path = run.root / "eval" / f"server-{src.label.replace('@', '-')}.log"
         with src_mod.running_server(src, log_path) as url:

@@ -40,8 +40,9 @@ def read_task_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}:" if mark else ""
-        raise UserError(f"eval.tasks: {path}:{where} not valid YAML ({getattr(err, 'problem', None) or err}); "
-                        "fix the task file") from None
+        raise UserError(
+            f"eval.tasks: {path}:{where} not valid YAML ({getattr(err, 'problem', None) or err}); fix the task file"
+        ) from None
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"eval.tasks: {path}: cannot read the task file ({err})") from None
     if not isinstance(data, dict) or not (data.get("task") or data.get("group")):
@@ -136,9 +137,22 @@ def _dataset_error(name: str, manager, err: Exception) -> str:
         except UserError:
             dataset = None
     text = f"{type(err).__name__}: {err}".splitlines()[0][:200]
-    offline = any(s in text.lower() for s in ("offline", "connection", "couldn't reach", "not find", "doesn't exist",
-                                              "not found", "network", "resolve"))
+    offline = any(
+        s in text.lower()
+        for s in (
+            "offline",
+            "connection",
+            "couldn't reach",
+            "not find",
+            "doesn't exist",
+            "not found",
+            "network",
+            "resolve",
+        )
+    )
     if dataset and dataset != "json" and offline:
-        return (f"eval.tasks: task {name!r} needs the hub dataset {dataset!r}, which cannot be downloaded here; "
-                "use a local task (dataset_path: json with data_files) or run where the hub is reachable")
+        return (
+            f"eval.tasks: task {name!r} needs the hub dataset {dataset!r}, which cannot be downloaded here; "
+            "use a local task (dataset_path: json with data_files) or run where the hub is reachable"
+        )
     return f"eval.tasks: task {name!r} could not be loaded: {text}"

@@ -32,8 +32,17 @@ SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2")
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's 2 GB limit
 
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
 
 
 def read_model_config(model_dir: Path) -> dict[str, Any]:
@@ -46,11 +55,15 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     model_type = config.get("model_type", "?")
     if model_type not in SUPPORTED_ARCHITECTURES:
-        raise UserError(f"{model_dir}: architecture {model_type!r} is not supported by the ONNX export; "
-                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise UserError(
+            f"{model_dir}: architecture {model_type!r} is not supported by the ONNX export; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     if config.get("quantization_config"):
-        raise UserError(f"{model_dir}: a quantized PyTorch model cannot be exported (ONNX quantizes the fp32 graph "
-                        f"itself); set export.source to `model` or a pruning variant and use export.quantize")
+        raise UserError(
+            f"{model_dir}: a quantized PyTorch model cannot be exported (ONNX quantizes the fp32 graph "
+            f"itself); set export.source to `model` or a pruning variant and use export.quantize"
+        )
     return config
 
 
@@ -62,7 +75,9 @@ def load_for_export(model_dir: Path, fp16: bool = False):
 
     config = read_model_config(model_dir)
     if fp16 and not torch.cuda.is_available():
-        raise UserError("export.fp16: fp16 export needs a CUDA GPU and none is visible; set export.fp16=false (fp32 on CPU)")
+        raise UserError(
+            "export.fp16: fp16 export needs a CUDA GPU and none is visible; set export.fp16=false (fp32 on CPU)"
+        )
     dtype = torch.float16 if fp16 else torch.float32
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # keep stderr to the one line a failure prints
@@ -106,8 +121,13 @@ def _wrapper(model):
             cache = DynamicCache()
             for i in range(len(past) // 2):
                 cache.update(past[2 * i], past[2 * i + 1], i)
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=True, **cache_kwargs(self.lm, cache))
+            out = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **cache_kwargs(self.lm, cache),
+            )
             present = [t for layer in output_cache(out).layers for t in (layer.keys, layer.values)]
             return (out.logits, *present)
 
@@ -132,10 +152,12 @@ def export_graph(model, path: Path, opset: int = 17, external_data: bool | None 
     mask = torch.ones(batch, past_len + seq, dtype=torch.long, device=device)
     positions = torch.arange(past_len, past_len + seq, device=device).unsqueeze(0).expand(batch, -1)
     past = [torch.zeros(batch, kv_heads, past_len, head_dim, dtype=dtype, device=device) for _ in range(2 * layers)]
-    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
-            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-            "position_ids": {0: "batch_size", 1: "sequence_length"},
-            "logits": {0: "batch_size", 1: "sequence_length"}}
+    axes = {
+        "input_ids": {0: "batch_size", 1: "sequence_length"},
+        "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+        "position_ids": {0: "batch_size", 1: "sequence_length"},
+        "logits": {0: "batch_size", 1: "sequence_length"},
+    }
     axes.update({name: {0: "batch_size", 2: "past_sequence_length"} for name in inputs[3:]})
     axes.update({name: {0: "batch_size", 2: "total_sequence_length"} for name in outputs[1:]})
     wrapper = _wrapper(model)
@@ -143,9 +165,17 @@ def export_graph(model, path: Path, opset: int = 17, external_data: bool | None 
     raw.mkdir(exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
-        torch.onnx.export(wrapper, (ids, mask, positions, *past), str(raw / MODEL_FILE), input_names=inputs,
-                          output_names=outputs, dynamic_axes=axes, opset_version=opset, dynamo=False,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            wrapper,
+            (ids, mask, positions, *past),
+            str(raw / MODEL_FILE),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
     model.eval()  # the legacy exporter can hand the module back in training mode
     import onnx
 
@@ -167,8 +197,14 @@ def save_model(src: Path | Any, dst: Path, external_data: bool | None = None) ->
     data_name = f"{dst.name}.data"
     if (dst.parent / data_name).exists():
         (dst.parent / data_name).unlink()
-    onnx.save_model(proto, str(dst), save_as_external_data=bool(external_data), all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
+    onnx.save_model(
+        proto,
+        str(dst),
+        save_as_external_data=bool(external_data),
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=1024,
+    )
 
 
 def share_transposed_weights(proto):
@@ -187,13 +223,20 @@ def share_transposed_weights(proto):
     for name in sorted(weights):
         dims = tuple(inits[name].dims)
         value = numpy_helper.to_array(inits[name])
-        source = next((c for c in by_shape.get(dims[::-1], []) if c != name and c not in weights
-                       and np.array_equal(numpy_helper.to_array(inits[c]).T, value)), None)
+        source = next(
+            (
+                c
+                for c in by_shape.get(dims[::-1], [])
+                if c != name and c not in weights and np.array_equal(numpy_helper.to_array(inits[c]).T, value)
+            ),
+            None,
+        )
         if source is None:
             continue
         proto.graph.initializer.remove(inits.pop(name))
-        proto.graph.node.insert(0, onnx.helper.make_node("Transpose", [source], [name], perm=[1, 0],
-                                                         name=f"shared_transpose_{name}"))
+        proto.graph.node.insert(
+            0, onnx.helper.make_node("Transpose", [source], [name], perm=[1, 0], name=f"shared_transpose_{name}")
+        )
     return proto
 
 
@@ -224,7 +267,9 @@ def torch_greedy(model, input_ids, attention_mask, new_tokens: int):
     cache = DynamicCache()
     tokens, step_logits = [], []
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwargs(model, cache))
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwargs(model, cache)
+        )
         for _ in range(new_tokens):
             last = out.logits[:, -1, :].float()
             step_logits.append(last.cpu().numpy())
@@ -232,8 +277,13 @@ def torch_greedy(model, input_ids, attention_mask, new_tokens: int):
             tokens.append(token.cpu().numpy())
             positions = positions[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                        **cache_kwargs(model, output_cache(out)))
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **cache_kwargs(model, output_cache(out)),
+            )
     return np.stack(tokens, axis=1), step_logits
 
 
@@ -249,8 +299,15 @@ def parity_prompts(vocab_size: int, batch: int, length: int, seed: int, pad_id: 
     return ids, mask
 
 
-def check_parity(model, onnx_model: OnnxCausalLM, steps: int = 32, atol: float = 1e-3, batches=(1, 4),
-                 prompt_len: int = 16, seed: int = 0) -> dict[str, Any]:
+def check_parity(
+    model,
+    onnx_model: OnnxCausalLM,
+    steps: int = 32,
+    atol: float = 1e-3,
+    batches=(1, 4),
+    prompt_len: int = 16,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Compare ONNX with PyTorch: prefill logits on real tokens, then `steps` greedy steps.
 
     Passing needs max |Δlogits| <= atol everywhere and identical greedy tokens for every step.
@@ -262,10 +319,16 @@ def check_parity(model, onnx_model: OnnxCausalLM, steps: int = 32, atol: float =
     for batch in batches:
         ids, mask = parity_prompts(model.config.vocab_size, batch, prompt_len, seed, pad_id)
         with torch.no_grad():
-            ref = model(input_ids=torch.as_tensor(ids, device=model.device),
-                        attention_mask=torch.as_tensor(mask, device=model.device),
-                        position_ids=torch.as_tensor(position_ids_from_mask(mask), device=model.device)
-                        ).logits.float().cpu().numpy()
+            ref = (
+                model(
+                    input_ids=torch.as_tensor(ids, device=model.device),
+                    attention_mask=torch.as_tensor(mask, device=model.device),
+                    position_ids=torch.as_tensor(position_ids_from_mask(mask), device=model.device),
+                )
+                .logits.float()
+                .cpu()
+                .numpy()
+            )
         got, _ = onnx_model.step(ids, mask, position_ids_from_mask(mask))
         real = mask.astype(bool)
         prefill_diff = float(np.abs(ref[real] - got.astype(np.float32)[real]).max())
@@ -274,9 +337,18 @@ def check_parity(model, onnx_model: OnnxCausalLM, steps: int = 32, atol: float =
         decode_diff = max(float(np.abs(a - b).max()) for a, b in zip(ref_logits, ort_logits))
         same = ref_tokens == ort_tokens
         first_mismatch = None if same.all() else int(np.argmax(~same.all(axis=0)))
-        results.append({"batch": batch, "prompt_len": prompt_len, "padded": batch > 1, "steps": steps,
-                        "prefill_max_abs_diff": prefill_diff, "decode_max_abs_diff": decode_diff,
-                        "tokens_identical": bool(same.all()), "first_mismatch_step": first_mismatch})
+        results.append(
+            {
+                "batch": batch,
+                "prompt_len": prompt_len,
+                "padded": batch > 1,
+                "steps": steps,
+                "prefill_max_abs_diff": prefill_diff,
+                "decode_max_abs_diff": decode_diff,
+                "tokens_identical": bool(same.all()),
+                "first_mismatch_step": first_mismatch,
+            }
+        )
     max_diff = max(max(r["prefill_max_abs_diff"], r["decode_max_abs_diff"]) for r in results)
     passed = max_diff <= atol and all(r["tokens_identical"] for r in results)
     return {"passed": passed, "max_abs_diff": max_diff, "atol": atol, "steps": steps, "cases": results}
@@ -288,8 +360,10 @@ def parity_failure_message(parity: dict[str, Any], where: str) -> str:
         what = f"max |Δlogits| {parity['max_abs_diff']:.3g} > atol {parity['atol']:g}"
     else:
         what = f"greedy tokens differ at batch {bad[0]['batch']} step {bad[0]['first_mismatch_step']}"
-    return (f"{where}: ONNX parity failed ({what}); the export was discarded. Check the model runs in PyTorch, "
-            f"or loosen export.parity_atol if the difference is expected")
+    return (
+        f"{where}: ONNX parity failed ({what}); the export was discarded. Check the model runs in PyTorch, "
+        f"or loosen export.parity_atol if the difference is expected"
+    )
 
 
 def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
@@ -314,9 +388,16 @@ def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
     return copied
 
 
-def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = 17, fp16: bool = False,
-                external_data: bool | None = None, parity_atol: float = 1e-3, parity_steps: int = 32,
-                model=None) -> dict[str, Any]:
+def export_onnx(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    opset: int = 17,
+    fp16: bool = False,
+    external_data: bool | None = None,
+    parity_atol: float = 1e-3,
+    parity_steps: int = 32,
+    model=None,
+) -> dict[str, Any]:
     """Export `model_dir` to `out_dir/model.onnx` (+ side files) and return its parity results.
 
     Usable without a run directory (the serve backend's tests call it). Does not raise on a parity
@@ -329,6 +410,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = 17, fp1
     copy_side_files(model_dir, out_dir)
     session = OnnxCausalLM(out_dir)
     parity = check_parity(model, session, steps=parity_steps, atol=parity_atol)
-    parity.update(model=MODEL_FILE, opset=opset, dtype="float16" if fp16 else "float32",
-                  providers=session.session.get_providers())
+    parity.update(
+        model=MODEL_FILE, opset=opset, dtype="float16" if fp16 else "float32", providers=session.session.get_providers()
+    )
     return parity

@@ -21,8 +21,11 @@ import numpy as np
 
 from fastserve_cli.models.onnx import OnnxCausalLM, position_ids_from_mask
 
-VARIANT_FILES = {"dynamic_int8": "model_dynamic_int8.onnx", "static_int8": "model_static_int8.onnx",
-                 "int4": "model_int4.onnx"}
+VARIANT_FILES = {
+    "dynamic_int8": "model_dynamic_int8.onnx",
+    "static_int8": "model_static_int8.onnx",
+    "int4": "model_int4.onnx",
+}
 # The weight matmuls (GPT-2's Conv1D and Llama's Linear both export as MatMul; Gemm for safety).
 WEIGHT_OPS = ["MatMul", "Gemm"]
 
@@ -37,8 +40,14 @@ def _needs_external_data(path: Path) -> bool:
 def quantize_dynamic_int8(src: Path, dst: Path, **_: Any) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(src, dst, op_types_to_quantize=WEIGHT_OPS, per_channel=True, weight_type=QuantType.QInt8,
-                     use_external_data_format=_needs_external_data(src))
+    quantize_dynamic(
+        src,
+        dst,
+        op_types_to_quantize=WEIGHT_OPS,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        use_external_data_format=_needs_external_data(src),
+    )
 
 
 def calibration_feeds(src: Path, blocks: list[list[int]]) -> list[dict[str, np.ndarray]]:
@@ -51,8 +60,14 @@ def calibration_feeds(src: Path, blocks: list[list[int]]) -> list[dict[str, np.n
         mask = np.ones_like(ids)
         _, past = session.step(ids[:, :half], mask[:, :half], position_ids_from_mask(mask[:, :half]))
         positions = np.arange(half, ids.shape[1], dtype=np.int64)[None]
-        feeds.append({"input_ids": ids[:, half:], "attention_mask": mask, "position_ids": positions,
-                      **dict(zip(session.past_names, past))})
+        feeds.append(
+            {
+                "input_ids": ids[:, half:],
+                "attention_mask": mask,
+                "position_ids": positions,
+                **dict(zip(session.past_names, past)),
+            }
+        )
     return feeds
 
 
@@ -66,14 +81,23 @@ def quantize_static_int8(src: Path, dst: Path, calibration: list[list[int]] | No
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.feeds, None)
 
-    quantize_static(src, dst, Reader(calibration_feeds(src, calibration)), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=WEIGHT_OPS, per_channel=True, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, use_external_data_format=_needs_external_data(src),
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    quantize_static(
+        src,
+        dst,
+        Reader(calibration_feeds(src, calibration)),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=WEIGHT_OPS,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        use_external_data_format=_needs_external_data(src),
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+    )
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int = 32, exact_weights: dict | None = None,
-                  report: dict | None = None, **_: Any) -> None:
+def quantize_int4(
+    src: Path, dst: Path, block_size: int = 32, exact_weights: dict | None = None, report: dict | None = None, **_: Any
+) -> None:
     """MatMulNBits int4. With `exact_weights` (models/int4_dense.py: a weight-only int4 variant exported
     dense), a weight found there keeps its own int4 values and scales (GPTQ's, say) instead of being
     re-quantized; `report["exact"]` counts those."""
@@ -82,12 +106,14 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, exact_weights: dic
 
     from fastserve_cli.export.onnx_graph import save_model
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=4)
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4
+    )
     if exact_weights:
         node_quantizer = quantizer.node_quantizer  # onnxruntime's DefaultWeightOnlyQuantizer
-        node_quantizer.qbits_block_quant = _exact_block_quant(node_quantizer.qbits_block_quant, exact_weights,
-                                                              block_size, report if report is not None else {})
+        node_quantizer.qbits_block_quant = _exact_block_quant(
+            node_quantizer.qbits_block_quant, exact_weights, block_size, report if report is not None else {}
+        )
     quantizer.process()
     save_model(quantizer.model.model, dst)
 
@@ -112,7 +138,9 @@ def _exact_block_quant(original: Callable, exact: dict, block_size: int, report:
 
 
 QUANTIZERS: dict[str, Callable[..., None]] = {
-    "dynamic_int8": quantize_dynamic_int8, "static_int8": quantize_static_int8, "int4": quantize_int4,
+    "dynamic_int8": quantize_dynamic_int8,
+    "static_int8": quantize_static_int8,
+    "int4": quantize_int4,
 }
 
 

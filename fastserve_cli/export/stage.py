@@ -28,12 +28,16 @@ def source_dir(recipe: Recipe, run: RunDir) -> Path:
         return path
     names = [v.name for v in recipe.optimize.variants]
     if source not in names:
-        raise UserError(f"export.source {source!r}: no optimize variant of that name; "
-                        f"use `model` or one of: {', '.join(names) or '(no variants in the recipe)'}")
+        raise UserError(
+            f"export.source {source!r}: no optimize variant of that name; "
+            f"use `model` or one of: {', '.join(names) or '(no variants in the recipe)'}"
+        )
     path = run.variant_dir(source)
     if not (path / "config.json").is_file():
-        raise UserError(f"export.source {source!r}: {path} holds no PyTorch model (only pruned or torch-quantized "
-                        f"variants can be exported); use `model` or a pruning variant")
+        raise UserError(
+            f"export.source {source!r}: {path} holds no PyTorch model (only pruned or torch-quantized "
+            f"variants can be exported); use `model` or a pruning variant"
+        )
     return path
 
 
@@ -60,7 +64,9 @@ def check_writable(run: RunDir) -> None:
 
     parent = run.onnx_dir.parent
     if not os.access(parent, os.W_OK | os.X_OK) or (run.onnx_dir.exists() and not os.access(run.onnx_dir, os.W_OK)):
-        raise UserError(f"{run.onnx_dir}: output directory is not writable; fix its permissions or choose another run_dir")
+        raise UserError(
+            f"{run.onnx_dir}: output directory is not writable; fix its permissions or choose another run_dir"
+        )
 
 
 # model_type -> onnxruntime transformer-optimizer type. Architectures onnxruntime has no type for (llama,
@@ -82,7 +88,9 @@ def optimize_graph(src: Path, dst: Path, model) -> dict[str, int]:
     model_type = ORT_OPTIMIZER_TYPES.get(model.config.model_type, GENERIC_DECODER_TYPE)
     _, kv_heads, head_dim = kv_shape(model)
     heads = kv_heads if model.config.model_type == "gpt2" else model.config.num_attention_heads
-    optimized = optimize_model(str(src), model_type=model_type, num_heads=heads, hidden_size=heads * head_dim, opt_level=0)
+    optimized = optimize_model(
+        str(src), model_type=model_type, num_heads=heads, hidden_size=heads * head_dim, opt_level=0
+    )
     save_model(optimized.model, dst)
     return {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
 
@@ -92,8 +100,15 @@ def build_onnx(cfg: ExportConfig, model_dir: Path, out_dir: Path):
     from fastserve_cli.export.onnx_graph import export_onnx, load_for_export
 
     model = load_for_export(model_dir, cfg.fp16)
-    parity = export_onnx(model_dir, out_dir, opset=cfg.opset, fp16=cfg.fp16, parity_atol=cfg.parity_atol,
-                         parity_steps=cfg.parity_steps, model=model)
+    parity = export_onnx(
+        model_dir,
+        out_dir,
+        opset=cfg.opset,
+        fp16=cfg.fp16,
+        parity_atol=cfg.parity_atol,
+        parity_steps=cfg.parity_steps,
+        model=model,
+    )
     parity["optimized"] = False
     return parity, model
 
@@ -107,13 +122,17 @@ def optimize_and_check(cfg: ExportConfig, model, out_dir: Path, unoptimized: dic
     parity = check_parity(model, OnnxCausalLM(out_dir), steps=cfg.parity_steps, atol=cfg.parity_atol)
     keep = ("model", "opset", "dtype", "providers", "source", "model_type", "variants")
     parity.update({k: unoptimized[k] for k in keep if k in unoptimized})
-    parity.update(optimized=True, fused_operators=fused,
-                  unoptimized={k: unoptimized[k] for k in ("passed", "max_abs_diff", "cases")})
+    parity.update(
+        optimized=True,
+        fused_operators=fused,
+        unoptimized={k: unoptimized[k] for k in ("passed", "max_abs_diff", "cases")},
+    )
     return parity
 
 
-def measure_row(run: RunDir, recipe: Recipe, name: str, path: Path, parameters: int,
-                details: dict[str, Any]) -> dict[str, Any]:
+def measure_row(
+    run: RunDir, recipe: Recipe, name: str, path: Path, parameters: int, details: dict[str, Any]
+) -> dict[str, Any]:
     """A report row for one graph (perplexity and size; latency is timed for all graphs together)."""
     from fastserve_cli.core.report import make_row
     from fastserve_cli.models.measure import onnx_perplexity, validation_blocks
@@ -121,18 +140,21 @@ def measure_row(run: RunDir, recipe: Recipe, name: str, path: Path, parameters: 
 
     ppl = onnx_perplexity(OnnxCausalLM(path), validation_blocks(run, recipe))
     if not np.isfinite(ppl):
-        raise UserError(f"{path.name}: validation perplexity is not finite, the graph is broken; drop it from export.quantize")
+        raise UserError(
+            f"{path.name}: validation perplexity is not finite, the graph is broken; drop it from export.quantize"
+        )
     method = "onnx_export" if name == "onnx_fp32" else name
-    return make_row(name, method, "onnx", run.rel(run.onnx_dir / path.name), parameters, onnx_size_bytes(path),
-                    ppl, None, details)
+    return make_row(
+        name, method, "onnx", run.rel(run.onnx_dir / path.name), parameters, onnx_size_bytes(path), ppl, None, details
+    )
 
 
 def time_rows(run: RunDir, recipe: Recipe, out: Path, rows: list[dict[str, Any]]) -> None:
     """Decode latency of every graph, timed in interleaved rounds with the trained PyTorch model (the
     report's baseline), so each row's speedup compares figures taken under the same load."""
+    from fastserve_cli.models.loader import load_causal_lm
     from fastserve_cli.models.measure import interleaved_decode_ms, latency_workload
     from fastserve_cli.models.onnx import OnnxCausalLM
-    from fastserve_cli.models.loader import load_causal_lm
 
     models: dict[str, Any] = {row["name"]: OnnxCausalLM(out / Path(row["path"]).name) for row in rows}
     if (run.model_dir / "config.json").is_file():
@@ -147,15 +169,16 @@ def time_rows(run: RunDir, recipe: Recipe, out: Path, rows: list[dict[str, Any]]
             row["details"]["baseline_decode_ms"] = timings["baseline"]
 
 
-def quantize_variants(cfg: ExportConfig, run: RunDir, out: Path, vocab_size: int,
-                      int4_source: tuple[dict, int] | None = None) -> dict[str, dict]:
+def quantize_variants(
+    cfg: ExportConfig, run: RunDir, out: Path, vocab_size: int, int4_source: tuple[dict, int] | None = None
+) -> dict[str, dict]:
     """Write one quantized graph per export.quantize from the plain fp32 graph; returns their drift checks.
 
     `int4_source` (the source is a weight-only int4 / gptq variant): its int4 weights and group size, which
     the int4 graph re-emits as they are instead of re-quantizing them."""
-    from fastserve_cli.models.onnx import MODEL_FILE, OnnxCausalLM
     from fastserve_cli.export.onnx_quant import VARIANT_FILES, quantize
     from fastserve_cli.models.measure import calibration_blocks, greedy_agreement
+    from fastserve_cli.models.onnx import MODEL_FILE, OnnxCausalLM
 
     calibration = [b["input_ids"] for b in calibration_blocks(run, cfg.calibration_blocks)]
     reference = OnnxCausalLM(out / MODEL_FILE)
@@ -163,8 +186,12 @@ def quantize_variants(cfg: ExportConfig, run: RunDir, out: Path, vocab_size: int
     for name in cfg.quantize:
         target = out / VARIANT_FILES[name]
         exact: dict = {}
-        options = {"exact_weights": int4_source[0], "block_size": int4_source[1], "report": exact} if int4_source else {}
-        quantize(name, out / MODEL_FILE, target, calibration=calibration, **{"block_size": cfg.int4_block_size, **options})
+        options = (
+            {"exact_weights": int4_source[0], "block_size": int4_source[1], "report": exact} if int4_source else {}
+        )
+        quantize(
+            name, out / MODEL_FILE, target, calibration=calibration, **{"block_size": cfg.int4_block_size, **options}
+        )
         checks[name] = greedy_agreement(reference, OnnxCausalLM(target), vocab_size, cfg.parity_steps)
         if name == "int4" and int4_source:
             checks[name].update(block_size=int4_source[1], weights_from_source=exact.get("exact", 0))
@@ -173,13 +200,15 @@ def quantize_variants(cfg: ExportConfig, run: RunDir, out: Path, vocab_size: int
 
 def measure_rows(recipe: Recipe, run: RunDir, out: Path, model, checks: dict[str, dict], optimized: bool) -> list[dict]:
     """Report rows for model.onnx (as served: fused when export.optimize) and each quantized graph."""
-    from fastserve_cli.models.onnx import MODEL_FILE
     from fastserve_cli.export.onnx_quant import VARIANT_FILES
+    from fastserve_cli.models.onnx import MODEL_FILE
 
     parameters = sum(p.numel() for p in model.parameters())
     rows = [measure_row(run, recipe, "onnx_fp32", out / MODEL_FILE, parameters, {"optimized": optimized})]
     for name, drift in checks.items():
-        rows.append(measure_row(run, recipe, f"onnx_{name}", out / VARIANT_FILES[name], parameters, {"drift_vs_fp32": drift}))
+        rows.append(
+            measure_row(run, recipe, f"onnx_{name}", out / VARIANT_FILES[name], parameters, {"drift_vs_fp32": drift})
+        )
     time_rows(run, recipe, out, rows)
     return rows
 
@@ -238,9 +267,14 @@ def run_export(recipe: Recipe, run: RunDir) -> StageResult:
     run.parity_failed_path.unlink(missing_ok=True)
     failures = record_rows(recipe, run, rows)
     outputs = sorted(run.rel(p) for p in run.onnx_dir.iterdir() if p.is_file())
-    metrics = {"parity_max_abs_diff": parity["max_abs_diff"], "parity_passed": parity["passed"],
-               "optimized": parity["optimized"], "size_bytes": onnx_size_bytes(run.onnx_dir / MODEL_FILE),
-               "opset": cfg.opset, "dtype": parity["dtype"]}
+    metrics = {
+        "parity_max_abs_diff": parity["max_abs_diff"],
+        "parity_passed": parity["passed"],
+        "optimized": parity["optimized"],
+        "size_bytes": onnx_size_bytes(run.onnx_dir / MODEL_FILE),
+        "opset": cfg.opset,
+        "dtype": parity["dtype"],
+    }
     for row in rows:
         metrics[f"{row['name']}_size_bytes"] = row["size_bytes"]
         metrics[f"{row['name']}_perplexity"] = row["perplexity"]

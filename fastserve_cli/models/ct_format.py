@@ -36,14 +36,22 @@ CT_VERSION = "0.20.1"
 FORMATS = {"dynamic_int8": "int-quantized", "weight_only_int8": "pack-quantized", "weight_only_int4": "pack-quantized"}
 
 
-def _args(bits: int, strategy: str, symmetric: bool = True, group_size: int | None = None,
-          dynamic: bool = False) -> dict[str, Any]:
-    return {"num_bits": bits, "type": "int", "strategy": strategy, "symmetric": symmetric,
-            "group_size": group_size, "dynamic": dynamic}
+def _args(
+    bits: int, strategy: str, symmetric: bool = True, group_size: int | None = None, dynamic: bool = False
+) -> dict[str, Any]:
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "strategy": strategy,
+        "symmetric": symmetric,
+        "group_size": group_size,
+        "dynamic": dynamic,
+    }
 
 
-def quantization_config(scheme: str, ignore: list[str], group_sizes: dict[str, int | None],
-                        extra: dict[str, Any]) -> dict[str, Any]:
+def quantization_config(
+    scheme: str, ignore: list[str], group_sizes: dict[str, int | None], extra: dict[str, Any]
+) -> dict[str, Any]:
     """The `quantization_config` section of config.json for one of our schemes.
 
     `group_sizes` maps each quantized module to its int4 group size (None for int8). One size: a single
@@ -60,18 +68,34 @@ def quantization_config(scheme: str, ignore: list[str], group_sizes: dict[str, i
         else:
             weights, acts = _args(4, "group", group_size=size), None
         targets = ["Linear"] if len(sizes) == 1 else sorted(n for n, s in group_sizes.items() if s == size)
-        groups[f"group_{i}"] = {"targets": targets, "weights": weights, "input_activations": acts,
-                                "output_activations": None, "format": FORMATS[scheme]}
-    return {"quant_method": QUANT_METHOD, "format": FORMATS[scheme], "quantization_status": "compressed",
-            "config_groups": groups, "ignore": sorted(ignore), "kv_cache_scheme": None,
-            "sparsity_config": {}, "transform_config": {}, "global_compression_ratio": None, "version": CT_VERSION,
-            "fastserve": {"scheme": scheme, **extra}}
+        groups[f"group_{i}"] = {
+            "targets": targets,
+            "weights": weights,
+            "input_activations": acts,
+            "output_activations": None,
+            "format": FORMATS[scheme],
+        }
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMATS[scheme],
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": sorted(ignore),
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "global_compression_ratio": None,
+        "version": CT_VERSION,
+        "fastserve": {"scheme": scheme, **extra},
+    }
 
 
 def scheme_of(section: dict[str, Any], where: str = "config.json") -> str:
     """Our scheme name for a compressed-tensors section (ours or llm-compressor's), or a UserError."""
     groups = list((section.get("config_groups") or {}).values())
-    kinds = {json.dumps({k: v for k, v in g.get("weights", {}).items() if k != "group_size"}, sort_keys=True) for g in groups}
+    kinds = {
+        json.dumps({k: v for k, v in g.get("weights", {}).items() if k != "group_size"}, sort_keys=True) for g in groups
+    }
     if groups and len(kinds) == 1 and groups[0].get("weights"):
         w, acts = groups[0]["weights"], groups[0].get("input_activations")
         if w.get("type") == "int" and w.get("num_bits") == 8 and w.get("strategy") == "channel" and w.get("symmetric"):
@@ -79,12 +103,19 @@ def scheme_of(section: dict[str, Any], where: str = "config.json") -> str:
                 return "weight_only_int8"
             if acts and acts.get("dynamic") and acts.get("num_bits") == 8 and section.get("format") == "int-quantized":
                 return "dynamic_int8"
-        if w.get("type") == "int" and w.get("num_bits") == 4 and w.get("strategy") == "group" and acts is None \
-                and section.get("format") == "pack-quantized":
+        if (
+            w.get("type") == "int"
+            and w.get("num_bits") == 4
+            and w.get("strategy") == "group"
+            and acts is None
+            and section.get("format") == "pack-quantized"
+        ):
             return "weight_only_int4"
-    raise UserError(f"{where} quantization_config: this compressed-tensors scheme has no fastserve CPU kernel "
-                    "(supported: W8A8 int8 per channel, W8A16 int8 per channel, W4A16 int4 groups); "
-                    "load it with transformers or re-run `fastserve optimize` on the fp32 model")
+    raise UserError(
+        f"{where} quantization_config: this compressed-tensors scheme has no fastserve CPU kernel "
+        "(supported: W8A8 int8 per channel, W8A16 int8 per channel, W4A16 int4 groups); "
+        "load it with transformers or re-run `fastserve optimize` on the fp32 model"
+    )
 
 
 # ------------------------------------------------------------------ packing (compressed-tensors' layout)
@@ -120,15 +151,23 @@ def module_tensors(scheme: str, module: "nn.Module") -> dict[str, "torch.Tensor"
         return {"weight": module.weight, "weight_scale": scale[:, None].contiguous()}
     shape = torch.tensor([module.out_features, module.in_features], dtype=torch.int64)
     if scheme == "weight_only_int8":
-        return {"weight_packed": pack_int32(module.weight, 8), "weight_scale": scale[:, None].contiguous(),
-                "weight_shape": shape}
+        return {
+            "weight_packed": pack_int32(module.weight, 8),
+            "weight_scale": scale[:, None].contiguous(),
+            "weight_shape": shape,
+        }
     packed = module.weight  # ours: uint8, two values per byte, even column in the high nibble
     q = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(module.out_features, module.in_features)
     if not torch.allclose(module.weight_zero.float(), -8 * scale):
-        raise UserError("weight_only_int4: this layer was quantized asymmetrically (an older fastserve); "
-                        "re-run `fastserve optimize` to write it in the compressed-tensors format")
-    return {"weight_packed": pack_int32(q.to(torch.int16) - 8, 4), "weight_scale": scale.contiguous(),
-            "weight_shape": shape}
+        raise UserError(
+            "weight_only_int4: this layer was quantized asymmetrically (an older fastserve); "
+            "re-run `fastserve optimize` to write it in the compressed-tensors format"
+        )
+    return {
+        "weight_packed": pack_int32(q.to(torch.int16) - 8, 4),
+        "weight_scale": scale.contiguous(),
+        "weight_shape": shape,
+    }
 
 
 def build_module(scheme: str, tensors: dict[str, "torch.Tensor"], name: str) -> "nn.Module":

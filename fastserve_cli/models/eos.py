@@ -22,8 +22,11 @@ _REPLY = "fastserve probe reply"
 # close a reply only when another message follows.
 _PROBES = (
     [{"role": "user", "content": _QUESTION}, {"role": "assistant", "content": _REPLY}],
-    [{"role": "user", "content": _QUESTION}, {"role": "assistant", "content": _REPLY},
-     {"role": "user", "content": _QUESTION}],
+    [
+        {"role": "user", "content": _QUESTION},
+        {"role": "assistant", "content": _REPLY},
+        {"role": "user", "content": _QUESTION},
+    ],
 )
 
 
@@ -39,7 +42,7 @@ def reply_suffixes(tokenizer) -> list[str]:
             continue
         if not isinstance(text, str) or _REPLY not in text:
             continue
-        tail = text[text.rindex(_REPLY) + len(_REPLY):]
+        tail = text[text.rindex(_REPLY) + len(_REPLY) :]
         suffixes.append(tail.split(_QUESTION, 1)[0])
     return suffixes
 
@@ -109,8 +112,7 @@ def stop_token_ids(*eos_values: Any, tokenizer=None) -> set[int]:
     return ids
 
 
-def model_dir_stop_ids(model_dir: str | Path, config: dict[str, Any] | None = None,
-                       tokenizer=None) -> set[int]:
+def model_dir_stop_ids(model_dir: str | Path, config: dict[str, Any] | None = None, tokenizer=None) -> set[int]:
     """`stop_token_ids` for a saved model directory: config.json, generation_config.json and its tokenizer."""
     directory = Path(model_dir)
     values: list[Any] = []

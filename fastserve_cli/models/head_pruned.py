@@ -59,7 +59,9 @@ def load_head_pruned(path: Path, dtype: "torch.dtype") -> "nn.Module":
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:
-        raise UserError(f"{path}: weights do not match the pruned config (missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]}); re-run `fastserve optimize`")
+        raise UserError(
+            f"{path}: weights do not match the pruned config (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); re-run `fastserve optimize`"
+        )
     model.tie_weights()
     return model.to(dtype)

@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def int4_group_size_of(path: Path) -> int | None:
     """The int4 group size of a weight-only int4 variant directory (fastserve or compressed-tensors), or None."""
-    from fastserve_cli.models.ct_format import QUANT_METHOD as CT_METHOD, scheme_of
+    from fastserve_cli.models.ct_format import QUANT_METHOD as CT_METHOD
+    from fastserve_cli.models.ct_format import scheme_of
     from fastserve_cli.models.quantized import read_quantization_config
 
     section = read_quantization_config(Path(path))

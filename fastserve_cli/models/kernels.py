@@ -75,7 +75,11 @@ def onednn_linears(model) -> int:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             kind = type(child)
-            if kind not in (torch.nn.Linear, Conv1D) or child.weight.dtype not in dtypes or child.weight.device.type != "cpu":
+            if (
+                kind not in (torch.nn.Linear, Conv1D)
+                or child.weight.dtype not in dtypes
+                or child.weight.device.type != "cpu"
+            ):
                 continue
             weight = child.weight.detach().t() if kind is Conv1D else child.weight.detach()  # Conv1D stores [in, out]
             setattr(module, name, layer_class(weight, None if child.bias is None else child.bias.detach()))
@@ -144,7 +148,9 @@ def _onednn_linear_class():
         def __init__(self, weight, bias) -> None:
             super().__init__()
             self.in_features, self.out_features = int(weight.shape[1]), int(weight.shape[0])
-            self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None), persistent=False)
+            self.register_buffer(
+                "weight", torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None), persistent=False
+            )
             self.register_buffer("bias", None if bias is None else bias.contiguous(), persistent=False)
 
         def forward(self, x):
@@ -168,9 +174,13 @@ def supports_fused_loss(model) -> bool:
 
     config = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return (config is not None and getattr(config, "model_type", None) in LINEAR_HEAD_MODEL_TYPES
-            and isinstance(head, torch.nn.Linear) and head.bias is None
-            and not getattr(config, "final_logit_softcapping", None))
+    return (
+        config is not None
+        and getattr(config, "model_type", None) in LINEAR_HEAD_MODEL_TYPES
+        and isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and not getattr(config, "final_logit_softcapping", None)
+    )
 
 
 @contextmanager
@@ -199,7 +209,7 @@ def _linear_cross_entropy_function():
             grad_weight = torch.zeros_like(weight)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, rows, chunk):
-                h, t = hidden[start:start + chunk], targets[start:start + chunk]
+                h, t = hidden[start : start + chunk], targets[start : start + chunk]
                 logits = (h @ weight.t()).float()
                 valid = t != IGNORE_INDEX
                 safe = torch.where(valid, t, torch.zeros_like(t))
@@ -211,7 +221,7 @@ def _linear_cross_entropy_function():
                 grad.scatter_add_(1, safe[:, None], torch.full_like(picked[:, None], -1.0))
                 grad.mul_(valid[:, None].to(grad.dtype))
                 grad = grad.to(hidden.dtype)
-                grad_hidden[start:start + chunk] = grad @ weight
+                grad_hidden[start : start + chunk] = grad @ weight
                 grad_weight.addmm_(grad.t(), h)
             ctx.save_for_backward(grad_hidden, grad_weight)
             return total

@@ -50,7 +50,9 @@ def _validation_split(run: RunDir):
         raise UserError(f"{run.data_dir}: no preprocessed data here; run `fastserve preprocess` first")
     data = load_from_disk(str(run.data_dir))
     if "validation" not in data or len(data["validation"]) == 0:
-        raise UserError(f"{run.data_dir}: the validation split is missing or empty; raise data.validation_fraction and re-run preprocess")
+        raise UserError(
+            f"{run.data_dir}: the validation split is missing or empty; raise data.validation_fraction and re-run preprocess"
+        )
     return data["validation"]
 
 
@@ -116,8 +118,12 @@ def nll_sum(logits: "torch.Tensor", labels: "torch.Tensor") -> tuple[float, int]
     count = int((shifted != IGNORE_INDEX).sum())
     if count == 0:
         return 0.0, 0
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        shifted.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
     return float(loss), count
 
 
@@ -131,7 +137,11 @@ def torch_perplexity(model: "nn.Module", blocks: list[dict[str, list[int]]], bat
         while i < len(blocks):
             length = len(blocks[i]["input_ids"])
             batch = [blocks[i]]
-            while len(batch) < batch_size and i + len(batch) < len(blocks) and len(blocks[i + len(batch)]["input_ids"]) == length:
+            while (
+                len(batch) < batch_size
+                and i + len(batch) < len(blocks)
+                and len(blocks[i + len(batch)]["input_ids"]) == length
+            ):
                 batch.append(blocks[i + len(batch)])
             i += len(batch)
             tensors = {k: torch.tensor([b[k] for b in batch]) for k in ("input_ids", "attention_mask", "labels")}
@@ -141,7 +151,6 @@ def torch_perplexity(model: "nn.Module", blocks: list[dict[str, list[int]]], bat
     if count == 0:
         raise UserError("optimize: the validation blocks have no tokens with labels; check the preprocess output")
     return math.exp(min(total / count, 700.0))
-
 
 
 def onnx_perplexity(session: "OnnxCausalLM", blocks: list[dict[str, list[int]]]) -> float:
@@ -162,10 +171,6 @@ def onnx_perplexity(session: "OnnxCausalLM", blocks: list[dict[str, list[int]]])
 
 
 # ------------------------------------------------------------------ decode latency
-
-
-
-
 
 
 def decode_run_ms(model: "nn.Module", prompt: list[int], new_tokens: int) -> float:
@@ -189,7 +194,6 @@ def decode_run_ms(model: "nn.Module", prompt: list[int], new_tokens: int) -> flo
             past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
             steps.append(time.perf_counter() - start)
     return statistics.median(steps) * 1000.0
-
 
 
 def onnx_decode_run_ms(session: "OnnxCausalLM", prompt: list[int] | "np.ndarray", new_tokens: int) -> float:
@@ -295,9 +299,16 @@ def linear_weight_bytes(model: "nn.Module") -> int:
 # ------------------------------------------------------------------ rows of the optimize report
 
 
-def measure_torch_row(run: RunDir, recipe: Recipe, name: str, method: str, path: Path,
-                      model: "nn.Module | None" = None, details: dict[str, Any] | None = None,
-                      latency: bool = True) -> dict[str, Any]:
+def measure_torch_row(
+    run: RunDir,
+    recipe: Recipe,
+    name: str,
+    method: str,
+    path: Path,
+    model: "nn.Module | None" = None,
+    details: dict[str, Any] | None = None,
+    latency: bool = True,
+) -> dict[str, Any]:
     """Load `path` with `load_causal_lm` (what serve does) unless a model is given, then measure it
     (latency left None when `latency` is False: the caller times several models together)."""
     from fastserve_cli.models.loader import load_causal_lm
@@ -307,7 +318,9 @@ def measure_torch_row(run: RunDir, recipe: Recipe, name: str, method: str, path:
     opt = recipe.optimize
     ms = torch_decode_ms(model, *latency_workload(run, recipe), opt.latency_repeats) if latency else None
     extra = {"linear_weight_bytes": linear_weight_bytes(model), **(details or {})}
-    return make_row(name, method, "torch", run.rel(path), parameter_count(model), weight_bytes(path), perplexity, ms, extra)
+    return make_row(
+        name, method, "torch", run.rel(path), parameter_count(model), weight_bytes(path), perplexity, ms, extra
+    )
 
 
 def measurement_key(run: RunDir, recipe: Recipe) -> dict[str, Any]:
@@ -316,9 +329,13 @@ def measurement_key(run: RunDir, recipe: Recipe) -> dict[str, Any]:
 
     train = run.stage("train") or {}
     opt = recipe.optimize
-    return {"train_run_id": train.get("run_id"), "eval_blocks": opt.eval_blocks,
-            "latency_prompt_tokens": opt.latency_prompt_tokens, "latency_new_tokens": opt.latency_new_tokens,
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "train_run_id": train.get("run_id"),
+        "eval_blocks": opt.eval_blocks,
+        "latency_prompt_tokens": opt.latency_prompt_tokens,
+        "latency_new_tokens": opt.latency_new_tokens,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def ensure_baseline(run: RunDir, recipe: Recipe, latency: bool = True) -> dict[str, Any]:
@@ -340,8 +357,9 @@ def ensure_baseline(run: RunDir, recipe: Recipe, latency: bool = True) -> dict[s
     return row
 
 
-def greedy_agreement(reference: OnnxCausalLM, candidate: OnnxCausalLM, vocab_size: int, steps: int,
-                     seed: int = 0) -> dict[str, float]:
+def greedy_agreement(
+    reference: OnnxCausalLM, candidate: OnnxCausalLM, vocab_size: int, steps: int, seed: int = 0
+) -> dict[str, float]:
     """How far a quantized graph drifts from fp32: max |Δlogits| and the share of matching greedy tokens."""
     import numpy as np
 

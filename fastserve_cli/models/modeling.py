@@ -27,13 +27,21 @@ LORA_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def special_token_ids(tokenizer) -> dict[str, int | None]:
     eos = tokenizer.eos_token_id
-    return {"bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
-            "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
+    return {
+        "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
+        "eos_token_id": eos,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def architecture_config(architecture: str, size: str, vocab_size: int, max_positions: int, specials: dict[str, Any]):
@@ -44,15 +52,28 @@ def architecture_config(architecture: str, size: str, vocab_size: int, max_posit
     layers, width, heads = SIZES[size]
     if architecture == "gpt2":
         return GPT2Config(
-            n_layer=layers, n_embd=width, n_head=heads, n_positions=max_positions, vocab_size=vocab_size,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **specials,
+            n_layer=layers,
+            n_embd=width,
+            n_head=heads,
+            n_positions=max_positions,
+            vocab_size=vocab_size,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **specials,
         )
     if architecture == "llama":
         intermediate = ((width * 8 // 3) + 63) // 64 * 64
         return LlamaConfig(
-            num_hidden_layers=layers, hidden_size=width, intermediate_size=intermediate, num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions, vocab_size=vocab_size,
-            tie_word_embeddings=True, **specials,
+            num_hidden_layers=layers,
+            hidden_size=width,
+            intermediate_size=intermediate,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=max_positions,
+            vocab_size=vocab_size,
+            tie_word_embeddings=True,
+            **specials,
         )
     raise UserError(f"model.architecture {architecture!r}: unknown; use gpt2 or llama")
 
@@ -79,8 +100,9 @@ def build_model(model_cfg, tokenizer, max_positions: int, seed: int):
         return model
     from transformers import AutoModelForCausalLM
 
-    config = architecture_config(model_cfg.architecture, model_cfg.size, len(tokenizer), max_positions,
-                                 special_token_ids(tokenizer))
+    config = architecture_config(
+        model_cfg.architecture, model_cfg.size, len(tokenizer), max_positions, special_token_ids(tokenizer)
+    )
     apply_overrides(config, model_cfg.config)
     torch.manual_seed(seed)
     try:
@@ -100,11 +122,15 @@ def load_pretrained(path: str, trust_remote_code: bool = False):
     if not (directory / "config.json").is_file():
         raise UserError(f"model.pretrained {path}: no config.json there; it must be a transformers model directory")
     if not any((directory / name).is_file() for name in WEIGHT_FILES) and not any(directory.glob("*.safetensors")):
-        raise UserError(f"model.pretrained {path}: config.json but no weights (model.safetensors); save the model with save_pretrained")
+        raise UserError(
+            f"model.pretrained {path}: config.json but no weights (model.safetensors); save the model with save_pretrained"
+        )
     try:
         return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"model.pretrained {path}: cannot be loaded as a causal LM ({str(err).splitlines()[0]})") from None
+        raise UserError(
+            f"model.pretrained {path}: cannot be loaded as a causal LM ({str(err).splitlines()[0]})"
+        ) from None
 
 
 def check_vocabulary(model, tokenizer, where: str) -> None:
@@ -152,13 +178,19 @@ def apply_lora(model, lora_cfg):
     model_type = model.config.model_type
     targets = lora_cfg.target_modules or LORA_TARGETS.get(model_type, "all-linear")
     config = LoraConfig(
-        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, target_modules=targets,
-        task_type="CAUSAL_LM", fan_in_fan_out=model_type == "gpt2",
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=model_type == "gpt2",
     )
     try:
         return get_peft_model(model, config)
     except ValueError as err:
-        raise UserError(f"train.lora.target_modules {targets}: {str(err).splitlines()[0]}; name modules of this model") from None
+        raise UserError(
+            f"train.lora.target_modules {targets}: {str(err).splitlines()[0]}; name modules of this model"
+        ) from None
 
 
 def merge_lora(model):
@@ -171,8 +203,10 @@ def merge_lora(model):
 def parameter_counts(model) -> dict[str, int]:
     params = list(model.parameters())
     unique = {p.data_ptr(): p for p in params}.values()
-    return {"parameters": sum(p.numel() for p in unique),
-            "trainable_parameters": sum(p.numel() for p in unique if p.requires_grad)}
+    return {
+        "parameters": sum(p.numel() for p in unique),
+        "trainable_parameters": sum(p.numel() for p in unique if p.requires_grad),
+    }
 
 
 def flops_per_token(config, seq_len: int) -> float:

@@ -8,6 +8,7 @@ The export itself lives in `fastserve_cli.export.onnx_graph`.
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 
 from fastserve_cli.core.errors import UserError
@@ -42,7 +43,9 @@ def logits_for_last_position(proto) -> bool:
     for name, value in constants.items():
         graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
     index = list(graph.node).index(node)
-    graph.node.insert(index, onnx.helper.make_node("Slice", [node.input[0], *constants], [sliced], name="last_position_slice"))
+    graph.node.insert(
+        index, onnx.helper.make_node("Slice", [node.input[0], *constants], [sliced], name="last_position_slice")
+    )
     node.input[0] = sliced
     for output in graph.output:
         if output.name == "logits" and len(output.type.tensor_type.shape.dim) == 3:
@@ -74,8 +77,14 @@ class OnnxCausalLM:
     reference decoding loop used by the parity check, the benchmark and the tests.
     """
 
-    def __init__(self, path: str | Path, providers_: list[str] | None = None, threads: int | None = None,
-                 last_logits_only: bool = False, spin: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        providers_: list[str] | None = None,
+        threads: int | None = None,
+        last_logits_only: bool = False,
+        spin: bool = True,
+    ):
         """`last_logits_only`: step() returns logits [b, 1, vocab] (see `logits_for_last_position`).
         `spin=False`: intra-op workers spin only while a run is in progress and stop the moment it returns,
         which a server wants: its engine and HTTP threads share the cores with them between runs. Spinning
@@ -112,17 +121,27 @@ class OnnxCausalLM:
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.kv_dtype) for _ in self.past_names]
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    def step(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: list[np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One forward: (logits [b, s, vocab], present KV list, 2 per layer, key then value)."""
         past = past if past is not None else self.empty_past(input_ids.shape[0])
-        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
-                "position_ids": position_ids.astype(np.int64), **dict(zip(self.past_names, past))}
+        feed = {
+            "input_ids": input_ids.astype(np.int64),
+            "attention_mask": attention_mask.astype(np.int64),
+            "position_ids": position_ids.astype(np.int64),
+            **dict(zip(self.past_names, past)),
+        }
         logits, *present = self.session.run(None, feed)
         return logits, present
 
-    def generate_greedy(self, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int
-                        ) -> tuple[np.ndarray, list[np.ndarray]]:
+    def generate_greedy(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Greedy decode from left-padded prompts: (tokens [b, new_tokens], last-position logits per step)."""
         mask = attention_mask.astype(np.int64)
         positions = position_ids_from_mask(mask)

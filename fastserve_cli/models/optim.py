@@ -25,5 +25,6 @@ def make_scheduler(optimizer, cfg):
     from transformers import get_scheduler
 
     name = "constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type
-    return get_scheduler(name, optimizer, num_warmup_steps=min(cfg.warmup_steps, cfg.max_steps),
-                         num_training_steps=cfg.max_steps)
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=min(cfg.warmup_steps, cfg.max_steps), num_training_steps=cfg.max_steps
+    )

@@ -55,6 +55,7 @@ def resolve_dtype(name: str, device: str, field: str = "serve.dtype") -> "torch.
             raise UserError(f"{field} bf16: this GPU has no native bf16 (needs compute capability 8.0+); use fp32")
         return torch.bfloat16
     if not cpu_supports_bf16():
-        raise UserError(f"{field} bf16: this CPU lacks avx512_bf16/AMX (bf16 would be emulated, slower than fp32); "
-                        "use fp32")
+        raise UserError(
+            f"{field} bf16: this CPU lacks avx512_bf16/AMX (bf16 would be emulated, slower than fp32); use fp32"
+        )
     return torch.bfloat16

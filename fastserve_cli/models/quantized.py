@@ -114,8 +114,14 @@ class WeightOnlyInt8Linear(QuantLinear):
 class WeightOnlyInt4Linear(QuantLinear):
     """4-bit grouped weights (asymmetric), bf16 matmul through the CPU int4 kernel."""
 
-    def __init__(self, packed: "torch.Tensor", scale: "torch.Tensor", zero: "torch.Tensor",
-                 bias: "torch.Tensor | None", group_size: int):
+    def __init__(
+        self,
+        packed: "torch.Tensor",
+        scale: "torch.Tensor",
+        zero: "torch.Tensor",
+        bias: "torch.Tensor | None",
+        group_size: int,
+    ):
         import torch
 
         super().__init__(packed.shape[1] * 2, packed.shape[0], bias)
@@ -157,7 +163,9 @@ def quantize_int8_per_channel(weight: "torch.Tensor") -> tuple["torch.Tensor", "
     return q.contiguous(), scale.contiguous()
 
 
-def quantize_int4_grouped(weight: "torch.Tensor", group_size: int) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+def quantize_int4_grouped(
+    weight: "torch.Tensor", group_size: int
+) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
     """Symmetric 4-bit per group of input channels; returns (nibbles packed 2/byte, scale, zero).
 
     w = (u - 8) * scale with u in 0..15 (so `zero = -8 * scale`), scale = max|w| / 7.5 as compressed-tensors'
@@ -275,8 +283,9 @@ def has_conv1d(config: Any) -> bool:
     return any(isinstance(m, Conv1D) for m in skeleton.modules())
 
 
-def save_quantized(model: "nn.Module", scheme: str, modules: list[str], src_dir: Path, out: Path,
-                   extra: dict[str, Any] | None = None) -> None:
+def save_quantized(
+    model: "nn.Module", scheme: str, modules: list[str], src_dir: Path, out: Path, extra: dict[str, Any] | None = None
+) -> None:
     """Write config.json (+ quantization_config), model.safetensors and the source dir's side files.
 
     nn.Linear architectures are written in the compressed-tensors format (models/ct_format.py) that
@@ -286,7 +295,9 @@ def save_quantized(model: "nn.Module", scheme: str, modules: list[str], src_dir:
 
     from fastserve_cli.models.ct_format import save_ct
 
-    config_probe = type(model.config).from_dict({k: v for k, v in model.config.to_dict().items() if k != "quantization_config"})
+    config_probe = type(model.config).from_dict(
+        {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    )
     if not has_conv1d(config_probe):
         save_ct(model, scheme, modules, out, extra or {})
         copy_side_files(src_dir, out)
@@ -302,10 +313,18 @@ def save_quantized(model: "nn.Module", scheme: str, modules: list[str], src_dir:
             tensors[f"{name}.{key}"] = tensor
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias
-    save_file(distinct_tensors(tensors), str(out / WEIGHT_FILE),
-              metadata={"format": "pt", "quant_method": QUANT_METHOD, "scheme": scheme})
+    save_file(
+        distinct_tensors(tensors),
+        str(out / WEIGHT_FILE),
+        metadata={"format": "pt", "quant_method": QUANT_METHOD, "scheme": scheme},
+    )
     config = model.config.to_dict()
-    config["quantization_config"] = {"quant_method": QUANT_METHOD, "scheme": scheme, "modules": modules, **(extra or {})}
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "scheme": scheme,
+        "modules": modules,
+        **(extra or {}),
+    }
     config["tie_word_embeddings"] = False
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     copy_side_files(src_dir, out)
@@ -350,9 +369,13 @@ def load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Modu
     compressed = section.get("quant_method") == ct_format.QUANT_METHOD
     scheme = ct_format.scheme_of(section, str(path / "config.json")) if compressed else section.get("scheme")
     if scheme not in SCHEMES:
-        raise UserError(f"{path}: quantization scheme {scheme!r} is not one fastserve knows ({', '.join(SCHEMES)}); re-run `fastserve optimize`")
+        raise UserError(
+            f"{path}: quantization scheme {scheme!r} is not one fastserve knows ({', '.join(SCHEMES)}); re-run `fastserve optimize`"
+        )
     if device != "cpu":
-        raise UserError(f"{path}: {scheme} variants run on the CPU only; load it with device='cpu' or serve the fp32 model on {device}")
+        raise UserError(
+            f"{path}: {scheme} variants run on the CPU only; load it with device='cpu' or serve the fp32 model on {device}"
+        )
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -364,7 +387,9 @@ def load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Modu
         model.set_submodule(name, build(scheme, tensors, name))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or [k for k in missing if k.rsplit(".", 1)[0] not in set(modules)]:
-        raise UserError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]}); re-run `fastserve optimize`")
+        raise UserError(
+            f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]}); re-run `fastserve optimize`"
+        )
     return model.eval()
 
 

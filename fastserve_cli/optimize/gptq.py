@@ -28,8 +28,9 @@ if TYPE_CHECKING:  # pragma: no cover
 DAMP = 0.01
 
 
-def gptq_quantize(weight: "torch.Tensor", hessian: "torch.Tensor", group_size: int, damp: float = DAMP,
-                  block: int = 128) -> tuple["torch.Tensor", "torch.Tensor"]:
+def gptq_quantize(
+    weight: "torch.Tensor", hessian: "torch.Tensor", group_size: int, damp: float = DAMP, block: int = 128
+) -> tuple["torch.Tensor", "torch.Tensor"]:
     """GPTQ of one [out, in] weight against H [in, in]; returns (q int8 in -8..7 [out, in], scale [out, in/group])."""
     import torch
 
@@ -54,7 +55,7 @@ def gptq_quantize(weight: "torch.Tensor", hessian: "torch.Tensor", group_size: i
         for i in range(i2 - i1):
             column = i1 + i
             if column % group_size == 0:
-                scale[:, column // group_size] = int4_scale(W1[:, i:i + group_size].abs().amax(1))
+                scale[:, column // group_size] = int4_scale(W1[:, i : i + group_size].abs().amax(1))
             s = scale[:, column // group_size]
             q = torch.clamp(torch.round(W1[:, i] / s), -8, 7)
             Q[:, column] = q.to(torch.int8)
@@ -65,7 +66,9 @@ def gptq_quantize(weight: "torch.Tensor", hessian: "torch.Tensor", group_size: i
     return Q, scale
 
 
-def layer_hessians(model: "nn.Module", names: list[str], batches: list[dict[str, "torch.Tensor"]]) -> dict[str, "torch.Tensor"]:
+def layer_hessians(
+    model: "nn.Module", names: list[str], batches: list[dict[str, "torch.Tensor"]]
+) -> dict[str, "torch.Tensor"]:
     """H = 2/n Σ xᵀx of every named linear's input over the calibration batches (one fp32 pass)."""
     import torch
 
@@ -77,6 +80,7 @@ def layer_hessians(model: "nn.Module", names: list[str], batches: list[dict[str,
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
             sums[name] = sums.get(name, 0) + x.T @ x
             counts[name] = counts.get(name, 0) + x.shape[0]
+
         return accumulate
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
@@ -90,8 +94,9 @@ def layer_hessians(model: "nn.Module", names: list[str], batches: list[dict[str,
     return {n: (2.0 / counts[n]) * sums[n] for n in names if n in sums}
 
 
-def gptq_model(model: "nn.Module", batches: list[dict[str, "torch.Tensor"]], group_size: int,
-               damp: float = DAMP) -> list[str]:
+def gptq_model(
+    model: "nn.Module", batches: list[dict[str, "torch.Tensor"]], group_size: int, damp: float = DAMP
+) -> list[str]:
     """Replace every linear layer (lm_head included) by its GPTQ int4 form, in place; returns their names.
 
     Layers the calibration never reached, or whose width no group size ≥ 32 divides, stay fp32 (as in RTN).
@@ -113,7 +118,9 @@ def gptq_model(model: "nn.Module", batches: list[dict[str, "torch.Tensor"]], gro
             unsigned = (q.to(torch.int16) + 8).to(torch.uint8)
             packed = ((unsigned[:, 0::2] << 4) | unsigned[:, 1::2]).contiguous()
             bias = None if module.bias is None else module.bias.detach().float().clone()
-            model.set_submodule(name, WeightOnlyInt4Linear(packed, scale.contiguous(), (-8 * scale).contiguous(), bias, size))
+            model.set_submodule(
+                name, WeightOnlyInt4Linear(packed, scale.contiguous(), (-8 * scale).contiguous(), bias, size)
+            )
             done.append(name)
     model.config.tie_word_embeddings = False
     return done

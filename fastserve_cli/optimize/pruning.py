@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
 from fastserve_cli.core.errors import UserError
-from fastserve_cli.models.head_pruned import HEADS_KEY, is_conv1d, apply_pruned_heads
+from fastserve_cli.models.head_pruned import HEADS_KEY, apply_pruned_heads, is_conv1d
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -78,8 +78,11 @@ def measure_sparsity(model: "nn.Module") -> dict[str, float]:
     zeros = {name: int((m.weight == 0).sum()) for name, m in layers.items()}
     total = sum(m.weight.numel() for m in layers.values())
     per_layer = {name: zeros[name] / m.weight.numel() for name, m in layers.items()}
-    return {"sparsity": sum(zeros.values()) / total, "min_layer_sparsity": min(per_layer.values()),
-            "max_layer_sparsity": max(per_layer.values())}
+    return {
+        "sparsity": sum(zeros.values()) / total,
+        "min_layer_sparsity": min(per_layer.values()),
+        "max_layer_sparsity": max(per_layer.values()),
+    }
 
 
 # ------------------------------------------------------------------ architecture adapters
@@ -90,12 +93,12 @@ class Block:
     """The pieces of one transformer layer that structured pruning reshapes."""
 
     attn: "nn.Module"
-    heads_in: list[str]       # modules whose output features are grouped by query head
-    kv_in: list[str]          # modules whose output features are grouped by key/value head
-    heads_out: str            # attention output projection (input features grouped by head)
+    heads_in: list[str]  # modules whose output features are grouped by query head
+    kv_in: list[str]  # modules whose output features are grouped by key/value head
+    heads_out: str  # attention output projection (input features grouped by head)
     mlp: "nn.Module"
-    neurons_in: list[str]     # MLP input projections (output features = neurons)
-    neurons_out: str          # MLP output projection (input features = neurons)
+    neurons_in: list[str]  # MLP input projections (output features = neurons)
+    neurons_out: str  # MLP output projection (input features = neurons)
 
 
 @dataclass
@@ -116,9 +119,21 @@ def architecture(model: "nn.Module") -> str:
 def blocks(model: "nn.Module") -> list[Block]:
     if architecture(model) == "gpt2":
         # c_attn packs q, k and v: handled as three head-grouped slices of one module (see _attn_slices).
-        return [Block(layer.attn, ["c_attn"], [], "c_proj", layer.mlp, ["c_fc"], "c_proj") for layer in model.transformer.h]
-    return [Block(layer.self_attn, ["q_proj"], ["k_proj", "v_proj"], "o_proj", layer.mlp, ["gate_proj", "up_proj"], "down_proj")
-            for layer in model.model.layers]
+        return [
+            Block(layer.attn, ["c_attn"], [], "c_proj", layer.mlp, ["c_fc"], "c_proj") for layer in model.transformer.h
+        ]
+    return [
+        Block(
+            layer.self_attn,
+            ["q_proj"],
+            ["k_proj", "v_proj"],
+            "o_proj",
+            layer.mlp,
+            ["gate_proj", "up_proj"],
+            "down_proj",
+        )
+        for layer in model.model.layers
+    ]
 
 
 def shape_of(model: "nn.Module") -> Shape:
@@ -208,8 +223,9 @@ def weight_importance(model: "nn.Module") -> tuple[list["torch.Tensor"], list["t
     return heads, neurons
 
 
-def calibrated_importance(model: "nn.Module", batches: list[dict[str, "torch.Tensor"]], kind: str
-                          ) -> tuple[list["torch.Tensor"], list["torch.Tensor"]]:
+def calibrated_importance(
+    model: "nn.Module", batches: list[dict[str, "torch.Tensor"]], kind: str
+) -> tuple[list["torch.Tensor"], list["torch.Tensor"]]:
     """Activation- or gradient-based scores from hooks on the inputs of the output projections."""
     import torch
 
@@ -228,17 +244,22 @@ def calibrated_importance(model: "nn.Module", batches: list[dict[str, "torch.Ten
                     value = value.reshape(*value.shape[:-1], -1, grouped).norm(dim=-1)
                 scores[index].add_(value.abs().reshape(-1, value.shape[-1]).sum(0))
             elif act.requires_grad:
+
                 def on_grad(grad, act=act.detach()):
                     taylor = (act * grad).float()
                     if grouped:
                         taylor = taylor.reshape(*taylor.shape[:-1], -1, grouped).sum(-1)
                     scores[index].add_(taylor.reshape(-1, taylor.shape[-1]).sum(0).abs())
+
                 act.register_hook(on_grad)
+
         return hook
 
     handles = []
     for i, block in enumerate(layer_blocks):
-        handles.append(getattr(block.attn, block.heads_out).register_forward_pre_hook(capture(head_scores, i, shape.head_dim)))
+        handles.append(
+            getattr(block.attn, block.heads_out).register_forward_pre_hook(capture(head_scores, i, shape.head_dim))
+        )
         handles.append(getattr(block.mlp, block.neurons_out).register_forward_pre_hook(capture(neuron_scores, i, 0)))
     try:
         model.eval()
@@ -275,27 +296,36 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def plan_structured(model: "nn.Module", heads_fraction: float | None, heads_per_layer: int | None,
-                    neurons_fraction: float | None) -> StructuredPlan:
+def plan_structured(
+    model: "nn.Module", heads_fraction: float | None, heads_per_layer: int | None, neurons_fraction: float | None
+) -> StructuredPlan:
     """How many heads (per key/value group) and neurons to remove from each layer; checks the bounds."""
     shape = shape_of(model)
     group = shape.num_heads // shape.num_kv_heads
-    requested = heads_per_layer if heads_per_layer is not None else round_half_up((heads_fraction or 0.0) * shape.num_heads)
+    requested = (
+        heads_per_layer if heads_per_layer is not None else round_half_up((heads_fraction or 0.0) * shape.num_heads)
+    )
     if heads_fraction and requested == 0:
         requested = 1
     if requested >= shape.num_heads:
-        raise UserError(f"optimize.variants: removing {requested} heads per layer, but a layer has only {shape.num_heads}; "
-                        f"remove at most {shape.num_heads - 1} (heads_per_layer) or lower heads_fraction")
+        raise UserError(
+            f"optimize.variants: removing {requested} heads per layer, but a layer has only {shape.num_heads}; "
+            f"remove at most {shape.num_heads - 1} (heads_per_layer) or lower heads_fraction"
+        )
     per_group = 0
     if requested:
         # GQA: the same number of query heads leave every key/value group (whole groups when group == 1).
         per_group = max(1, round_half_up(requested / shape.num_kv_heads)) if group > 1 else requested
         if group > 1 and per_group >= group:
-            raise UserError(f"optimize.variants: removing {requested} heads per layer leaves a key/value group of "
-                            f"{group} query heads empty; remove fewer than {shape.num_kv_heads * (group - 1) + 1} heads")
+            raise UserError(
+                f"optimize.variants: removing {requested} heads per layer leaves a key/value group of "
+                f"{group} query heads empty; remove fewer than {shape.num_kv_heads * (group - 1) + 1} heads"
+            )
     neurons = round_half_up((neurons_fraction or 0.0) * shape.intermediate)
     if neurons >= shape.intermediate:
-        raise UserError(f"optimize.variants.neurons_fraction: removes all {shape.intermediate} MLP neurons; use a fraction below 1")
+        raise UserError(
+            f"optimize.variants.neurons_fraction: removes all {shape.intermediate} MLP neurons; use a fraction below 1"
+        )
     return StructuredPlan(per_group, neurons)
 
 
@@ -309,13 +339,14 @@ def _kept_heads(score: "torch.Tensor", shape: Shape, per_group: int) -> tuple[li
         return keep, keep
     keep = []
     for g in range(shape.num_kv_heads):
-        members = score[g * group:(g + 1) * group]
+        members = score[g * group : (g + 1) * group]
         keep += [g * group + int(i) for i in sorted(members.argsort(descending=True)[: group - per_group].tolist())]
     return keep, list(range(shape.num_kv_heads))
 
 
-def prune_structured(model: "nn.Module", plan: StructuredPlan, head_scores: list["torch.Tensor"],
-                     neuron_scores: list["torch.Tensor"]) -> dict[str, Any]:
+def prune_structured(
+    model: "nn.Module", plan: StructuredPlan, head_scores: list["torch.Tensor"], neuron_scores: list["torch.Tensor"]
+) -> dict[str, Any]:
     """Remove the planned heads and neurons in place and update the config; returns what was removed."""
     import torch
 
@@ -330,7 +361,11 @@ def prune_structured(model: "nn.Module", plan: StructuredPlan, head_scores: list
                 features = _qkv_features(heads, shape) if kind == "gpt2" else _head_features(heads, shape.head_dim)
                 setattr(block.attn, name, keep_outputs(getattr(block.attn, name), torch.tensor(features)))
             for name in block.kv_in if kept_kv < shape.num_kv_heads else []:
-                setattr(block.attn, name, keep_outputs(getattr(block.attn, name), torch.tensor(_head_features(kv_heads, shape.head_dim))))
+                setattr(
+                    block.attn,
+                    name,
+                    keep_outputs(getattr(block.attn, name), torch.tensor(_head_features(kv_heads, shape.head_dim))),
+                )
             out = getattr(block.attn, block.heads_out)
             setattr(block.attn, block.heads_out, keep_inputs(out, torch.tensor(_head_features(heads, shape.head_dim))))
         if plan.neurons_removed:
@@ -340,9 +375,13 @@ def prune_structured(model: "nn.Module", plan: StructuredPlan, head_scores: list
             setattr(block.mlp, block.neurons_out, keep_inputs(getattr(block.mlp, block.neurons_out), keep))
     _update_config(model, kept_heads, kept_kv, shape.head_dim, shape.intermediate - plan.neurons_removed)
     apply_pruned_heads(model)
-    return {"heads_per_layer": kept_heads, "heads_removed_fraction": 1 - kept_heads / shape.num_heads,
-            "kv_heads_per_layer": kept_kv, "intermediate_size": shape.intermediate - plan.neurons_removed,
-            "neurons_removed_fraction": plan.neurons_removed / shape.intermediate}
+    return {
+        "heads_per_layer": kept_heads,
+        "heads_removed_fraction": 1 - kept_heads / shape.num_heads,
+        "kv_heads_per_layer": kept_kv,
+        "intermediate_size": shape.intermediate - plan.neurons_removed,
+        "neurons_removed_fraction": plan.neurons_removed / shape.intermediate,
+    }
 
 
 def _update_config(model: "nn.Module", heads: int, kv_heads: int, head_dim: int, intermediate: int) -> None:

@@ -37,7 +37,11 @@ def run_optimize(recipe: Recipe, run: RunDir) -> StageResult:
         base, rows = measure_all(recipe, run)
     wanted = {v.name for v in recipe.optimize.variants} | {BASELINE}
     key = measurement_key(run, recipe)
-    stale = {r["name"] for r in current_report(run, recipe, key)["rows"] if r["backend"] == "torch" and r["name"] not in wanted}
+    stale = {
+        r["name"]
+        for r in current_report(run, recipe, key)["rows"]
+        if r["backend"] == "torch" and r["name"] not in wanted
+    }
     failures = add_rows(run, recipe, key, [base, *rows], drop=stale)
     track_report(recipe, run)
     if failures:
@@ -56,8 +60,11 @@ def measure_all(recipe: Recipe, run: RunDir) -> tuple[dict[str, Any], list[dict[
     rows = []
     for variant in recipe.optimize.variants:
         details = build_variant(recipe, run, variant)
-        rows.append(measure_torch_row(run, recipe, variant.name, variant.method, run.variant_dir(variant.name),
-                                      details=details, latency=False))
+        rows.append(
+            measure_torch_row(
+                run, recipe, variant.name, variant.method, run.variant_dir(variant.name), details=details, latency=False
+            )
+        )
     remeasure_latency(run, recipe, [base, *rows])
     return base, rows
 
@@ -101,7 +108,9 @@ def summary_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("speedup", "perplexity", "size"):
             value = row["ratios"].get(key) if row.get("ratios") else None
             if value is not None:
-                metrics[f"{row['name']}.{key}_ratio" if key != "speedup" else f"{row['name']}.speedup"] = round(value, 4)
+                metrics[f"{row['name']}.{key}_ratio" if key != "speedup" else f"{row['name']}.speedup"] = round(
+                    value, 4
+                )
     return metrics
 
 
@@ -174,13 +183,19 @@ def gptq_variant(run: RunDir, model: "nn.Module", variant: VariantConfig, src: P
     from fastserve_cli.optimize.gptq import DAMP, gptq_model
 
     modules = gptq_model(model, calibration_batches(run, variant.calibration_blocks), variant.group_size)
-    extra = {"group_size": variant.group_size, "method": "gptq", "calibration_blocks": variant.calibration_blocks,
-             "damp": DAMP}
+    extra = {
+        "group_size": variant.group_size,
+        "method": "gptq",
+        "calibration_blocks": variant.calibration_blocks,
+        "damp": DAMP,
+    }
     save_quantized(model, "weight_only_int4", modules, src, out, extra)
     return {"quantized_modules": len(modules), **extra, **({"source": variant.source} if variant.source else {})}
 
 
-def magnitude_variant(recipe: Recipe, run: RunDir, model: "nn.Module", variant: VariantConfig, out: Path) -> dict[str, Any]:
+def magnitude_variant(
+    recipe: Recipe, run: RunDir, model: "nn.Module", variant: VariantConfig, out: Path
+) -> dict[str, Any]:
     """Zero the smallest weights; recovery keeps them at zero; the sparsity is re-measured at the end."""
     from fastserve_cli.optimize.pruning import magnitude_prune, measure_sparsity, prunable_linears
 
@@ -191,25 +206,38 @@ def magnitude_variant(recipe: Recipe, run: RunDir, model: "nn.Module", variant: 
         details["recovery_loss"] = recover(recipe, run, model, variant.recovery_steps, masks)
     achieved = measure_sparsity(model)
     if achieved["sparsity"] + 1e-3 < (variant.sparsity or 0.0):
-        raise UserError(f"optimize.variants[{variant.name}]: achieved sparsity {achieved['sparsity']:.4f} is below the target "
-                        f"{variant.sparsity}; this is a bug, please report it")
+        raise UserError(
+            f"optimize.variants[{variant.name}]: achieved sparsity {achieved['sparsity']:.4f} is below the target "
+            f"{variant.sparsity}; this is a bug, please report it"
+        )
     save_hf(model, run.model_dir, out)
     return {**details, **{k: round(v, 6) for k, v in achieved.items()}}
 
 
-def structured_variant(recipe: Recipe, run: RunDir, model: "nn.Module", variant: VariantConfig, out: Path) -> dict[str, Any]:
+def structured_variant(
+    recipe: Recipe, run: RunDir, model: "nn.Module", variant: VariantConfig, out: Path
+) -> dict[str, Any]:
     """Rank heads/neurons, remove the lowest of every layer, optionally fine-tune, save a plain HF dir."""
-    from fastserve_cli.optimize.pruning import calibrated_importance, plan_structured, prune_structured, weight_importance
+    from fastserve_cli.optimize.pruning import (
+        calibrated_importance,
+        plan_structured,
+        prune_structured,
+        weight_importance,
+    )
 
     plan = plan_structured(model, variant.heads_fraction, variant.heads_per_layer, variant.neurons_fraction)
     if variant.importance == "weight":
         heads, neurons = weight_importance(model)
     else:
-        heads, neurons = calibrated_importance(model, calibration_batches(run, variant.calibration_blocks), variant.importance)
+        heads, neurons = calibrated_importance(
+            model, calibration_batches(run, variant.calibration_blocks), variant.importance
+        )
     before = sum(p.numel() for p in model.parameters())
     details = prune_structured(model, plan, heads, neurons)
-    details.update(importance=variant.importance,
-                   parameters_removed_fraction=round(1 - sum(p.numel() for p in model.parameters()) / before, 6))
+    details.update(
+        importance=variant.importance,
+        parameters_removed_fraction=round(1 - sum(p.numel() for p in model.parameters()) / before, 6),
+    )
     if variant.recovery_steps:
         details["recovery_loss"] = recover(recipe, run, model, variant.recovery_steps)
     save_hf(model, run.model_dir, out)
@@ -236,8 +264,9 @@ def calibration_batches(run: RunDir, count: int) -> list[dict[str, "torch.Tensor
 # ------------------------------------------------------------------ recovery fine-tune
 
 
-def recover(recipe: Recipe, run: RunDir, model: "nn.Module", steps: int,
-            masks: dict[str, "torch.Tensor"] | None = None) -> float:
+def recover(
+    recipe: Recipe, run: RunDir, model: "nn.Module", steps: int, masks: dict[str, "torch.Tensor"] | None = None
+) -> float:
     """A short fine-tune with the train stage's optimizer, schedule and batches; returns the last loss.
 
     `masks` (magnitude pruning) are re-applied after every step so pruned weights stay exactly zero.
@@ -245,10 +274,12 @@ def recover(recipe: Recipe, run: RunDir, model: "nn.Module", steps: int,
     import torch
 
     from fastserve_cli.core.batches import BatchStream, load_splits
-    from fastserve_cli.optimize.pruning import prunable_linears
     from fastserve_cli.models.optim import make_optimizer, make_scheduler
+    from fastserve_cli.optimize.pruning import prunable_linears
 
-    cfg = recipe.train.model_copy(update={"max_steps": steps, "warmup_steps": min(recipe.train.warmup_steps, steps // 10)})
+    cfg = recipe.train.model_copy(
+        update={"max_steps": steps, "warmup_steps": min(recipe.train.warmup_steps, steps // 10)}
+    )
     train_split, _ = load_splits(run.data_dir)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     stream = BatchStream(train_split, cfg.per_device_train_batch_size, recipe.seed + 1, pad_id=pad_id)

@@ -28,9 +28,13 @@ from typing import Any, Callable
 from fastserve_cli.core.errors import UserError
 from fastserve_cli.core.recipe import CleanConfig
 
-HTML_START = re.compile(r"\s*(<!doctype\s+html|<\?xml[^>]*>\s*<html|<(html|head|body|div|p|article|section|main|table|ul|h[1-6])[\s>])",
-                        re.IGNORECASE)
-INVISIBLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064\ufeff]")
+HTML_START = re.compile(
+    r"\s*(<!doctype\s+html|<\?xml[^>]*>\s*<html|<(html|head|body|div|p|article|section|main|table|ul|h[1-6])[\s>])",
+    re.IGNORECASE,
+)
+INVISIBLE = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064\ufeff]"
+)
 ODD_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 TRAILING_SPACE = re.compile(r"[ \t]+\n")
 BLANK_LINES = re.compile(r"\n{3,}")
@@ -41,8 +45,18 @@ WORDS = re.compile(r"\w+", re.UNICODE)
 # Gopher (Rae et al. 2021, table A1): max fraction of characters in the most common n-gram / in repeated n-grams
 TOP_NGRAM = {2: 0.20, 3: 0.18, 4: 0.16}
 DUP_NGRAM = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
-STEPS = ("html", "fix_text", "normalize", "pii", "length", "repetition", "symbols", "language", "exact_dedup",
-         "near_dedup")
+STEPS = (
+    "html",
+    "fix_text",
+    "normalize",
+    "pii",
+    "length",
+    "repetition",
+    "symbols",
+    "language",
+    "exact_dedup",
+    "near_dedup",
+)
 
 
 class Report:
@@ -67,8 +81,14 @@ class Report:
     def _example(self, step: str, before: str, after: str | None, reason: str | None) -> None:
         if self.per_step[step] < self.limit:
             self.per_step[step] += 1
-            self.examples.append({"step": step, "reason": reason, "before": before[:400],
-                                  "after": None if after is None else after[:400]})
+            self.examples.append(
+                {
+                    "step": step,
+                    "reason": reason,
+                    "before": before[:400],
+                    "after": None if after is None else after[:400],
+                }
+            )
 
     def metrics(self, steps: list[str]) -> dict[str, int]:
         out = {}
@@ -136,14 +156,14 @@ def repetition_reason(text: str) -> str | None:
     words = WORDS.findall(text)
     for n, limit in TOP_NGRAM.items():  # as datatrove: n-grams joined by spaces, fractions of len(text)
         if len(words) >= n:
-            gram, count = Counter(" ".join(words[i:i + n]) for i in range(len(words) - n + 1)).most_common(1)[0]
+            gram, count = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1)).most_common(1)[0]
             if count > 1 and len(gram) * count / len(text) > limit:
                 return f"the top {n}-gram covers {len(gram) * count / len(text):.0%} of characters"
     for n, limit in DUP_NGRAM.items():
         seen_grams: set[str] = set()
         repeated, i = 0, 0
         while i < len(words) - n + 1:  # non-overlapping repeats, as Gopher counts them
-            gram = " ".join(words[i:i + n])
+            gram = " ".join(words[i : i + n])
             if gram in seen_grams:
                 repeated, i = repeated + len(gram), i + n
             else:
@@ -189,14 +209,21 @@ def document_pipeline(cfg: CleanConfig, report: Report) -> Callable[[str], str |
                 return None
             report.changed("html", text, extracted)
             text = extracted
-        for step, enabled, fn in (("fix_text", cfg.fix_text, fix_text),
-                                  ("normalize", cfg.normalize != "off", lambda t: normalize(t, cfg.normalize)),
-                                  ("pii", cfg.pii, scrub_pii)):
+        for step, enabled, fn in (
+            ("fix_text", cfg.fix_text, fix_text),
+            ("normalize", cfg.normalize != "off", lambda t: normalize(t, cfg.normalize)),
+            ("pii", cfg.pii, scrub_pii),
+        ):
             if enabled:
                 after = fn(text)
                 report.changed(step, text, after)
                 text = after
-        if cfg.min_chars is not None and len(text) < cfg.min_chars or cfg.max_chars is not None and len(text) > cfg.max_chars:
+        if (
+            cfg.min_chars is not None
+            and len(text) < cfg.min_chars
+            or cfg.max_chars is not None
+            and len(text) > cfg.max_chars
+        ):
             report.dropped("length", text, f"{len(text)} characters")
             return None
         reason = repetition_reason(text) if cfg.repetition else None
@@ -219,10 +246,18 @@ def document_pipeline(cfg: CleanConfig, report: Report) -> Callable[[str], str |
 
 
 def enabled_steps(cfg: CleanConfig) -> list[str]:
-    flags = {"html": cfg.html != "off", "fix_text": cfg.fix_text, "normalize": cfg.normalize != "off", "pii": cfg.pii,
-             "length": cfg.min_chars is not None or cfg.max_chars is not None, "repetition": cfg.repetition,
-             "symbols": cfg.max_symbol_ratio is not None, "language": bool(cfg.languages),
-             "exact_dedup": cfg.exact_dedup, "near_dedup": cfg.near_dedup is not None}
+    flags = {
+        "html": cfg.html != "off",
+        "fix_text": cfg.fix_text,
+        "normalize": cfg.normalize != "off",
+        "pii": cfg.pii,
+        "length": cfg.min_chars is not None or cfg.max_chars is not None,
+        "repetition": cfg.repetition,
+        "symbols": cfg.max_symbol_ratio is not None,
+        "language": bool(cfg.languages),
+        "exact_dedup": cfg.exact_dedup,
+        "near_dedup": cfg.near_dedup is not None,
+    }
     return [step for step in STEPS if flags[step]]
 
 
@@ -243,18 +278,30 @@ def clean_documents(docs, cfg: CleanConfig, column: str, workdir: str) -> tuple[
     work = Path(workdir) / f"clean-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)
     try:
-        docs = docs.map(apply, batched=True, batch_size=256, remove_columns=docs.column_names,
-                        cache_file_name=str(work / "cleaned.arrow"), new_fingerprint=uuid.uuid4().hex)
+        docs = docs.map(
+            apply,
+            batched=True,
+            batch_size=256,
+            remove_columns=docs.column_names,
+            cache_file_name=str(work / "cleaned.arrow"),
+            new_fingerprint=uuid.uuid4().hex,
+        )
     except UserError:
         raise
     except Exception as err:
-        raise UserError(f"data.clean: a document could not be cleaned ({type(err).__name__}: {err}); "
-                        "turn the failing step off or fix the input") from None
+        raise UserError(
+            f"data.clean: a document could not be cleaned ({type(err).__name__}: {err}); "
+            "turn the failing step off or fix the input"
+        ) from None
     keep = _dedup(docs, column, cfg, report, work, exact_duplicates, near_duplicates)
     if keep is not None:
         docs = docs.select(keep, keep_in_memory=True)
-    metrics = {"clean_documents_in": n_in, "clean_documents_out": len(docs), **report.metrics(steps),
-               "clean_s": round(time.perf_counter() - started, 2)}
+    metrics = {
+        "clean_documents_in": n_in,
+        "clean_documents_out": len(docs),
+        **report.metrics(steps),
+        "clean_s": round(time.perf_counter() - started, 2),
+    }
     return docs, metrics, report.examples
 
 
@@ -288,7 +335,7 @@ def _report_removed(docs, column: str, indices, step: str, reason: str, report: 
     if len(indices) == 0:
         return
     for start in range(0, len(indices), 1000):
-        for text in docs.select(indices[start:start + 1000], keep_in_memory=True)[column]:
+        for text in docs.select(indices[start : start + 1000], keep_in_memory=True)[column]:
             report.dropped(step, text, reason)
 
 

@@ -53,7 +53,7 @@ def shingles(text: str, ngram: int) -> list[bytes]:
     words = WORD.findall(text.lower())
     if len(words) <= ngram:
         return [" ".join(words).encode("utf-8")]
-    return [" ".join(words[i:i + ngram]).encode("utf-8") for i in range(len(words) - ngram + 1)]
+    return [" ".join(words[i : i + ngram]).encode("utf-8") for i in range(len(words) - ngram + 1)]
 
 
 def signatures(texts: Iterator[str], n: int, num_perm: int, ngram: int, seed: int, path: Path) -> np.ndarray:
@@ -71,8 +71,9 @@ def signatures(texts: Iterator[str], n: int, num_perm: int, ngram: int, seed: in
     return sigs
 
 
-def near_duplicates(texts: Iterator[str], n: int, threshold: float, num_perm: int, ngram: int, seed: int,
-                    workdir: Path) -> np.ndarray:
+def near_duplicates(
+    texts: Iterator[str], n: int, threshold: float, num_perm: int, ngram: int, seed: int, workdir: Path
+) -> np.ndarray:
     """Boolean mask: True for a document that is a near-duplicate of an earlier one (its cluster's first)."""
     if n < 2:
         return np.zeros(n, dtype=bool)
@@ -81,7 +82,7 @@ def near_duplicates(texts: Iterator[str], n: int, threshold: float, num_perm: in
     parent = np.arange(n, dtype=np.int64)
     weights = np.random.default_rng(seed).integers(1, 2**63 - 1, size=rows, dtype=np.uint64) | np.uint64(1)
     for band in range(bands):
-        block = np.asarray(sigs[:, band * rows:(band + 1) * rows], dtype=np.uint64)
+        block = np.asarray(sigs[:, band * rows : (band + 1) * rows], dtype=np.uint64)
         with np.errstate(over="ignore"):  # a polynomial hash of the band's rows, mod 2^64
             keys = (block * weights).sum(axis=1, dtype=np.uint64)
         _merge_bucket_members(keys, sigs, parent, threshold)
@@ -98,7 +99,7 @@ def _merge_bucket_members(keys: np.ndarray, sigs: np.ndarray, parent: np.ndarray
         members = order[start:end]
         for j in range(1, len(members)):
             doc = int(members[j])
-            for earlier in members[max(0, j - MAX_CHECKS):j]:
+            for earlier in members[max(0, j - MAX_CHECKS) : j]:
                 if _find(parent, doc) == _find(parent, int(earlier)):
                     break
                 if np.mean(sigs[doc] == sigs[int(earlier)]) >= threshold:

@@ -19,7 +19,9 @@ def load_rated(cfg: DataConfig, files: list[str], cache_dir: str) -> tuple[Any, 
     import datasets
 
     stats: dict[str, int] = {}
-    features = datasets.Features({"messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}]})
+    features = datasets.Features(
+        {"messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}]}
+    )
 
     def rows():
         yield from rated_conversations(files, cfg.min_feedback, stats)
@@ -31,8 +33,15 @@ def load_rated(cfg: DataConfig, files: list[str], cache_dir: str) -> tuple[Any, 
     except Exception:  # an empty selection: from_generator cannot build a dataset from no rows
         if stats.get("selected"):
             raise
-        raise UserError(f"data.min_feedback {cfg.min_feedback}: no exchange in {len(files)} log file(s) has a rating "
-                        f">= it ({stats.get('exchanges', 0)} exchanges read); lower it or collect feedback") from None
-    info = {"files": len(files), "format": "request_log", "exchanges": stats.get("exchanges", 0),
-            "selected_by_feedback": stats.get("selected", 0), "corrected_answers": stats.get("corrected", 0)}
+        raise UserError(
+            f"data.min_feedback {cfg.min_feedback}: no exchange in {len(files)} log file(s) has a rating "
+            f">= it ({stats.get('exchanges', 0)} exchanges read); lower it or collect feedback"
+        ) from None
+    info = {
+        "files": len(files),
+        "format": "request_log",
+        "exchanges": stats.get("exchanges", 0),
+        "selected_by_feedback": stats.get("selected", 0),
+        "corrected_answers": stats.get("corrected", 0),
+    }
     return ds, info

@@ -29,7 +29,9 @@ def detect_format(cfg: DataConfig, files: list[str]) -> str:
         return cfg.format
     formats = {FORMAT_BY_SUFFIX.get(Path(f).suffix.lower(), "text") for f in files}
     if len(formats) > 1:
-        raise UserError(f"data.paths: mixes {' and '.join(sorted(formats))} files; use one format per recipe or set data.format")
+        raise UserError(
+            f"data.paths: mixes {' and '.join(sorted(formats))} files; use one format per recipe or set data.format"
+        )
     return formats.pop()
 
 
@@ -87,7 +89,9 @@ def load_documents(cfg: DataConfig, cache_dir: str) -> tuple[Any, dict[str, Any]
             ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split)
         except Exception as err:  # offline, unknown name, bad split: all user-fixable
             reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-            raise UserError(f"data.dataset {cfg.dataset}: could not load it ({reason}); offline machines need local data.paths") from None
+            raise UserError(
+                f"data.dataset {cfg.dataset}: could not load it ({reason}); offline machines need local data.paths"
+            ) from None
         info["source"] = cfg.dataset
     elif cfg.min_feedback is not None:  # serve request logs -> well-rated conversations (core/feedback_log.py)
         from fastserve_cli.preprocess.feedback import load_rated
@@ -105,7 +109,9 @@ def load_documents(cfg: DataConfig, cache_dir: str) -> tuple[Any, dict[str, Any]
     if column not in ds.column_names:
         where = cfg.dataset or "the input files"
         key = "data.messages_column" if cfg.messages_column else "data.text_column"
-        raise UserError(f"{key} {column!r}: no such column in {where} (columns: {', '.join(ds.column_names)}); set {key}")
+        raise UserError(
+            f"{key} {column!r}: no such column in {where} (columns: {', '.join(ds.column_names)}); set {key}"
+        )
     ds = ds.select_columns([column])
     if cfg.max_documents is not None and len(ds) > cfg.max_documents:
         ds = ds.select(range(cfg.max_documents))
@@ -133,14 +139,19 @@ def _load_files(fmt: str, files: list[str], cache_dir: str):
         if fmt == "text":
             features = datasets.Features({"text": datasets.Value("string")})
             return datasets.Dataset.from_generator(
-                _read_text_files, gen_kwargs={"files": files}, features=features,
-                cache_dir=cache_dir, fingerprint=uuid.uuid4().hex,
+                _read_text_files,
+                gen_kwargs={"files": files},
+                features=features,
+                cache_dir=cache_dir,
+                fingerprint=uuid.uuid4().hex,
             )
         return datasets.load_dataset(fmt, data_files=files, split="train")
     except Exception as err:
         cause = err.__cause__ or err
         reason = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
-        raise UserError(f"data.paths: could not read the {fmt} files ({reason}); check that they are valid {fmt}") from None
+        raise UserError(
+            f"data.paths: could not read the {fmt} files ({reason}); check that they are valid {fmt}"
+        ) from None
 
 
 def drop_empty(ds, column: str, is_chat: bool):
@@ -177,8 +188,15 @@ def build_tokenizer(recipe: Recipe, train_docs, column: str, is_chat: bool):
             for item in batch[column]:
                 yield "\n".join(m.get("content", "") for m in item) if is_chat else item
 
-    return train_bpe(texts(), cfg.vocab_size, cfg.min_frequency, cfg.eos_token, cfg.pad_token,
-                     cfg.extra_special_tokens, cfg.chat_template)
+    return train_bpe(
+        texts(),
+        cfg.vocab_size,
+        cfg.min_frequency,
+        cfg.eos_token,
+        cfg.pad_token,
+        cfg.extra_special_tokens,
+        cfg.chat_template,
+    )
 
 
 # ------------------------------------------------------------------ tokenizing and packing
@@ -203,7 +221,7 @@ def pack_blocks(token_batches: Iterator[list[list[int]]], block_size: int, eos_i
         flat[: len(carry)] = carry
         pos = len(carry)
         for ids in batch:
-            flat[pos:pos + len(ids)] = ids
+            flat[pos : pos + len(ids)] = ids
             pos += len(ids)
             flat[pos] = eos_id
             pos += 1
@@ -239,7 +257,9 @@ def _record_batch(ids, mask, labels, block_size: int):
     )
 
 
-def text_token_batches(docs, column: str, tokenizer, cfg: DataConfig, is_chat: bool, progress) -> Iterator[list[list[int]]]:
+def text_token_batches(
+    docs, column: str, tokenizer, cfg: DataConfig, is_chat: bool, progress
+) -> Iterator[list[list[int]]]:
     """Token ids per document, batch by batch, with the Rust tokenizer (already multi-threaded).
 
     A worker thread encodes the next batch while the caller packs this one (encode_batch releases the
@@ -279,8 +299,15 @@ def _token_batches_multiprocess(docs, column, tokenizer, cfg, is_chat, progress)
         texts = [render_chat(tokenizer, m) for m in batch[column]] if is_chat else batch[column]
         return {"ids": [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]}
 
-    tokenized = docs.map(encode, batched=True, batch_size=cfg.batch_size, num_proc=cfg.num_proc, remove_columns=[column],
-                         load_from_cache_file=False, keep_in_memory=True)
+    tokenized = docs.map(
+        encode,
+        batched=True,
+        batch_size=cfg.batch_size,
+        num_proc=cfg.num_proc,
+        remove_columns=[column],
+        load_from_cache_file=False,
+        keep_in_memory=True,
+    )
     for batch in tokenized.iter(batch_size=cfg.batch_size):
         progress(len(batch["ids"]))
         yield batch["ids"]
@@ -314,7 +341,9 @@ def sft_examples(docs, column: str, tokenizer, cfg: DataConfig, stats: dict, pro
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids = enc["input_ids"][: cfg.block_size]
             offsets = enc["offset_mapping"][: cfg.block_size]
-            labels = [tok if any(a <= start < b for a, b in spans) else IGNORE_INDEX for tok, (start, _) in zip(ids, offsets)]
+            labels = [
+                tok if any(a <= start < b for a, b in spans) else IGNORE_INDEX for tok, (start, _) in zip(ids, offsets)
+            ]
             stats["documents"] += 1
             stats["tokens"] += len(ids)
             if any(label != IGNORE_INDEX for label in labels):
@@ -331,8 +360,9 @@ def sft_examples(docs, column: str, tokenizer, cfg: DataConfig, stats: dict, pro
 def ARROW_SCHEMA():
     import pyarrow as pa
 
-    return pa.schema([("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())),
-                      ("labels", pa.list_(pa.int32()))])
+    return pa.schema(
+        [("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())), ("labels", pa.list_(pa.int32()))]
+    )
 
 
 def write_arrow(batches, path: Path):
@@ -390,8 +420,15 @@ def _preprocess(recipe: Recipe, run: RunDir, cfg: DataConfig, started: float, do
     if is_chat:
         check_chat_terminator(tokenizer, trained=recipe.tokenizer.path is None)
     tokenize_start = time.perf_counter()
-    progress = Progress(TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TextColumn("documents"),
-                        TimeElapsedColumn(), console=err_console(), transient=True)
+    progress = Progress(
+        TextColumn("preprocess"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("documents"),
+        TimeElapsedColumn(),
+        console=err_console(),
+        transient=True,
+    )
     with progress, staged_dir(run.data_dir) as data_tmp, staged_dir(run.tokenizer_dir) as tok_tmp:
         task = progress.add_task("tokenize", total=len(docs))
         advance = lambda n: progress.advance(task, n)  # noqa: E731
@@ -399,7 +436,9 @@ def _preprocess(recipe: Recipe, run: RunDir, cfg: DataConfig, started: float, do
         train_ds, train_stats = build_split(train_docs, column, tokenizer, cfg, is_chat, cache / "train.arrow", advance)
         val_ds, val_stats = build_split(val_docs, column, tokenizer, cfg, is_chat, cache / "validation.arrow", advance)
         if len(train_ds) == 0 or len(val_ds) == 0:
-            raise UserError("data: the corpus produced no training examples (no assistant turns?); check data.messages_column")
+            raise UserError(
+                "data: the corpus produced no training examples (no assistant turns?); check data.messages_column"
+            )
         tokenize_s = time.perf_counter() - tokenize_start
         datasets.DatasetDict({"train": train_ds, "validation": val_ds}).save_to_disk(str(data_tmp / "dataset"))
         _move_contents(data_tmp / "dataset", data_tmp)

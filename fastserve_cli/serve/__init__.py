@@ -14,7 +14,6 @@ from pathlib import Path
 
 from fastserve_cli.core.errors import UserError
 
-
 # Longer than clients' pool expiry (httpx: 5 s, uvicorn's default too): a server closing an idle connection
 # at the same moment a client reuses it shows up as a ReadError under load.
 KEEP_ALIVE_S = 65
@@ -47,8 +46,10 @@ def resolve_target(target: str | Path, backend: str | None, source: str | None, 
             model_dir = run.variant_dir(source)
             backend = "onnx" if (model_dir / "model.onnx").is_file() else backend
         if not (model_dir / "config.json").is_file():
-            raise UserError(f"{model_dir}: nothing to serve for source '{source}' (no config.json); run the stage that "
-                            "writes it (train, optimize or export) or pick another --source")
+            raise UserError(
+                f"{model_dir}: nothing to serve for source '{source}' (no config.json); run the stage that "
+                "writes it (train, optimize or export) or pick another --source"
+            )
         return ServeTarget(model_dir, backend, recipe.serve.model_name or recipe.name, run.root)
     if not path.is_dir():
         raise UserError(f"{path}: no such run directory, model directory or recipe file")
@@ -64,13 +65,13 @@ def resolve_target(target: str | Path, backend: str | None, source: str | None, 
 
 def build_engine(target: ServeTarget, cfg) -> "object":
     """Load the backend and tokenizer and wire scheduler, KV manager, metrics and engine (slow: model load)."""
-    from fastserve_cli.serve.handling import Loaded
+    from fastserve_cli.core.tokenizer import load_tokenizer
     from fastserve_cli.serve.backends import load_backend
     from fastserve_cli.serve.engine import Engine
+    from fastserve_cli.serve.handling import Loaded
     from fastserve_cli.serve.kv_cache import KVCacheManager, parse_bytes
     from fastserve_cli.serve.metrics import Metrics
     from fastserve_cli.serve.scheduler import make_scheduler
-    from fastserve_cli.core.tokenizer import load_tokenizer
 
     if cfg.num_threads:
         import torch
@@ -80,20 +81,35 @@ def build_engine(target: ServeTarget, cfg) -> "object":
     tokenizer = load_tokenizer(target.model_dir)
     budget = parse_bytes(cfg.kv_cache_memory)
     kv = KVCacheManager(backend, budget, parse_bytes(cfg.kv_offload_memory, "--kv-offload-memory"))
-    options = {"starvation_s": cfg.starvation_s, "base_quantum_s": cfg.base_quantum_s, "num_levels": cfg.mlfq_levels,
-               "max_batch_size": cfg.max_batch_size, "token_budget": cfg.max_num_batched_tokens}
+    options = {
+        "starvation_s": cfg.starvation_s,
+        "base_quantum_s": cfg.base_quantum_s,
+        "num_levels": cfg.mlfq_levels,
+        "max_batch_size": cfg.max_batch_size,
+        "token_budget": cfg.max_num_batched_tokens,
+    }
     if cfg.scheduler != "fcfs":
         from fastserve_cli.core.rundir import RunDir
         from fastserve_cli.serve.profile import ensure_profile
 
         path = RunDir(target.run_dir).serve_profile_path if target.run_dir else None
         profile = ensure_profile(backend, path, cfg.max_batch_size)
-        options.update(base_quantum_s=cfg.base_quantum_s or profile.base_quantum_s,
-                       estimate_prefill_s=profile.prefill_s, profile_path=path)
+        options.update(
+            base_quantum_s=cfg.base_quantum_s or profile.base_quantum_s,
+            estimate_prefill_s=profile.prefill_s,
+            profile_path=path,
+        )
     scheduler = make_scheduler(cfg.scheduler, **options)
-    engine = Engine(backend, scheduler, kv, tokenizer, Metrics(cfg.model_name or target.name),
-                    max_batch_size=cfg.max_batch_size, token_budget=cfg.max_num_batched_tokens,
-                    max_queue=cfg.max_queue)
+    engine = Engine(
+        backend,
+        scheduler,
+        kv,
+        tokenizer,
+        Metrics(cfg.model_name or target.name),
+        max_batch_size=cfg.max_batch_size,
+        token_budget=cfg.max_num_batched_tokens,
+        max_queue=cfg.max_queue,
+    )
     return Loaded(engine, tokenizer, backend.max_context, backend.kv_bytes_per_token, budget)
 
 
@@ -121,16 +137,23 @@ def serve(target: ServeTarget, cfg) -> None:
         return serve_cluster(target, cfg)
     check_config(cfg)
     api_key = cfg.api_key or os.environ.get("FASTSERVE_API_KEY") or None
-    state = ServerState(cfg.model_name or target.name, api_key, lambda: build_engine(target, cfg),
-                        cfg.shutdown_timeout_s)
+    state = ServerState(
+        cfg.model_name or target.name, api_key, lambda: build_engine(target, cfg), cfg.shutdown_timeout_s
+    )
     if cfg.log_requests:
         from fastserve_cli.serve.feedback import RequestLog
 
         state.request_log = RequestLog(cfg.log_requests)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="info",
-                            timeout_graceful_shutdown=cfg.shutdown_timeout_s, access_log=False,
-                            timeout_keep_alive=KEEP_ALIVE_S)
+    config = uvicorn.Config(
+        create_app(state),
+        host=cfg.host,
+        port=cfg.port,
+        log_level="info",
+        timeout_graceful_shutdown=cfg.shutdown_timeout_s,
+        access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
     server = uvicorn.Server(config)
     state.on_load_error = lambda: setattr(server, "should_exit", True)
     server.run()

@@ -17,7 +17,8 @@ import threading
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi import Depends, FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fastserve_cli.serve.embeddings import EmbeddingRequest, create_embeddings
@@ -25,11 +26,29 @@ from fastserve_cli.serve.engine import QueueFull, StepOutput
 from fastserve_cli.serve.errors import install_error_handlers, reject_invalid_text
 from fastserve_cli.serve.feedback import install as install_feedback
 from fastserve_cli.serve.handling import (
-    Loaded, Plan, add_prompt, check_model, compile_plan, engine_requests, make_choice, plan_chat, plan_completion,
-    response_body)
+    Loaded,
+    Plan,
+    add_prompt,
+    check_model,
+    compile_plan,
+    engine_requests,
+    make_choice,
+    plan_chat,
+    plan_completion,
+    response_body,
+)
 from fastserve_cli.serve.openapi import install_openapi
 from fastserve_cli.serve.protocol import (
-    ChatCompletionRequest, CompletionRequest, OpenAIError, bad_request, check_supported, completion_prompts, usage, new_id, now_s)
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    bad_request,
+    check_supported,
+    completion_prompts,
+    new_id,
+    now_s,
+    usage,
+)
 from fastserve_cli.serve.request import Request
 from fastserve_cli.serve.responses import ResponsesRequest, create_response
 from fastserve_cli.serve.tools import ToolCallStreamer
@@ -38,8 +57,9 @@ log = logging.getLogger("fastserve.api")
 
 
 class ServerState:
-    def __init__(self, model_name: str, api_key: str | None, loader: Callable[[], Loaded],
-                 shutdown_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, model_name: str, api_key: str | None, loader: Callable[[], Loaded], shutdown_timeout_s: float = 30.0
+    ) -> None:
         self.model_name = model_name
         self.api_key = api_key
         self.loader = loader
@@ -70,13 +90,18 @@ def create_app(state: ServerState) -> FastAPI:
         if state.loaded is not None:
             await asyncio.to_thread(state.loaded.engine.shutdown, min(5.0, state.shutdown_timeout_s))
 
-    app = FastAPI(title="fastserve", description="OpenAI-compatible server with continuous batching.",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="fastserve", description="OpenAI-compatible server with continuous batching.", lifespan=lifespan
+    )
     app.state.fastserve = state
 
     install_error_handlers(app)
-    install_openapi(app, bool(state.api_key), state.model_name, lambda: state.loaded and {
-        "vocab": len(state.loaded.tokenizer), "context": state.loaded.max_context})
+    install_openapi(
+        app,
+        bool(state.api_key),
+        state.model_name,
+        lambda: state.loaded and {"vocab": len(state.loaded.tokenizer), "context": state.loaded.max_context},
+    )
 
     def authorized(request: HTTPRequest) -> None:
         if not state.api_key:
@@ -84,13 +109,15 @@ def create_app(state: ServerState) -> FastAPI:
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-            raise OpenAIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
-                              code="invalid_api_key")
+            raise OpenAIError(
+                401, "missing or invalid API key; send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
 
     def ready() -> Loaded:
         if state.loaded is None:
-            raise OpenAIError(503, "the model is still loading; retry shortly", type_="service_unavailable",
-                              code="model_loading")
+            raise OpenAIError(
+                503, "the model is still loading; retry shortly", type_="service_unavailable", code="model_loading"
+            )
         return state.loaded
 
     guard = [Depends(authorized), Depends(reject_invalid_text)]
@@ -116,8 +143,18 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models", dependencies=guard)
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "fastserve", "max_model_len": state.loaded and state.loaded.max_context}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "fastserve",
+                    "max_model_len": state.loaded and state.loaded.max_context,
+                }
+            ],
+        }
 
     @app.post("/v1/completions", dependencies=guard)
     async def completions(body: CompletionRequest, request: HTTPRequest):
@@ -129,7 +166,9 @@ def create_app(state: ServerState) -> FastAPI:
             check_supported(body)
             check_model(body.model, state.model_name)
             prompts = completion_prompts(body, loaded.tokenizer)
-            return await echo_completion(loaded, body, prompts, lambda: Job(loaded, Plan("completion", body, []), request))
+            return await echo_completion(
+                loaded, body, prompts, lambda: Job(loaded, Plan("completion", body, []), request)
+            )
         return await Job(loaded, await planned(plan_completion, body, loaded), request).respond()
 
     @app.post("/v1/chat/completions", dependencies=guard)
@@ -154,8 +193,10 @@ def create_app(state: ServerState) -> FastAPI:
     def local_only(loaded: Loaded, what: str) -> None:
         """Features that run on the model directly (not through engine requests) need this process's engine."""
         if not hasattr(loaded.engine, "backend"):
-            raise bad_request(f"{what} is not available with --replicas yet; serve a single process for it",
-                              param="echo" if what == "echo" else None)
+            raise bad_request(
+                f"{what} is not available with --replicas yet; serve a single process for it",
+                param="echo" if what == "echo" else None,
+            )
 
     async def planned(planner, body, loaded: Loaded) -> Plan:
         """Validate and plan on the event loop; compile a grammar off it (a cold schema takes a while)."""
@@ -211,8 +252,9 @@ class Job:
         try:
             self.loaded.engine.submit(self.reqs)
         except QueueFull as err:
-            raise OpenAIError(429, f"the server is busy: {err}; retry later", type_="rate_limit_error",
-                              code="queue_full") from None
+            raise OpenAIError(
+                429, f"the server is busy: {err}; retry later", type_="rate_limit_error", code="queue_full"
+            ) from None
 
     def abort(self) -> None:
         self.loaded.engine.abort([r for r in self.reqs if not r.finished])
@@ -220,8 +262,11 @@ class Job:
     async def respond(self):
         self.submit()
         if self.body.stream:
-            return StreamingResponse(self.stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                self.stream(),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return JSONResponse(await self.collect())
 
     async def _outputs(self) -> AsyncIterator[tuple[int, StepOutput]]:
@@ -251,7 +296,9 @@ class Job:
         choices = [self._choice(i, "".join(texts[i]), entries[i], reasons[i], final=True) for i in sorted(texts)]
         response = response_body(self.plan, self.id, self.created, choices, sum(r.num_generated for r in self.reqs))
         if self.request_log is not None:
-            self.request_log.log_chat(self.id, self.body, choices[0]["message"]["content"], response["usage"], reasons[0])
+            self.request_log.log_chat(
+                self.id, self.body, choices[0]["message"]["content"], response["usage"], reasons[0]
+            )
         return response
 
     async def _watch_disconnect(self) -> None:
@@ -270,8 +317,19 @@ class Job:
         try:
             if self.kind == "chat":
                 for i in sorted(offsets):
-                    yield self._sse(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                  "logprobs": None, "finish_reason": None}], include_usage))
+                    yield self._sse(
+                        self._chunk(
+                            [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ],
+                            include_usage,
+                        )
+                    )
             async for index, out in self._outputs():
                 if not out.text and not out.finished and not out.logprobs:
                     continue
@@ -281,13 +339,15 @@ class Job:
                     for choice in self._tool_choices(index, out, streamers[index]):
                         yield self._sse(self._chunk([choice], include_usage))
                     continue
-                choice = self._choice(index, out.text, out.logprobs, out.finish_reason, final=False,
-                                      offset=offsets[index])
+                choice = self._choice(
+                    index, out.text, out.logprobs, out.finish_reason, final=False, offset=offsets[index]
+                )
                 offsets[index] += len(out.text)
                 yield self._sse(self._chunk([choice], include_usage))
             if include_usage:
-                yield self._sse(self._chunk([], include_usage, usage(self.prompt_tokens,
-                                                                     sum(r.num_generated for r in self.reqs))))
+                yield self._sse(
+                    self._chunk([], include_usage, usage(self.prompt_tokens, sum(r.num_generated for r in self.reqs)))
+                )
             yield "data: [DONE]\n\n"
         except OpenAIError as err:
             yield self._sse(err.body())
@@ -301,14 +361,21 @@ class Job:
     def _log_streamed(self, first_text: list[str], out: StepOutput) -> None:
         first_text.append(out.text)
         if out.finished:
-            self.request_log.log_chat(self.id, self.body, "".join(first_text),
-                                      usage(self.prompt_tokens, sum(r.num_generated for r in self.reqs)), out.finish_reason)
+            self.request_log.log_chat(
+                self.id,
+                self.body,
+                "".join(first_text),
+                usage(self.prompt_tokens, sum(r.num_generated for r in self.reqs)),
+                out.finish_reason,
+            )
 
     def _tool_choices(self, index: int, out: StepOutput, streamer: ToolCallStreamer) -> list[dict[str, Any]]:
         """Streamed chat choices when tools are offered: content and tool-call deltas, then the finish."""
         logprobs = self.loaded.logprobs.chat(out.logprobs) if self.body.logprobs and out.logprobs else None
-        choices = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
-                   for d in streamer.feed(out.text, final=out.finished)]
+        choices = [
+            {"index": index, "delta": d, "logprobs": None, "finish_reason": None}
+            for d in streamer.feed(out.text, final=out.finished)
+        ]
         if out.finished:
             reason = "tool_calls" if out.finish_reason == "stop" and streamer.num_calls else out.finish_reason
             choices.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})

@@ -46,7 +46,7 @@ class PackedBatch:
     def row_kv(self, i: int) -> list[tuple[Any, Any]]:
         """Views of row i without its padding."""
         p = self.pads[i]
-        return [(k[i:i + 1, :, p:], v[i:i + 1, :, p:]) for k, v in self.layers]
+        return [(k[i : i + 1, :, p:], v[i : i + 1, :, p:]) for k, v in self.layers]
 
 
 class Backend:
@@ -146,10 +146,10 @@ class Backend:
             leaving = pack.rows[i]
             if leaving.kv is IN_PACK:  # preempted, still live: it keeps its cache as its own tensors
                 leaving.kv = [(k.clone(), v.clone()) for k, v in pack.row_kv(i)]
-        targets = free[:len(joining)] + list(range(len(pack.rows) - max(grow, 0), len(pack.rows)))
+        targets = free[: len(joining)] + list(range(len(pack.rows) - max(grow, 0), len(pack.rows)))
         for i, req in zip(targets, joining):
             self._write_row(pack, i, req)
-        self._drop_rows(pack, sorted(free[len(joining):]))
+        self._drop_rows(pack, sorted(free[len(joining) :]))
         self._trim(pack, min(pack.pads))
         self.swaps += len(joining)
         return True
@@ -265,8 +265,10 @@ class Backend:
         import torch
 
         shape = (rows, self.num_kv_heads, width, self.head_dim)
-        layers = [(torch.empty(shape, dtype=dtype, device=self.device), torch.empty(shape, dtype=dtype, device=self.device))
-                  for _ in range(self.num_layers)]
+        layers = [
+            (torch.empty(shape, dtype=dtype, device=self.device), torch.empty(shape, dtype=dtype, device=self.device))
+            for _ in range(self.num_layers)
+        ]
         mask = torch.zeros(rows, width, dtype=torch.long, device=self.device)
         return PackedBatch([None] * rows, layers, [0] * rows, mask)
 
@@ -280,7 +282,9 @@ def kv_geometry(config: dict[str, Any]) -> tuple[int, int, int]:
     heads = config.get("num_attention_heads") or config.get("n_head")
     hidden = config.get("hidden_size") or config.get("n_embd")
     if not (layers and heads and hidden):
-        raise UserError("config.json: cannot tell the number of layers/heads/hidden size; serve a transformers causal LM")
+        raise UserError(
+            "config.json: cannot tell the number of layers/heads/hidden size; serve a transformers causal LM"
+        )
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
     return int(layers), int(kv_heads), int(head_dim)

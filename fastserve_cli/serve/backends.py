@@ -13,13 +13,16 @@ from fastserve_cli.serve.torch_backend import TorchBackend
 __all__ = ["IN_PACK", "Backend", "OnnxBackend", "PackedBatch", "TorchBackend", "load_backend", "read_config"]
 
 
-def load_backend(kind: str, model_dir: Path, threads: int | None = None, fast_kernels: bool = True,
-                 dtype: str = "fp32") -> Backend:
+def load_backend(
+    kind: str, model_dir: Path, threads: int | None = None, fast_kernels: bool = True, dtype: str = "fp32"
+) -> Backend:
     if kind == "torch":
         return TorchBackend(model_dir, fast_kernels=fast_kernels, dtype=dtype)
     if dtype != "fp32":
-        raise UserError(f"serve.dtype {dtype}: only the torch backend computes in bf16; the onnx graph keeps the "
-                        "precision it was exported in (use dtype fp32)")
+        raise UserError(
+            f"serve.dtype {dtype}: only the torch backend computes in bf16; the onnx graph keeps the "
+            "precision it was exported in (use dtype fp32)"
+        )
     if kind == "onnx":
         return OnnxBackend(model_dir, threads=threads)
     raise UserError(f"--backend {kind}: unknown backend; choose torch or onnx")

@@ -39,7 +39,8 @@ class EmbeddingRequest(BaseModel):
 
     model: str
     input: Union[str, list[str], list[int], list[list[int]]] = Field(
-        ..., description="A string, a list of strings, a list of token ids, or a list of token-id lists.")
+        ..., description="A string, a list of strings, a list of token ids, or a list of token-id lists."
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = Field(None, ge=1, description="Must equal the model's hidden size when given.")
     user: Optional[str] = None
@@ -64,8 +65,9 @@ def embedding_inputs(body: EmbeddingRequest, tokenizer, context: int) -> list[li
         if any(not 0 <= t < vocab for t in ids):
             raise bad_request(f"{where} has token ids outside the vocabulary (0..{vocab - 1})", param=where)
         if len(ids) > context:
-            raise bad_request(f"{where} has {len(ids)} tokens but the model's context is {context}; shorten it",
-                              param=where)
+            raise bad_request(
+                f"{where} has {len(ids)} tokens but the model's context is {context}; shorten it", param=where
+            )
         out.append(ids)
     return out
 
@@ -105,8 +107,8 @@ class Embedder:
             ids = np.zeros((len(group), width), dtype=np.int64)
             mask = np.zeros_like(ids)
             for row, i in enumerate(group):
-                ids[row, :len(inputs[i])] = inputs[i]
-                mask[row, :len(inputs[i])] = 1
+                ids[row, : len(inputs[i])] = inputs[i]
+                mask[row, : len(inputs[i])] = 1
             positions = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape).copy()
             with self.lock:
                 hidden = self.hidden(ids, mask, positions)
@@ -122,9 +124,12 @@ def torch_hidden(backend) -> Callable:
     base = base if base is not None and base is not model else None
 
     def run(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        kwargs = {"input_ids": torch.from_numpy(ids).to(backend.device),
-                  "attention_mask": torch.from_numpy(mask).to(backend.device),
-                  "position_ids": torch.from_numpy(positions).to(backend.device), "use_cache": False}
+        kwargs = {
+            "input_ids": torch.from_numpy(ids).to(backend.device),
+            "attention_mask": torch.from_numpy(mask).to(backend.device),
+            "position_ids": torch.from_numpy(positions).to(backend.device),
+            "use_cache": False,
+        }
         with torch.inference_mode():
             if base is not None:
                 hidden = base(**kwargs).last_hidden_state
@@ -144,8 +149,10 @@ def onnx_hidden(backend, threads: int | None = None) -> Callable:
 
     session = backend.session
     if (session.path.parent / DATA_FILE).exists():
-        raise unsupported("this ONNX export stores its weights as external data (> 2 GB), which cannot be "
-                          "rewritten in memory to expose hidden states; serve the torch backend for embeddings")
+        raise unsupported(
+            "this ONNX export stores its weights as external data (> 2 GB), which cannot be "
+            "rewritten in memory to expose hidden states; serve the torch backend for embeddings"
+        )
     proto = onnx.load(str(session.path))
     graph = proto.graph
     producers = {out: node for node in graph.node for out in node.output}
@@ -154,8 +161,10 @@ def onnx_hidden(backend, threads: int | None = None) -> Callable:
     while node is not None and node.op_type in HEAD_ELEMENTWISE:
         node = producers.get(node.input[0])
     if node is None or node.op_type not in HEAD_MATMULS or logits is None:
-        raise unsupported("this ONNX graph's LM head is not a recognisable matmul, so its hidden states cannot be "
-                          "read; serve the torch backend for embeddings")
+        raise unsupported(
+            "this ONNX graph's LM head is not a recognisable matmul, so its hidden states cannot be "
+            "read; serve the torch backend for embeddings"
+        )
     name = node.input[0]
     while name in producers and producers[name].op_type in ("DynamicQuantizeLinear", "QuantizeLinear", "Cast"):
         name = producers[name].input[0]  # back to the float hidden state before the head's quantization
@@ -168,8 +177,12 @@ def onnx_hidden(backend, threads: int | None = None) -> Callable:
     del proto
 
     def run(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                **dict(zip(session.past_names, session.empty_past(ids.shape[0])))}
+        feed = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            **dict(zip(session.past_names, session.empty_past(ids.shape[0]))),
+        }
         return hidden_session.run([name], feed)[0]
 
     return run
@@ -210,14 +223,24 @@ async def create_embeddings(body: EmbeddingRequest, loaded, model_name: str) -> 
     inputs = embedding_inputs(body, loaded.tokenizer, loaded.max_context)
     embedder = await asyncio.to_thread(get_embedder, loaded)
     if body.dimensions is not None and body.dimensions != embedder.size:
-        raise bad_request(f"'dimensions' must be {embedder.size} (this model's hidden size) or left out; "
-                          f"shortened embeddings are not supported", param="dimensions")
+        raise bad_request(
+            f"'dimensions' must be {embedder.size} (this model's hidden size) or left out; "
+            f"shortened embeddings are not supported",
+            param="dimensions",
+        )
     vectors = await asyncio.to_thread(embedder.embed, inputs)
     data = []
     for i, vec in enumerate(vectors):
-        value: Any = (base64.b64encode(vec.astype("<f4").tobytes()).decode("ascii")
-                      if body.encoding_format == "base64" else vec.tolist())
+        value: Any = (
+            base64.b64encode(vec.astype("<f4").tobytes()).decode("ascii")
+            if body.encoding_format == "base64"
+            else vec.tolist()
+        )
         data.append({"object": "embedding", "index": i, "embedding": value})
     tokens = sum(len(x) for x in inputs)
-    return {"object": "list", "data": data, "model": model_name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {
+        "object": "list",
+        "data": data,
+        "model": model_name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

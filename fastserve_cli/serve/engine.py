@@ -62,11 +62,11 @@ class Detokenizer:
     def add(self, token_id: int) -> bool:
         """Append a token; True when a stop string appeared (the text is cut before it)."""
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             start = max(0, len(self.text) - self.holdback)
-            self.text += full[len(prefix):]
+            self.text += full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             for s in self.stop:
                 hit = self.text.find(s, start)
@@ -78,13 +78,23 @@ class Detokenizer:
     def take(self, final: bool) -> str:
         """Text not handed out yet (all of it when final)."""
         end = len(self.text) if final else max(self.sent, len(self.text) - self.holdback)
-        out, self.sent = self.text[self.sent:end], end
+        out, self.sent = self.text[self.sent : end], end
         return out
 
 
 class Engine:
-    def __init__(self, backend, scheduler: Scheduler, kv: KVCacheManager, tokenizer, metrics, *,
-                 max_batch_size: int = 8, token_budget: int = 2048, max_queue: int = 256) -> None:
+    def __init__(
+        self,
+        backend,
+        scheduler: Scheduler,
+        kv: KVCacheManager,
+        tokenizer,
+        metrics,
+        *,
+        max_batch_size: int = 8,
+        token_budget: int = 2048,
+        max_queue: int = 256,
+    ) -> None:
         self.backend = backend
         backend.max_rows = max_batch_size  # decode batches never exceed it: the torch pack sizes its rows by it
         self.scheduler = scheduler
@@ -109,7 +119,9 @@ class Engine:
         """Queue requests (all or none); raises QueueFull past --max-queue."""
         with self._cond:
             if self.num_waiting + len(self._inbox) + len(reqs) > self.max_queue:
-                raise QueueFull(f"{self.num_waiting + len(self._inbox)} requests are waiting (--max-queue {self.max_queue})")
+                raise QueueFull(
+                    f"{self.num_waiting + len(self._inbox)} requests are waiting (--max-queue {self.max_queue})"
+                )
             for req in reqs:
                 req.detok = Detokenizer(self.tokenizer, req.params.stop)
                 self._inbox.append(req)

@@ -13,7 +13,8 @@ import json
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -22,9 +23,16 @@ from fastserve_cli.serve.protocol import OpenAIError, bad_request
 
 log = logging.getLogger("fastserve.api")
 
-_STATUS_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                 405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-                 429: "rate_limit_error", 503: "service_unavailable"}
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
 
 
 class SafeJSONResponse(JSONResponse):
@@ -87,8 +95,11 @@ async def reject_invalid_text(request: HTTPRequest) -> None:
         return
     where = _find_surrogate(body, "")
     if where is not None:
-        raise bad_request(f"{where or 'body'}: the text holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
-                          "escape), which is not valid Unicode; send well-formed text", param=where or None)
+        raise bad_request(
+            f"{where or 'body'}: the text holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+            "escape), which is not valid Unicode; send well-formed text",
+            param=where or None,
+        )
 
 
 def _find_surrogate(value: Any, path: str) -> str | None:

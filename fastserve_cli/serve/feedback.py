@@ -24,8 +24,12 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(..., min_length=1, description="The `id` of a chat completion this server returned.")
-    rating: float = Field(..., allow_inf_nan=False, description="Higher is better, e.g. 1-5 or -1/+1; `data.min_feedback` selects on it.")
-    corrected_answer: Optional[str] = Field(None, description="What the assistant should have said; replaces its reply in training data.")
+    rating: float = Field(
+        ..., allow_inf_nan=False, description="Higher is better, e.g. 1-5 or -1/+1; `data.min_feedback` selects on it."
+    )
+    corrected_answer: Optional[str] = Field(
+        None, description="What the assistant should have said; replaces its reply in training data."
+    )
 
 
 class RequestLog:
@@ -34,13 +38,18 @@ class RequestLog:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.ids = {r["id"] for r in read_records(str(self.path)) if r["type"] == EXCHANGE} if self.path.exists() else set()
+            self.ids = (
+                {r["id"] for r in read_records(str(self.path)) if r["type"] == EXCHANGE}
+                if self.path.exists()
+                else set()
+            )
             self._handle = open(self.path, "a", encoding="utf-8")
             if self.path.stat().st_size and not _ends_with_newline(self.path):
                 self._handle.write("\n")  # a torn last line (killed mid-write) stays alone; readers skip it
         except OSError as err:
-            raise UserError(f"serve.log_requests {path}: cannot open it for appending ({err.strerror}); "
-                            "pick a writable path") from None
+            raise UserError(
+                f"serve.log_requests {path}: cannot open it for appending ({err.strerror}); pick a writable path"
+            ) from None
 
     def _append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
@@ -56,12 +65,17 @@ class RequestLog:
 
     def add_feedback(self, request: FeedbackRequest) -> dict[str, Any]:
         if request.id not in self.ids:
-            raise OpenAIError(404, f"no chat completion with id '{request.id}' in the request log", param="id",
-                              code="not_found")
+            raise OpenAIError(
+                404, f"no chat completion with id '{request.id}' in the request log", param="id", code="not_found"
+            )
         record = feedback_record(request.id, request.rating, request.corrected_answer)
         self._append(record)
-        return {"object": "feedback", "id": request.id, "rating": request.rating,
-                "corrected": request.corrected_answer is not None}
+        return {
+            "object": "feedback",
+            "id": request.id,
+            "rating": request.rating,
+            "corrected": request.corrected_answer is not None,
+        }
 
     def close(self) -> None:
         with self._lock:
@@ -87,6 +101,9 @@ def install(app, state, dependencies: list) -> None:
     async def feedback(body: FeedbackRequest) -> dict[str, Any]:
         log: RequestLog | None = getattr(state, "request_log", None)
         if log is None:
-            raise OpenAIError(404, "feedback needs the request log; start the server with serve.log_requests set",
-                              code="feedback_disabled")
+            raise OpenAIError(
+                404,
+                "feedback needs the request log; start the server with serve.log_requests set",
+                code="feedback_disabled",
+            )
         return log.add_feedback(body)

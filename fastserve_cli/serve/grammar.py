@@ -88,8 +88,7 @@ class CompiledSpec:
 class GrammarCache:
     """Compiles specs against one tokenizer; a bounded LRU of compiled grammars (thread-safe)."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_ids: list[int], capacity: int = 128,
-                 threads: int = 2) -> None:
+    def __init__(self, tokenizer, vocab_size: int, stop_ids: list[int], capacity: int = 128, threads: int = 2) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_ids = list(stop_ids)
@@ -105,10 +104,13 @@ class GrammarCache:
         try:
             import xgrammar as xgr
         except ImportError:
-            raise GrammarError("structured outputs need xgrammar on the server: pip install 'fastserve[structured]'") from None
+            raise GrammarError(
+                "structured outputs need xgrammar on the server: pip install 'fastserve[structured]'"
+            ) from None
         if self._compiler is None:
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                      stop_token_ids=self.stop_ids)
+            info = xgr.TokenizerInfo.from_huggingface(
+                self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
+            )
             # xgrammar's own cache is off: ours is keyed by the spec and bounded by count.
             self._compiler = xgr.GrammarCompiler(info, max_threads=self.threads, cache_enabled=False)
         return self._compiler
@@ -142,8 +144,9 @@ def _compile(compiler, spec: GrammarSpec):
             return compiler.compile_regex(spec.source)
         if spec.kind == "choice":
             options = [{"type": "const_string", "value": c} for c in json.loads(spec.source)]
-            return compiler.compile_structural_tag(json.dumps(
-                {"type": "structural_tag", "format": {"type": "or", "elements": options}}))
+            return compiler.compile_structural_tag(
+                json.dumps({"type": "structural_tag", "format": {"type": "or", "elements": options}})
+            )
         return compiler.compile_structural_tag(spec.source)
     except Exception as err:  # xgrammar raises RuntimeError/ValueError/InvalidJSONError with a useful message
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

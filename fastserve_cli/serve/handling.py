@@ -15,8 +15,18 @@ from typing import Any, Callable
 from fastserve_cli.serve.grammar import GrammarCache, GrammarError, GrammarSpec, request_spec
 from fastserve_cli.serve.logit_bias import parse_logit_bias
 from fastserve_cli.serve.protocol import (
-    ChatCompletionRequest, CompletionRequest, LogprobFormatter, OpenAIError, bad_request, chat_prompt,
-    check_supported, completion_prompts, resolve_max_tokens, sampling_params, usage)
+    ChatCompletionRequest,
+    CompletionRequest,
+    LogprobFormatter,
+    OpenAIError,
+    bad_request,
+    chat_prompt,
+    check_supported,
+    completion_prompts,
+    resolve_max_tokens,
+    sampling_params,
+    usage,
+)
 from fastserve_cli.serve.request import Request, SamplingParams
 from fastserve_cli.serve.sampling import make_generator
 from fastserve_cli.serve.tools import ToolError, grammar_spec, parse_tool_calls, tool_config
@@ -63,8 +73,12 @@ class Plan:
 
 def check_model(model: str, model_name: str) -> None:
     if model != model_name:
-        raise OpenAIError(404, f"model '{model}' does not exist; this server serves '{model_name}'",
-                          param="model", code="model_not_found")
+        raise OpenAIError(
+            404,
+            f"model '{model}' does not exist; this server serves '{model_name}'",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def check_common(body, model_name: str) -> None:
@@ -116,7 +130,9 @@ def plan_chat(body: ChatCompletionRequest, loaded: Loaded, model_name: str) -> P
     if spec is not None and tool_spec is not None:
         raise bad_request(f"'{spec.param}' cannot be combined with tool_choice '{tools.choice}'", param="tool_choice")
     plan.spec = spec or tool_spec
-    add_prompt(plan, loaded, ids, sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None), 0)
+    add_prompt(
+        plan, loaded, ids, sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None), 0
+    )
     return plan
 
 
@@ -124,9 +140,11 @@ def add_prompt(plan: Plan, loaded: Loaded, ids: list[int], params: SamplingParam
     """One more prompt (with `n` choices from `first_index`), refused when it cannot fit the KV budget."""
     budget_tokens = loaded.kv_budget // loaded.kv_bytes_per_token
     if len(ids) + params.max_new_tokens > budget_tokens:
-        raise bad_request(f"prompt + max_tokens = {len(ids) + params.max_new_tokens} tokens do not fit in the "
-                          f"KV-cache budget ({budget_tokens} tokens); lower max_tokens or raise --kv-cache-memory",
-                          param="max_tokens")
+        raise bad_request(
+            f"prompt + max_tokens = {len(ids) + params.max_new_tokens} tokens do not fit in the "
+            f"KV-cache budget ({budget_tokens} tokens); lower max_tokens or raise --kv-cache-memory",
+            param="max_tokens",
+        )
     plan.prompts.append((list(ids), params, first_index))
 
 
@@ -141,8 +159,9 @@ def compile_plan(plan: Plan, loaded: Loaded) -> None:
         raise bad_request(str(err), param=err.param) from None
 
 
-def engine_requests(plan: Plan, prompts: list[tuple[list[int], SamplingParams, int]],
-                    on_output: Callable[[int], Callable[[Any], None]]) -> list[tuple[int, Request]]:
+def engine_requests(
+    plan: Plan, prompts: list[tuple[list[int], SamplingParams, int]], on_output: Callable[[int], Callable[[Any], None]]
+) -> list[tuple[int, Request]]:
     """One engine request per choice (`n` per prompt), each seeded `seed + k`; `on_output(index)` is its callback."""
     now = time.perf_counter()
     out = []
@@ -159,8 +178,9 @@ def engine_requests(plan: Plan, prompts: list[tuple[list[int], SamplingParams, i
     return out
 
 
-def make_choice(plan: Plan, loaded: Loaded, index: int, text: str, entries: list, reason: str | None, final: bool,
-                offset: int = 0) -> dict[str, Any]:
+def make_choice(
+    plan: Plan, loaded: Loaded, index: int, text: str, entries: list, reason: str | None, final: bool, offset: int = 0
+) -> dict[str, Any]:
     """A choice (final) or a streamed delta, in the completions or chat shape (tool calls parsed when offered)."""
     body = plan.body
     logprobs = None
@@ -186,5 +206,11 @@ def make_choice(plan: Plan, loaded: Loaded, index: int, text: str, entries: list
 def response_body(plan: Plan, id_: str, created: int, choices: list, completion_tokens: int) -> dict[str, Any]:
     """The non-streaming response object."""
     obj = "text_completion" if plan.kind == "completion" else "chat.completion"
-    return {"id": id_, "object": obj, "created": created, "model": plan.body.model, "choices": choices,
-            "usage": usage(plan.prompt_tokens, completion_tokens)}
+    return {
+        "id": id_,
+        "object": obj,
+        "created": created,
+        "model": plan.body.model,
+        "choices": choices,
+        "usage": usage(plan.prompt_tokens, completion_tokens),
+    }

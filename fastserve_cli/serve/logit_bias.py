@@ -28,12 +28,20 @@ def parse_logit_bias(raw: Any, vocab_size: int) -> dict[int, float] | None:
     for key, value in raw.items():
         token = str(key).strip()
         if not token.isdigit() or not token.isascii() or int(token) >= vocab_size:
-            raise bad_request(f"logit_bias: key {str(key)!r} is not a token id in this model's vocabulary "
-                              f"(0..{vocab_size - 1})", param="logit_bias")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not -100 <= value <= 100:
-            raise bad_request(f"logit_bias: the bias for token {token} must be a number in [-100, 100], got {value!r}",
-                              param="logit_bias")
+            raise bad_request(
+                f"logit_bias: key {str(key)!r} is not a token id in this model's vocabulary (0..{vocab_size - 1})",
+                param="logit_bias",
+            )
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not -100 <= value <= 100
+        ):
+            raise bad_request(
+                f"logit_bias: the bias for token {token} must be a number in [-100, 100], got {value!r}",
+                param="logit_bias",
+            )
         bias[int(token)] = float(value)
     return bias
 

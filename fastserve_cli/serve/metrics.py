@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                   20.0, 40.0, 80.0, 160.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
 
 
 class Metrics:
@@ -33,16 +53,21 @@ class Metrics:
         self.kv_offloads = counter("kv_cache_offloads", "KV caches moved to the host pool.")
         self.kv_reloads = counter("kv_cache_reloads", "KV caches moved back from the host pool.")
         self.kv_offloaded_bytes = counter("kv_cache_offloaded_bytes", "Bytes of KV cache moved to the host pool.")
-        self.scheduler_preemptions = counter("scheduler_preemptions", "Requests left out of an iteration after running in the one before (KV kept).")
-        self.scheduler_demotions = counter("scheduler_demotions", "MLFQ demotions: a request used up its level's quantum.")
+        self.scheduler_preemptions = counter(
+            "scheduler_preemptions", "Requests left out of an iteration after running in the one before (KV kept)."
+        )
+        self.scheduler_demotions = counter(
+            "scheduler_demotions", "MLFQ demotions: a request used up its level's quantum."
+        )
         self.scheduler_promotions = counter("scheduler_promotions", "MLFQ starvation promotions to the top queue.")
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Arrival to first token.")
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between two tokens of a request.")
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")
         self.request_queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled.")
         self.iteration_latency = histogram("iteration_latency_seconds", "Wall time of one engine iteration.")
-        self._success = Counter("fastserve:request_success", "Finished requests by reason.",
-                                ["model_name", "finished_reason"], registry=r)
+        self._success = Counter(
+            "fastserve:request_success", "Finished requests by reason.", ["model_name", "finished_reason"], registry=r
+        )
         self._model_name = model_name
 
     def request_success(self, reason: str) -> None:

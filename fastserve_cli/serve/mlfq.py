@@ -115,19 +115,30 @@ class SkipJoinMLFQ(Scheduler):
     at `profile_path` (profile.py measures it at start-up). Tests pass them directly, in abstract units.
     """
 
-    def __init__(self, base_quantum_s: float | None = None, estimate_prefill_s: PrefillEstimator | None = None, *,
-                 profile_path: str | Path | None = None, ratio: float = 2.0, starvation_s: float = 3.0,
-                 max_started: int | None = None, skip_join: bool = True, num_levels: int | None = None,
-                 **options: Any):
+    def __init__(
+        self,
+        base_quantum_s: float | None = None,
+        estimate_prefill_s: PrefillEstimator | None = None,
+        *,
+        profile_path: str | Path | None = None,
+        ratio: float = 2.0,
+        starvation_s: float = 3.0,
+        max_started: int | None = None,
+        skip_join: bool = True,
+        num_levels: int | None = None,
+        **options: Any,
+    ):
         super().__init__(**options)
         if profile_path is not None and Path(profile_path).is_file():
             profile = PrefillProfile.load(Path(profile_path))
             estimate_prefill_s = estimate_prefill_s or profile.prefill_s
             base_quantum_s = base_quantum_s or profile.base_quantum_s
         if base_quantum_s is None:
-            raise UserError("--scheduler skip-join-mlfq: no base quantum and no prefill profile; "
-                            "set serve.base_quantum_s (e.g. --set serve.base_quantum_s=0.02) or let the server "
-                            "profile the model at start-up")
+            raise UserError(
+                "--scheduler skip-join-mlfq: no base quantum and no prefill profile; "
+                "set serve.base_quantum_s (e.g. --set serve.base_quantum_s=0.02) or let the server "
+                "profile the model at start-up"
+            )
         if base_quantum_s <= 0 or ratio <= 1:
             raise UserError("skip-join-mlfq: the base quantum must be > 0 s and the level ratio > 1")
         if num_levels is not None and num_levels < 2:
@@ -224,9 +235,12 @@ class SkipJoinMLFQ(Scheduler):
         what makes their tail long (simulated at rho=0.99: P99 JCT 1.33-1.59x fcfs without these
         promotions, 1.38-2.10x with them).
         """
-        starved = [req for req in self.requests()
-                   if self._promotable(req.sched_state.level)
-                   and now - max(req.sched_state.last_run, req.sched_state.last_promoted) >= self.starvation_s]
+        starved = [
+            req
+            for req in self.requests()
+            if self._promotable(req.sched_state.level)
+            and now - max(req.sched_state.last_run, req.sched_state.last_promoted) >= self.starvation_s
+        ]
         # The longest-starved ends up at the very front.
         for req in sorted(starved, key=lambda r: r.sched_state.last_run, reverse=True):
             req.sched_state.last_promoted = now
@@ -324,9 +338,16 @@ class OracleSRPT(Scheduler):
     same batch rules and started-cap as the MLFQ, so the comparison isolates the ordering.
     """
 
-    def __init__(self, decode_s: float | None = None, estimate_prefill_s: PrefillEstimator | None = None, *,
-                 profile_path: str | Path | None = None, max_started: int | None = None,
-                 base_quantum_s: float | None = None, **options: Any):
+    def __init__(
+        self,
+        decode_s: float | None = None,
+        estimate_prefill_s: PrefillEstimator | None = None,
+        *,
+        profile_path: str | Path | None = None,
+        max_started: int | None = None,
+        base_quantum_s: float | None = None,
+        **options: Any,
+    ):
         super().__init__(**options)
         if profile_path is not None and Path(profile_path).is_file():
             profile = PrefillProfile.load(Path(profile_path))

@@ -50,5 +50,7 @@ class OnnxBackend(Backend):
         if past is not None:
             flat = [np.ascontiguousarray(t.numpy()) for kv in past for t in kv]
         logits, present = self.session.step(input_ids.numpy(), attention_mask.numpy(), position_ids.numpy(), flat)
-        layers = [(torch.from_numpy(present[2 * i]), torch.from_numpy(present[2 * i + 1])) for i in range(self.num_layers)]
+        layers = [
+            (torch.from_numpy(present[2 * i]), torch.from_numpy(present[2 * i + 1])) for i in range(self.num_layers)
+        ]
         return torch.from_numpy(np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)), layers

@@ -15,21 +15,37 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object", "required": ["error"], "title": "ErrorResponse",
+    "type": "object",
+    "required": ["error"],
+    "title": "ErrorResponse",
     "description": "OpenAI's error body.",
-    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"},
-        "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-        "code": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}},
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            },
+        }
+    },
 }
-HEALTH_SCHEMA: dict[str, Any] = {"type": "object", "required": ["status"], "title": "Health",
-                                 "properties": {"status": {"type": "string", "enum": ["ok", "loading"]}}}
-STATUS_TEXT = {400: "Invalid request (OpenAI error body names the field in `param`)",
-               401: "Missing or invalid API key (only when the server has one)",
-               404: "Unknown model (`code: model_not_found`)",
-               429: "The waiting queue is full (--max-queue); retry later",
-               500: "Generation failed inside the engine",
-               503: "The model is still loading; retry shortly"}
+HEALTH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["status"],
+    "title": "Health",
+    "properties": {"status": {"type": "string", "enum": ["ok", "loading"]}},
+}
+STATUS_TEXT = {
+    400: "Invalid request (OpenAI error body names the field in `param`)",
+    401: "Missing or invalid API key (only when the server has one)",
+    404: "Unknown model (`code: model_not_found`)",
+    429: "The waiting queue is full (--max-queue); retry later",
+    500: "Generation failed inside the engine",
+    503: "The model is still loading; retry shortly",
+}
 GENERATE = (400, 401, 404, 429, 500, 503)
 # (method, path) -> error statuses it can answer, besides 200; 401 is dropped when there is no API key.
 ROUTE_STATUSES: dict[tuple[str, str], tuple[int, ...]] = {
@@ -41,16 +57,24 @@ ROUTE_STATUSES: dict[tuple[str, str], tuple[int, ...]] = {
 }
 # OpenAPI 3.1: the `schema` of an event stream describes one event.
 SSE_EVENT: dict[str, Any] = {
-    "type": "object", "required": ["data"], "description": "One server-sent event (when `stream` is true): `data` is "
+    "type": "object",
+    "required": ["data"],
+    "description": "One server-sent event (when `stream` is true): `data` is "
     "a JSON chunk (or `[DONE]` for completions and chat); /v1/responses events also carry `event`, the event type.",
-    "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"},
-                   "retry": {"type": "integer"}}}
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
 STREAMING = {"/v1/completions", "/v1/chat/completions", "/v1/responses"}
 TEXT_PLAIN = {"/metrics"}
 
 
-def install_openapi(app: FastAPI, has_api_key: bool, model_name: str,
-                    facts: Callable[[], dict[str, int] | None]) -> None:
+def install_openapi(
+    app: FastAPI, has_api_key: bool, model_name: str, facts: Callable[[], dict[str, int] | None]
+) -> None:
     """Replace `app.openapi` with the corrected spec. `facts()` gives the loaded model's {"vocab", "context"}
     (None while it loads); the spec is cached once they are known and written into the limits."""
 
@@ -94,8 +118,10 @@ def correct(spec: dict[str, Any], has_api_key: bool, model_name: str) -> dict[st
                 op["security"] = [{"bearer": []}]
             ok = responses.setdefault("200", {"description": "Successful Response"})
             if path in STREAMING:
-                ok["content"] = {**ok.get("content", {"application/json": {"schema": {}}}),
-                                 "text/event-stream": {"schema": SSE_EVENT}}
+                ok["content"] = {
+                    **ok.get("content", {"application/json": {"schema": {}}}),
+                    "text/event-stream": {"schema": SSE_EVENT},
+                }
             if path in TEXT_PLAIN:
                 ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
             if path == "/health":
@@ -110,20 +136,36 @@ def with_limits(spec: dict[str, Any], vocab: int, context: int) -> dict[str, Any
     vocabulary, output-token limits within the context."""
     token = {"type": "integer", "minimum": 0, "maximum": vocab - 1}
     text = {"type": "string", "minLength": 1}
-    prompt = {"anyOf": [text, {"type": "array", "minItems": 1, "items": text},
-                        {"type": "array", "minItems": 1, "items": token},
-                        {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": token}}]}
-    part = {"type": "object", "required": ["type", "text"],
-            "properties": {"type": {"enum": ["input_text", "output_text"]}, "text": {"type": "string"}}}
-    item = {"type": "object", "required": ["role", "content"], "properties": {
-        "type": {"const": "message"}, "role": {"enum": ["user", "assistant", "system", "developer"]},
-        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": part}]}}}
+    prompt = {
+        "anyOf": [
+            text,
+            {"type": "array", "minItems": 1, "items": text},
+            {"type": "array", "minItems": 1, "items": token},
+            {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": token}},
+        ]
+    }
+    part = {
+        "type": "object",
+        "required": ["type", "text"],
+        "properties": {"type": {"enum": ["input_text", "output_text"]}, "text": {"type": "string"}},
+    }
+    item = {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {
+            "type": {"const": "message"},
+            "role": {"enum": ["user", "assistant", "system", "developer"]},
+            "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": part}]},
+        },
+    }
     items = {"anyOf": [text, {"type": "array", "minItems": 1, "items": item}]}
     limit = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": context}, {"type": "null"}]}
-    patches = {"CompletionRequest": {"prompt": prompt, "max_tokens": limit},
-               "ChatCompletionRequest": {"max_tokens": limit, "max_completion_tokens": limit},
-               "EmbeddingRequest": {"input": prompt},
-               "ResponsesRequest": {"max_output_tokens": limit, "input": items}}
+    patches = {
+        "CompletionRequest": {"prompt": prompt, "max_tokens": limit},
+        "ChatCompletionRequest": {"max_tokens": limit, "max_completion_tokens": limit},
+        "EmbeddingRequest": {"input": prompt},
+        "ResponsesRequest": {"max_output_tokens": limit, "input": items},
+    }
     schemas = spec.get("components", {}).get("schemas", {})
     for name, fields in patches.items():
         props = schemas.get(name, {}).get("properties", {})

@@ -53,9 +53,16 @@ class PrefillProfile:
         return max(0.0, y0 + (y1 - y0) * (prompt_len - x0) / (x1 - x0))
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": PROFILE_VERSION, "lengths": self.lengths, "prefill_s": self.prefill_times,
-                "decode_s": self.decode_s, "decode_batch_size": self.decode_batch_size,
-                "base_quantum_s": self.base_quantum_s, "key": self.key, "measured_at": self.measured_at}
+        return {
+            "version": PROFILE_VERSION,
+            "lengths": self.lengths,
+            "prefill_s": self.prefill_times,
+            "decode_s": self.decode_s,
+            "decode_batch_size": self.decode_batch_size,
+            "base_quantum_s": self.base_quantum_s,
+            "key": self.key,
+            "measured_at": self.measured_at,
+        }
 
     def save(self, path: Path) -> None:
         atomic_write_json(path, self.to_json())
@@ -63,10 +70,14 @@ class PrefillProfile:
     @classmethod
     def load(cls, path: Path) -> "PrefillProfile":
         data = read_json(path)
-        return cls(lengths=[int(n) for n in data["lengths"]], prefill_times=[float(t) for t in data["prefill_s"]],
-                   decode_s=float(data["decode_s"]),
-                   decode_batch_size=int(data.get("decode_batch_size", 1)), key=data.get("key", {}),
-                   measured_at=data.get("measured_at", ""))
+        return cls(
+            lengths=[int(n) for n in data["lengths"]],
+            prefill_times=[float(t) for t in data["prefill_s"]],
+            decode_s=float(data["decode_s"]),
+            decode_batch_size=int(data.get("decode_batch_size", 1)),
+            key=data.get("key", {}),
+            measured_at=data.get("measured_at", ""),
+        )
 
 
 def machine_key() -> dict[str, Any]:
@@ -74,8 +85,13 @@ def machine_key() -> dict[str, Any]:
     import torch
 
     threads = torch.get_num_threads()
-    return {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "torch_threads": threads, "node": platform.node()}
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": threads,
+        "node": platform.node(),
+    }
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> float:
@@ -89,9 +105,15 @@ def timed(fn: Callable[[], Any], repeats: int) -> float:
     return min(samples)
 
 
-def measure_profile(prefill: Callable[[int], Any], decode: Callable[[int], Any], max_len: int, batch_size: int,
-                    key: dict[str, Any] | None = None, repeats: int = 3,
-                    lengths: tuple[int, ...] = DEFAULT_LENGTHS) -> PrefillProfile:
+def measure_profile(
+    prefill: Callable[[int], Any],
+    decode: Callable[[int], Any],
+    max_len: int,
+    batch_size: int,
+    key: dict[str, Any] | None = None,
+    repeats: int = 3,
+    lengths: tuple[int, ...] = DEFAULT_LENGTHS,
+) -> PrefillProfile:
     """Time `prefill(prompt_len)` (one request) at each length up to `max_len`, and `decode(batch_size)`.
 
     `decode(b)` must run one decode iteration for `b` requests; its time is the base quantum.
@@ -100,8 +122,14 @@ def measure_profile(prefill: Callable[[int], Any], decode: Callable[[int], Any],
     times = [timed(lambda n=n: prefill(n), repeats) for n in points]
     times = list(itertools.accumulate(times, max))  # prefill time cannot shrink with length; smooth out noise
     decode_s = timed(lambda: decode(batch_size), repeats)
-    return PrefillProfile(lengths=points, prefill_times=times, decode_s=decode_s, decode_batch_size=batch_size,
-                          key={**(key or {}), **machine_key(), "batch_size": batch_size}, measured_at=now_iso())
+    return PrefillProfile(
+        lengths=points,
+        prefill_times=times,
+        decode_s=decode_s,
+        decode_batch_size=batch_size,
+        key={**(key or {}), **machine_key(), "batch_size": batch_size},
+        measured_at=now_iso(),
+    )
 
 
 def load_cached(path: Path, key: dict[str, Any]) -> PrefillProfile | None:
@@ -125,7 +153,9 @@ def measure_backend(backend: Any, batch_size: int, repeats: int = 3, decode_cont
     from fastserve_cli.serve.request import Request, SamplingParams
 
     def fake(n: int) -> Request:
-        return Request(prompt_ids=[i % 100 for i in range(n)], params=SamplingParams(max_new_tokens=1), arrival_time=0.0)
+        return Request(
+            prompt_ids=[i % 100 for i in range(n)], params=SamplingParams(max_new_tokens=1), arrival_time=0.0
+        )
 
     def prefill(n: int) -> None:
         req = fake(n)

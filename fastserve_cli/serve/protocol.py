@@ -18,19 +18,40 @@ from fastserve_cli.serve.tools import template_message, tools_system_text
 MAX_LOGPROBS = 20
 # Fields OpenAI defines that we accept only at their "off" value; anything else is a 400 naming the field.
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],),
-    "tool_choice": ("none",), "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (False,),
-    "response_format": ({"type": "text"},), "store": (False,), "metadata": ({},), "modalities": (["text"],),
-    "service_tier": ("auto", "default"), "reasoning_effort": (), "prediction": (), "audio": (),
-    "web_search_options": (), "prompt_cache_key": (), "safety_identifier": (), "verbosity": (),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "parallel_tool_calls": (False,),
+    "response_format": ({"type": "text"},),
+    "store": (False,),
+    "metadata": ({},),
+    "modalities": (["text"],),
+    "service_tier": ("auto", "default"),
+    "reasoning_effort": (),
+    "prediction": (),
+    "audio": (),
+    "web_search_options": (),
+    "prompt_cache_key": (),
+    "safety_identifier": (),
+    "verbosity": (),
 }
 
 
 class OpenAIError(Exception):
     """Becomes `{"error": {"message", "type", "param", "code"}}` with the given HTTP status."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -67,7 +88,9 @@ class _Common(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS.")
     user: Optional[str] = None
-    logit_bias: Optional[dict[str, Any]] = Field(None, description="Token id -> bias in [-100, 100] added to its logit.")
+    logit_bias: Optional[dict[str, Any]] = Field(
+        None, description="Token id -> bias in [-100, 100] added to its logit."
+    )
     # Structured outputs (serve/grammar.py): OpenAI's response_format, or one vLLM-style extra.
     response_format: Optional[dict[str, Any]] = None
     guided_json: Optional[Union[str, dict[str, Any]]] = Field(None, description="vLLM extension: a JSON schema.")
@@ -83,8 +106,11 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs when "
-                       "`logprobs` is set; `max_tokens` may then be 0): how lm-eval scores log-likelihood tasks.")
+    echo: bool = Field(
+        False,
+        description="Return the prompt before the completion (with its logprobs when "
+        "`logprobs` is set; `max_tokens` may then be 0): how lm-eval scores log-likelihood tasks.",
+    )
 
 
 class ChatMessage(BaseModel):
@@ -129,9 +155,17 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 def sampling_params(body: _Common, max_tokens: int, logprobs: int | None) -> SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
     return SamplingParams(
-        max_new_tokens=max_tokens, temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(0, body.top_k or 0), seed=body.seed, stop=stop_list(body.stop), ignore_eos=body.ignore_eos,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logprobs=logprobs)
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k or 0),
+        seed=body.seed,
+        stop=stop_list(body.stop),
+        ignore_eos=body.ignore_eos,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logprobs=logprobs,
+    )
 
 
 def completion_prompts(body: CompletionRequest, tokenizer) -> list[list[int]]:
@@ -165,8 +199,10 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer, tools: list[dict[str, An
             parts = []
             for part in content:
                 if part.get("type") != "text":
-                    raise bad_request(f"messages[{i}].content: only 'text' parts are supported, got "
-                                      f"'{part.get('type')}'", param=f"messages[{i}].content")
+                    raise bad_request(
+                        f"messages[{i}].content: only 'text' parts are supported, got '{part.get('type')}'",
+                        param=f"messages[{i}].content",
+                    )
                 parts.append(str(part.get("text", "")))
             content = "".join(parts)
         if m.model_extra:
@@ -184,7 +220,9 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer, tools: list[dict[str, An
     try:
         ids = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=True)
     except Exception as err:  # jinja errors from the template (e.g. a role it does not accept)
-        raise bad_request(f"'messages' could not be rendered by the model's chat template: {err}", param="messages")
+        raise bad_request(
+            f"'messages' could not be rendered by the model's chat template: {err}", param="messages"
+        ) from None
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)
@@ -192,15 +230,20 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer, tools: list[dict[str, An
 
 def resolve_max_tokens(requested: int | None, prompt_len: int, context: int, default: int | None) -> int:
     if prompt_len >= context:
-        raise bad_request(f"the prompt has {prompt_len} tokens but the model's context is {context}; "
-                          "shorten the prompt", param="prompt")
+        raise bad_request(
+            f"the prompt has {prompt_len} tokens but the model's context is {context}; shorten the prompt",
+            param="prompt",
+        )
     if requested is None:
         return default if default is not None and prompt_len + default <= context else context - prompt_len
     if requested < 1:
         raise bad_request(f"'max_tokens' must be at least 1, got {requested}", param="max_tokens")
     if prompt_len + requested > context:
-        raise bad_request(f"prompt ({prompt_len} tokens) + max_tokens ({requested}) exceeds the model's context "
-                          f"of {context}; lower max_tokens or shorten the prompt", param="max_tokens")
+        raise bad_request(
+            f"prompt ({prompt_len} tokens) + max_tokens ({requested}) exceeds the model's context "
+            f"of {context}; lower max_tokens or shorten the prompt",
+            param="max_tokens",
+        )
     return requested
 
 
@@ -212,8 +255,11 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 class LogprobFormatter:
@@ -234,16 +280,21 @@ class LogprobFormatter:
             tokens.append(self.text(token_id))
             offsets.append(offset)
             offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{self.text(t): lp for t, lp in top} for _, _, top in entries],
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{self.text(t): lp for t, lp in top} for _, _, top in entries],
+            "text_offset": offsets,
+        }
 
     def chat(self, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> dict[str, Any]:
         def item(token_id: int, logprob: float) -> dict[str, Any]:
             text = self.text(token_id)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-        return {"content": [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in top]} for t, lp, top in entries]}
+        return {
+            "content": [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in top]} for t, lp, top in entries]
+        }
 
 
 def now_s() -> int:

@@ -24,14 +24,35 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from fastserve_cli.serve.protocol import (
-    ChatCompletionRequest, OpenAIError, bad_request, chat_prompt, now_s, resolve_max_tokens, sampling_params)
+    ChatCompletionRequest,
+    OpenAIError,
+    bad_request,
+    chat_prompt,
+    now_s,
+    resolve_max_tokens,
+    sampling_params,
+)
 
 # Fields of OpenAI's Responses API accepted only at their "off" value; anything else is a 400 naming it.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "tools": ([],), "tool_choice": ("none", "auto"), "store": (False,), "previous_response_id": (), "include": ([],),
-    "reasoning": (), "text": ({"format": {"type": "text"}},), "truncation": ("disabled",), "background": (False,),
-    "service_tier": ("auto", "default"), "conversation": (), "prompt": (), "max_tool_calls": (), "top_logprobs": (0,),
-    "prompt_cache_key": (), "safety_identifier": (), "stream_options": (), "input_transformations": (),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),
+    "store": (False,),
+    "previous_response_id": (),
+    "include": ([],),
+    "reasoning": (),
+    "text": ({"format": {"type": "text"}},),
+    "truncation": ("disabled",),
+    "background": (False,),
+    "service_tier": ("auto", "default"),
+    "conversation": (),
+    "prompt": (),
+    "max_tool_calls": (),
+    "top_logprobs": (0,),
+    "prompt_cache_key": (),
+    "safety_identifier": (),
+    "stream_options": (),
+    "input_transformations": (),
 }
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = ("input_text", "output_text")
@@ -55,8 +76,11 @@ class ResponsesRequest(BaseModel):
 def check_fields(body: ResponsesRequest) -> None:
     for name, value in (body.model_extra or {}).items():
         if value is not None and value not in NEUTRAL.get(name, ()):
-            raise bad_request(f"'{name}' is not supported by this server's Responses API (text input and output "
-                              "only); remove it from the request", param=name)
+            raise bad_request(
+                f"'{name}' is not supported by this server's Responses API (text input and output "
+                "only); remove it from the request",
+                param=name,
+            )
 
 
 def to_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
@@ -72,8 +96,11 @@ def to_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
         kind, role = item.get("type", "message"), item.get("role")
         if kind != "message" or not isinstance(role, str) or role not in ROLES:
             what = f"item type {kind!r}" if kind != "message" else f"role {role!r}"
-            raise bad_request(f"input[{i}]: {what} is not supported; send messages with role user, assistant, "
-                              "system or developer and text content", param=f"input[{i}]")
+            raise bad_request(
+                f"input[{i}]: {what} is not supported; send messages with role user, assistant, "
+                "system or developer and text content",
+                param=f"input[{i}]",
+            )
         messages.append({"role": ROLES[item["role"]], "content": _text(item.get("content"), i)})
     return messages
 
@@ -87,8 +114,10 @@ def _text(content: Any, i: int) -> str:
     for j, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise bad_request(f"input[{i}].content[{j}]: only text parts (input_text) are supported, got {kind!r}",
-                              param=f"input[{i}].content[{j}]")
+            raise bad_request(
+                f"input[{i}].content[{j}]: only text parts (input_text) are supported, got {kind!r}",
+                param=f"input[{i}].content[{j}]",
+            )
         texts.append(part["text"])
     return "".join(texts)
 
@@ -112,29 +141,49 @@ class ResponseBuilder:
     def response(self, status: str, output: list, usage: dict[str, int] | None = None) -> dict[str, Any]:
         b = self.body
         return {
-            "id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None,
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-            "instructions": b.instructions, "max_output_tokens": b.max_output_tokens, "model": b.model,
-            "output": output, "parallel_tool_calls": bool(b.parallel_tool_calls), "previous_response_id": None,
-            "reasoning": None, "store": False, "temperature": 1.0 if b.temperature is None else b.temperature,
-            "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [],
-            "top_p": 1.0 if b.top_p is None else b.top_p, "truncation": "disabled", "metadata": b.metadata or {},
-            "user": b.user, "usage": None if usage is None else response_usage(**usage),
+            "instructions": b.instructions,
+            "max_output_tokens": b.max_output_tokens,
+            "model": b.model,
+            "output": output,
+            "parallel_tool_calls": bool(b.parallel_tool_calls),
+            "previous_response_id": None,
+            "reasoning": None,
+            "store": False,
+            "temperature": 1.0 if b.temperature is None else b.temperature,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": "none",
+            "tools": [],
+            "top_p": 1.0 if b.top_p is None else b.top_p,
+            "truncation": "disabled",
+            "metadata": b.metadata or {},
+            "user": b.user,
+            "usage": None if usage is None else response_usage(**usage),
             "completed_at": now_s() if status in ("completed", "incomplete") else None,
         }
 
 
 def response_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": input_tokens + output_tokens}
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
 
 
 async def create_response(body: ResponsesRequest, loaded, http, job_cls):
     """Validate, run through the chat path's Job, and answer a Response (JSON) or its event stream."""
     check_fields(body)
-    chat = ChatCompletionRequest(model=body.model, messages=to_messages(body), temperature=body.temperature,
-                                 top_p=body.top_p, stream=body.stream)
+    chat = ChatCompletionRequest(
+        model=body.model, messages=to_messages(body), temperature=body.temperature, top_p=body.top_p, stream=body.stream
+    )
     ids = chat_prompt(chat, loaded.tokenizer)
     max_tokens = resolve_max_tokens(body.max_output_tokens, len(ids), loaded.max_context, None)
     job = job_cls(chat)
@@ -142,8 +191,11 @@ async def create_response(body: ResponsesRequest, loaded, http, job_cls):
     job.submit()
     build = ResponseBuilder(body, job.id, job.created)
     if body.stream:
-        return StreamingResponse(stream_events(job, build), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream_events(job, build),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     result = await job.collect()
     choice = result["choices"][0]
     status = "incomplete" if choice["finish_reason"] == "length" else "completed"

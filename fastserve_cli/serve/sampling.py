@@ -70,7 +70,9 @@ def sample_row(row, req: Request) -> tuple[int, tuple[float, list[tuple[int, flo
     top = []
     if params.logprobs > 0:
         values, ids = torch.topk(logprobs, params.logprobs)
-        top = [(int(i), float(v)) for i, v in zip(ids, values) if v > float("-inf")]  # masked tokens are not alternatives
+        top = [
+            (int(i), float(v)) for i, v in zip(ids, values) if v > float("-inf")
+        ]  # masked tokens are not alternatives
     return token, (float(logprobs[token]), top)
 
 
@@ -88,8 +90,14 @@ def sample(logits, reqs: list[Request]) -> list[tuple[int, tuple | None]]:
 
 def _sample(logits, reqs: list[Request]) -> list[tuple[int, tuple | None]]:
     """The all-greedy, no-extras case is one vectorized argmax."""
-    plain = all(r.params.greedy and r.params.logprobs is None and r.params.presence_penalty == 0
-                and r.params.frequency_penalty == 0 and not r.params.logit_bias for r in reqs)
+    plain = all(
+        r.params.greedy
+        and r.params.logprobs is None
+        and r.params.presence_penalty == 0
+        and r.params.frequency_penalty == 0
+        and not r.params.logit_bias
+        for r in reqs
+    )
     if plain:
         return [(int(t), None) for t in logits.argmax(-1).tolist()]
     return [sample_row(logits[i], r) for i, r in enumerate(reqs)]

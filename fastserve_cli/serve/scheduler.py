@@ -45,8 +45,11 @@ from fastserve_cli.core.errors import UserError
 from fastserve_cli.serve.request import Request
 
 SCHEDULERS: dict[str, type["Scheduler"]] = {}
-SCHEDULER_MODULES = {"fcfs": "fastserve_cli.serve.scheduler", "skip-join-mlfq": "fastserve_cli.serve.mlfq",
-                     "srpt-oracle": "fastserve_cli.serve.mlfq"}
+SCHEDULER_MODULES = {
+    "fcfs": "fastserve_cli.serve.scheduler",
+    "skip-join-mlfq": "fastserve_cli.serve.mlfq",
+    "srpt-oracle": "fastserve_cli.serve.mlfq",
+}
 
 
 def register_scheduler(name: str) -> Callable[[type["Scheduler"]], type["Scheduler"]]:
@@ -100,7 +103,9 @@ class Scheduler:
         return len(self.priority_order())
 
 
-def take_in_order(candidates: list[Request], max_batch_size: int, token_budget: int, skip: bool = False) -> list[Request]:
+def take_in_order(
+    candidates: list[Request], max_batch_size: int, token_budget: int, skip: bool = False
+) -> list[Request]:
     """Fill a batch from `candidates` (already in priority order) under the size and token budgets.
 
     With skip=False (strict order) the first request that does not fit ends the batch, so nobody overtakes it;

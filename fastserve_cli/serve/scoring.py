@@ -15,7 +15,15 @@ import asyncio
 from typing import Any, Callable
 
 from fastserve_cli.serve.protocol import (
-    CompletionRequest, OpenAIError, bad_request, new_id, now_s, resolve_max_tokens, sampling_params, usage)
+    CompletionRequest,
+    OpenAIError,
+    bad_request,
+    new_id,
+    now_s,
+    resolve_max_tokens,
+    sampling_params,
+    usage,
+)
 
 # JSON has no -inf; a token the model gives no mass keeps a very negative finite logprob (as vLLM clamps).
 MIN_LOGPROB = -9999.0
@@ -54,9 +62,12 @@ def prompt_logprobs(formatter, entries: list[Entry]) -> dict[str, Any]:
         tokens.append(formatter.text(token))
         offsets.append(offset)
         offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [None if top is None else {formatter.text(a): lp for a, lp in top} for _, _, top in entries],
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [None if top is None else {formatter.text(a): lp for a, lp in top} for _, _, top in entries],
+        "text_offset": offsets,
+    }
 
 
 def _prompt_texts(body: CompletionRequest, prompts: list[list[int]], tokenizer) -> list[str]:
@@ -82,16 +93,20 @@ def _join(prompt_text: str, prompt_lp: dict | None, choice: dict[str, Any]) -> d
     return out
 
 
-async def echo_completion(loaded, body: CompletionRequest, prompts: list[list[int]],
-                          new_job: Callable[[], Any]) -> dict[str, Any]:
+async def echo_completion(
+    loaded, body: CompletionRequest, prompts: list[list[int]], new_job: Callable[[], Any]
+) -> dict[str, Any]:
     """A non-streaming completion whose choices start with the prompt (and its logprobs when asked)."""
     if body.stream:
         raise bad_request("'echo' with 'stream' is not supported; send 'stream': false", param="echo")
     if body.max_tokens == 0:
         for ids in prompts:
             if len(ids) > loaded.max_context:
-                raise bad_request(f"the prompt has {len(ids)} tokens but the model's context is {loaded.max_context}; "
-                                  "shorten the prompt", param="prompt")
+                raise bad_request(
+                    f"the prompt has {len(ids)} tokens but the model's context is {loaded.max_context}; "
+                    "shorten the prompt",
+                    param="prompt",
+                )
         max_tokens = None
     else:
         max_tokens = [resolve_max_tokens(body.max_tokens, len(p), loaded.max_context, 16) for p in prompts]
@@ -102,19 +117,36 @@ async def echo_completion(loaded, body: CompletionRequest, prompts: list[list[in
         try:
             scored = [prompt_logprobs(loaded.logprobs, e) for e in await asyncio.wrap_future(future)]
         except Exception as err:
-            raise OpenAIError(500, f"scoring the prompt failed: {type(err).__name__}: {err}",
-                              type_="server_error") from None
+            raise OpenAIError(
+                500, f"scoring the prompt failed: {type(err).__name__}: {err}", type_="server_error"
+            ) from None
     texts = _prompt_texts(body, prompts, loaded.tokenizer)
     if max_tokens is None:
-        choices = [{"index": i * body.n + k, "text": texts[i], "logprobs": scored[i] if scored else None,
-                    "finish_reason": "length"} for i in range(len(prompts)) for k in range(body.n)]
-        return {"id": new_id("cmpl"), "object": "text_completion", "created": now_s(), "model": body.model,
-                "choices": choices, "usage": usage(sum(len(p) for p in prompts), 0)}
+        choices = [
+            {
+                "index": i * body.n + k,
+                "text": texts[i],
+                "logprobs": scored[i] if scored else None,
+                "finish_reason": "length",
+            }
+            for i in range(len(prompts))
+            for k in range(body.n)
+        ]
+        return {
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": now_s(),
+            "model": body.model,
+            "choices": choices,
+            "usage": usage(sum(len(p) for p in prompts), 0),
+        }
     job = new_job()
     for i, (ids, mt) in enumerate(zip(prompts, max_tokens)):
         job.add_prompt(ids, sampling_params(body, mt, body.logprobs), first_index=i * body.n)
     job.submit()
     response = await job.collect()
-    response["choices"] = [_join(texts[c["index"] // body.n], scored[c["index"] // body.n] if scored else None, c)
-                           for c in response["choices"]]
+    response["choices"] = [
+        _join(texts[c["index"] // body.n], scored[c["index"] // body.n] if scored else None, c)
+        for c in response["choices"]
+    ]
     return response

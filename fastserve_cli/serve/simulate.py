@@ -70,8 +70,14 @@ class Iteration:
     request_ids: list[str]
 
 
-def simulate(scheduler: Any, requests: Iterable[SimRequest], max_batch_size: int, token_budget: int = 1 << 30,
-             cost: LinearCost = LinearCost(), max_iterations: int = 10_000_000) -> list[Iteration]:
+def simulate(
+    scheduler: Any,
+    requests: Iterable[SimRequest],
+    max_batch_size: int,
+    token_budget: int = 1 << 30,
+    cost: LinearCost = LinearCost(),
+    max_iterations: int = 10_000_000,
+) -> list[Iteration]:
     """Run `requests` to completion under `scheduler`; fills in their times and returns the timeline.
 
     Arrivals are admitted at iteration boundaries (an iteration in flight is never interrupted), the
@@ -115,19 +121,26 @@ def simulate(scheduler: Any, requests: Iterable[SimRequest], max_batch_size: int
 # ---------------------------------------------------------------- traces and metrics
 
 
-def bimodal_output_len(rng: random.Random, short: tuple[int, int] = (8, 32), long: tuple[int, int] = (256, 512),
-                       long_fraction: float = 0.15) -> int:
+def bimodal_output_len(
+    rng: random.Random,
+    short: tuple[int, int] = (8, 32),
+    long: tuple[int, int] = (256, 512),
+    long_fraction: float = 0.15,
+) -> int:
     """Heavy-tailed output lengths as in the issue: 85% in [8, 32], 15% in [256, 512] tokens."""
     low, high = long if rng.random() < long_fraction else short
     return rng.randint(low, high)
 
 
-def lognormal_prompt_len(rng: random.Random, median: int = 120, sigma: float = 1.0, low: int = 4, cap: int = 512) -> int:
+def lognormal_prompt_len(
+    rng: random.Random, median: int = 120, sigma: float = 1.0, low: int = 4, cap: int = 512
+) -> int:
     return max(low, min(cap, int(round(median * math.exp(rng.gauss(0.0, sigma))))))
 
 
-def make_trace(seed: int, num_requests: int, rate: float, prompt_len=lognormal_prompt_len,
-               output_len=bimodal_output_len) -> list[SimRequest]:
+def make_trace(
+    seed: int, num_requests: int, rate: float, prompt_len=lognormal_prompt_len, output_len=bimodal_output_len
+) -> list[SimRequest]:
     """Poisson arrivals at `rate` requests per time unit; the same seed gives the same trace."""
     rng = random.Random(seed)
     t, trace = 0.0, []

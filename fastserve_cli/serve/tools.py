@@ -53,15 +53,18 @@ def tool_config(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> ToolC
     for i, tool in enumerate(tools or []):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict):
-            raise ToolError(f"tools[{i}]: only {{'type': 'function', 'function': {{...}}}} tools are supported",
-                            f"tools[{i}]")
+            raise ToolError(
+                f"tools[{i}]: only {{'type': 'function', 'function': {{...}}}} tools are supported", f"tools[{i}]"
+            )
         if not isinstance(fn.get("name"), str) or not _NAME_RE.match(fn["name"]):
-            raise ToolError(f"tools[{i}].function.name: must be 1-64 letters, digits, '_' or '-'",
-                            f"tools[{i}].function.name")
+            raise ToolError(
+                f"tools[{i}].function.name: must be 1-64 letters, digits, '_' or '-'", f"tools[{i}].function.name"
+            )
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
-            raise ToolError(f"tools[{i}].function.parameters: must be a JSON Schema object",
-                            f"tools[{i}].function.parameters")
+            raise ToolError(
+                f"tools[{i}].function.parameters: must be a JSON Schema object", f"tools[{i}].function.parameters"
+            )
         cfg.tools.append({"type": "function", "function": {**fn, "parameters": params}})
     names = [t["function"]["name"] for t in cfg.tools]
     if tool_choice is None:
@@ -71,11 +74,15 @@ def tool_config(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> ToolC
     elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
         cfg.choice, cfg.forced_name = "function", tool_choice["function"].get("name")
         if cfg.forced_name not in names:
-            raise ToolError(f"tool_choice: function '{cfg.forced_name}' is not among 'tools' ({', '.join(names) or 'none'})",
-                            "tool_choice")
+            raise ToolError(
+                f"tool_choice: function '{cfg.forced_name}' is not among 'tools' ({', '.join(names) or 'none'})",
+                "tool_choice",
+            )
     else:
-        raise ToolError("tool_choice: use 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
-                        "tool_choice")
+        raise ToolError(
+            "tool_choice: use 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
+            "tool_choice",
+        )
     if cfg.choice in ("required", "function") and not cfg.tools:
         raise ToolError(f"tool_choice: '{cfg.choice}' needs at least one entry in 'tools'", "tool_choice")
     return cfg
@@ -86,25 +93,38 @@ def grammar_spec(cfg: ToolConfig) -> GrammarSpec | None:
     if cfg.choice not in ("required", "function"):
         return None
     tools = [t for t in cfg.tools if cfg.choice == "required" or t["function"]["name"] == cfg.forced_name]
-    tags = [{"type": "tag", "begin": f'{CALL_OPEN}\n{{"name": "{t["function"]["name"]}", "arguments": ',
-             "content": {"type": "json_schema", "json_schema": t["function"]["parameters"], "max_whitespace_cnt": 1},
-             "end": f"}}\n{CALL_CLOSE}"} for t in tools]
+    tags = [
+        {
+            "type": "tag",
+            "begin": f'{CALL_OPEN}\n{{"name": "{t["function"]["name"]}", "arguments": ',
+            "content": {"type": "json_schema", "json_schema": t["function"]["parameters"], "max_whitespace_cnt": 1},
+            "end": f"}}\n{CALL_CLOSE}",
+        }
+        for t in tools
+    ]
     if cfg.choice == "function":
         fmt: dict[str, Any] = tags[0]
     else:
-        fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
-               "stop_after_first": not cfg.parallel}
+        fmt = {
+            "type": "tags_with_separator",
+            "tags": tags,
+            "separator": "\n",
+            "at_least_one": True,
+            "stop_after_first": not cfg.parallel,
+        }
     return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": fmt}), "tools")
 
 
 def tools_system_text(tools: list[dict[str, Any]]) -> str:
     """The Hermes tools preamble, for chat templates that do not render `tools` themselves."""
     sigs = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-            f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{sigs}\n</tools>\n\n"
-            "For each function call, return a json object with function name and arguments within "
-            "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-            "<args-json-object>}\n</tool_call>")
+    return (
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{sigs}\n</tools>\n\n"
+        "For each function call, return a json object with function name and arguments within "
+        '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+        "<args-json-object>}\n</tool_call>"
+    )
 
 
 def template_message(msg: dict[str, Any]) -> dict[str, Any]:
@@ -130,8 +150,11 @@ def _call(payload: str) -> dict[str, Any] | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)},
+    }
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
@@ -141,7 +164,7 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
         call = _call(m.group(1))
         if call is None:
             continue
-        kept.append(text[pos:m.start()])
+        kept.append(text[pos : m.start()])
         calls.append(call)
         pos = m.end()
     kept.append(text[pos:])
@@ -166,19 +189,19 @@ class ToolCallStreamer:
                 if end == -1:
                     break
                 payload = self.buffer[:end]
-                self.buffer, self.in_call = self.buffer[end + len(CALL_CLOSE):].lstrip("\n"), False
+                self.buffer, self.in_call = self.buffer[end + len(CALL_CLOSE) :].lstrip("\n"), False
                 deltas += self._call_deltas(payload)
                 continue
             start = self.buffer.find(CALL_OPEN)
             if start == -1:
                 keep = 0 if final else _partial_suffix(self.buffer, CALL_OPEN)
-                out, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
+                out, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep :]
                 if out.strip() or (out and not self.num_calls):
                     deltas.append({"content": out})
                 break
             if self.buffer[:start].strip() or (start and not self.num_calls):
                 deltas.append({"content": self.buffer[:start]})
-            self.buffer, self.in_call = self.buffer[start + len(CALL_OPEN):], True
+            self.buffer, self.in_call = self.buffer[start + len(CALL_OPEN) :], True
         if final and self.in_call and self.buffer:  # cut off inside a call (length): hand the raw text back
             deltas.append({"content": CALL_OPEN + self.buffer})
             self.buffer = ""
@@ -189,8 +212,12 @@ class ToolCallStreamer:
         if call is None:
             return [{"content": f"{CALL_OPEN}{payload}{CALL_CLOSE}"}]
         index, self.num_calls = self.num_calls, self.num_calls + 1
-        head = {"index": index, "id": call["id"], "type": "function",
-                "function": {"name": call["function"]["name"], "arguments": ""}}
+        head = {
+            "index": index,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["function"]["name"], "arguments": ""},
+        }
         body = {"index": index, "function": {"arguments": call["function"]["arguments"]}}
         return [{"tool_calls": [head]}, {"tool_calls": [body]}]
 

@@ -25,9 +25,10 @@ class BufferedPack(PackedBatch):
 
     def refresh(self) -> None:
         n = len(self.rows)
-        self.layers = [(k[:n, :, self.start:self.end], v[:n, :, self.start:self.end])
-                       for k, v in zip(self.kbufs, self.vbufs)]
-        self.mask = self.maskbuf[:n, self.start:self.end]
+        self.layers = [
+            (k[:n, :, self.start : self.end], v[:n, :, self.start : self.end]) for k, v in zip(self.kbufs, self.vbufs)
+        ]
+        self.mask = self.maskbuf[:n, self.start : self.end]
 
 
 class TorchBackend(Backend):
@@ -35,7 +36,9 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, model_dir: Path, device: str | None = None, fast_kernels: bool = True, dtype: str = "fp32") -> None:
+    def __init__(
+        self, model_dir: Path, device: str | None = None, fast_kernels: bool = True, dtype: str = "fp32"
+    ) -> None:
         import torch
 
         from fastserve_cli.models.precision import resolve_dtype
@@ -44,8 +47,10 @@ class TorchBackend(Backend):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = resolve_dtype(dtype, self.device)
         if dtype != "fp32" and self.config.get("quantization_config"):
-            raise UserError(f"serve.dtype {dtype}: {self.model_dir} is a quantized variant (it picks its own compute "
-                            "precision); use dtype fp32 or serve the unquantized model")
+            raise UserError(
+                f"serve.dtype {dtype}: {self.model_dir} is a quantized variant (it picks its own compute "
+                "precision); use dtype fp32 or serve the unquantized model"
+            )
         self.model = _load_torch_model(self.model_dir, self.device, self.dtype)
         self.fast_kernels = 0
         if fast_kernels and self.device == "cpu":  # oneDNN-packed Linear layers, fp32 and (native) bf16
@@ -66,11 +71,17 @@ class TorchBackend(Backend):
         rows_cap = max(rows, min(self.max_rows or rows + 2, rows + max(2, rows // 2)))
         left, right = _headroom(width), _headroom(width)
         shape = (rows_cap, self.num_kv_heads, left + width + right, self.head_dim)
-        pack = BufferedPack([None] * rows, [], [0] * rows, None,
-                            kbufs=[torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)],
-                            vbufs=[torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)],
-                            maskbuf=torch.zeros(rows_cap, shape[2], dtype=torch.long, device=self.device),
-                            start=left, end=left + width)
+        pack = BufferedPack(
+            [None] * rows,
+            [],
+            [0] * rows,
+            None,
+            kbufs=[torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)],
+            vbufs=[torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)],
+            maskbuf=torch.zeros(rows_cap, shape[2], dtype=torch.long, device=self.device),
+            start=left,
+            end=left + width,
+        )
         pack.refresh()
         return pack
 
@@ -95,9 +106,9 @@ class TorchBackend(Backend):
         n, new_start = len(pack.rows), pack.start - extra
         with torch.inference_mode():
             for k, v in zip(pack.kbufs, pack.vbufs):
-                k[:n, :, new_start:pack.start] = 0
-                v[:n, :, new_start:pack.start] = 0
-            pack.maskbuf[:n, new_start:pack.start] = 0
+                k[:n, :, new_start : pack.start] = 0
+                v[:n, :, new_start : pack.start] = 0
+            pack.maskbuf[:n, new_start : pack.start] = 0
         pack.start = new_start
         pack.pads = [p + extra for p in pack.pads]
         pack.refresh()
@@ -118,12 +129,20 @@ class TorchBackend(Backend):
             pack = self.packed
         n = len(pack.rows)
         pack.maskbuf[:n, pack.end] = 1
-        mask = pack.maskbuf[:n, pack.start:pack.end + 1]
-        cache = _growable_cache(buffers=[(k[:n, :, pack.start:], v[:n, :, pack.start:])
-                                         for k, v in zip(pack.kbufs, pack.vbufs)], length=pack.end - pack.start)
+        mask = pack.maskbuf[:n, pack.start : pack.end + 1]
+        cache = _growable_cache(
+            buffers=[(k[:n, :, pack.start :], v[:n, :, pack.start :]) for k, v in zip(pack.kbufs, pack.vbufs)],
+            length=pack.end - pack.start,
+        )
         with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, **cache_kwargs(self.model, cache))
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kwargs(self.model, cache),
+            )
         pack.end += 1
         pack.refresh()
         return out.logits[:, -1, :].float()
@@ -142,8 +161,14 @@ class TorchBackend(Backend):
         import torch
 
         with torch.inference_mode():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, _growable_cache(past)))
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kwargs(self.model, _growable_cache(past)),
+            )
         return out.logits[:, -1, :].float(), [(layer.keys, layer.values) for layer in output_cache(out).layers]
 
 
@@ -201,11 +226,11 @@ def _growable_layer_class():
                 kbuf = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
                 vbuf = torch.empty(shape, dtype=value_states.dtype, device=value_states.device)
                 if self._len:
-                    kbuf[..., :self._len, :] = self._kbuf[..., :self._len, :]
-                    vbuf[..., :self._len, :] = self._vbuf[..., :self._len, :]
+                    kbuf[..., : self._len, :] = self._kbuf[..., : self._len, :]
+                    vbuf[..., : self._len, :] = self._vbuf[..., : self._len, :]
                 self._kbuf, self._vbuf = kbuf, vbuf
-            self._kbuf[..., self._len:new_len, :] = key_states
-            self._vbuf[..., self._len:new_len, :] = value_states
+            self._kbuf[..., self._len : new_len, :] = key_states
+            self._vbuf[..., self._len : new_len, :] = value_states
             self._len = new_len
             self.keys, self.values = self._kbuf[..., :new_len, :], self._vbuf[..., :new_len, :]
             return self.keys, self.values

@@ -11,8 +11,20 @@ from pathlib import Path
 from typing import Sequence
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-SAMPLE_MODULES = ["json/__init__.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "string.py",
-                  "heapq.py", "bisect.py", "fnmatch.py", "glob.py", "shlex.py", "colorsys.py", "keyword.py"]
+SAMPLE_MODULES = [
+    "json/__init__.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "textwrap.py",
+    "string.py",
+    "heapq.py",
+    "bisect.py",
+    "fnmatch.py",
+    "glob.py",
+    "shlex.py",
+    "colorsys.py",
+    "keyword.py",
+]
 
 
 def stdlib_texts(names: Sequence[str] = SAMPLE_MODULES) -> list[str]:
@@ -34,4 +46,4 @@ def corpus_ids(tokenizer, names: Sequence[str]) -> list[int]:
 def cut_prompt(tokenizer, ids: list[int], length: int, rng: random.Random) -> str:
     """`length` consecutive tokens of `ids` at a seeded offset, decoded (re-encoding may differ by a token)."""
     start = rng.randrange(0, len(ids) - length)
-    return tokenizer.decode(ids[start:start + length])
+    return tokenizer.decode(ids[start : start + length])

@@ -14,9 +14,18 @@ from typing import Any, Sequence
 from fastserve_cli.serve.request import Request, SamplingParams
 
 
-def make_engine(model_dir: Path, backend: str = "torch", scheduler: Any = "fcfs", *, device_tokens: int = 100_000,
-                host_tokens: int = 100_000, max_batch_size: int = 4, token_budget: int = 512,
-                device: str | None = None, metrics_name: str = "t"):
+def make_engine(
+    model_dir: Path,
+    backend: str = "torch",
+    scheduler: Any = "fcfs",
+    *,
+    device_tokens: int = 100_000,
+    host_tokens: int = 100_000,
+    max_batch_size: int = 4,
+    token_budget: int = 512,
+    device: str | None = None,
+    metrics_name: str = "t",
+):
     """An engine whose KV budgets hold `device_tokens` / `host_tokens` tokens of this model's cache.
 
     `scheduler` is a registered name (built with defaults) or a scheduler object; `device` pins the torch
@@ -34,8 +43,15 @@ def make_engine(model_dir: Path, backend: str = "torch", scheduler: Any = "fcfs"
     per_token = be.kv_bytes_per_token
     kv = KVCacheManager(be, device_budget=device_tokens * per_token, host_budget=host_tokens * per_token)
     policy = make_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
-    return Engine(be, policy, kv, AutoTokenizer.from_pretrained(model_dir), Metrics(metrics_name),
-                  max_batch_size=max_batch_size, token_budget=token_budget)
+    return Engine(
+        be,
+        policy,
+        kv,
+        AutoTokenizer.from_pretrained(model_dir),
+        Metrics(metrics_name),
+        max_batch_size=max_batch_size,
+        token_budget=token_budget,
+    )
 
 
 def greedy_request(prompt_ids: list[int], max_new_tokens: int) -> Request:

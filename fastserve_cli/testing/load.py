@@ -52,8 +52,12 @@ async def client_loop(client, url: str, model: str, until: float, seed: int, rep
     rng = random.Random(seed)
     t0 = time.perf_counter()
     while time.monotonic() < until:
-        body = completion_body(model, " ".join(rng.choices(WORDS, k=rng.randint(4, 40))), rng.randint(8, 64),
-                               temperature=rng.choice([0, 0.8]))
+        body = completion_body(
+            model,
+            " ".join(rng.choices(WORDS, k=rng.randint(4, 40))),
+            rng.randint(8, 64),
+            temperature=rng.choice([0, 0.8]),
+        )
         stream = await stream_completion(client, url, body, t0)
         if stream.error is not None:
             report.errors.append(stream.error)
@@ -68,8 +72,9 @@ async def run_load(url: str, model: str, pid: int, clients: int, duration: float
     report = LoadReport(clients, duration)
     async with http_client(timeout=300, max_connections=clients + 8) as client:
         warm = LoadReport(clients, 0)
-        await asyncio.gather(*[client_loop(client, url, model, time.monotonic() + 3, 10_000 + i, warm)
-                               for i in range(clients)])
+        await asyncio.gather(
+            *[client_loop(client, url, model, time.monotonic() + 3, 10_000 + i, warm) for i in range(clients)]
+        )
         report.errors += warm.errors
         await asyncio.sleep(1.0)
         report.rss_warm_mib = rss_mib(pid)

@@ -39,8 +39,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, chat_tokens: bool = F
     """A byte-level BPE (the project's own trainer) with the EOS/pad every model here uses; saved if `out`."""
     from fastserve_cli.core.tokenizer import train_bpe
 
-    tokenizer = train_bpe(texts, vocab_size=vocab_size, min_frequency=2, eos_token=EOS, pad_token=PAD,
-                          extra_special_tokens=CHAT_TOKENS if chat_tokens else [])
+    tokenizer = train_bpe(
+        texts,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        eos_token=EOS,
+        pad_token=PAD,
+        extra_special_tokens=CHAT_TOKENS if chat_tokens else [],
+    )
     if out is not None:
         tokenizer.save_pretrained(out)
     return tokenizer
@@ -54,8 +60,12 @@ def tiny_tokenizer(out: Path) -> Path:
 
 def token_ids(tokenizer) -> dict[str, Any]:
     """The vocabulary size and special ids a config needs to agree with its tokenizer (BOS = EOS, as GPT-2)."""
-    return dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
+    return dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def gpt2_config(shape: GPT2Shape, tokenizer=None, positions: int = 1024, **overrides: Any):
@@ -65,8 +75,9 @@ def gpt2_config(shape: GPT2Shape, tokenizer=None, positions: int = 1024, **overr
     ids = token_ids(tokenizer) if tokenizer is not None else {}
     if shape.vocab_size is not None:
         ids["vocab_size"] = shape.vocab_size
-    return GPT2Config(n_layer=shape.layers, n_embd=shape.width, n_head=shape.num_heads, n_positions=positions,
-                      **{**ids, **overrides})
+    return GPT2Config(
+        n_layer=shape.layers, n_embd=shape.width, n_head=shape.num_heads, n_positions=positions, **{**ids, **overrides}
+    )
 
 
 def tiny_llama_config(tokenizer=None, positions: int = 512, **overrides: Any):
@@ -74,8 +85,15 @@ def tiny_llama_config(tokenizer=None, positions: int = 512, **overrides: Any):
     from transformers import LlamaConfig
 
     ids = token_ids(tokenizer) if tokenizer is not None else {}
-    return LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=positions, **{**ids, **overrides})
+    return LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=positions,
+        **{**ids, **overrides},
+    )
 
 
 def save_random_model(config, out: Path, tokenizer=None, seed: int = 0) -> Path:

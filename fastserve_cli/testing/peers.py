@@ -24,17 +24,26 @@ class FastserveRunner:
         from fastserve_cli.core.recipe import ServeConfig
         from fastserve_cli.serve import ServeTarget, build_engine
 
-        cfg = ServeConfig(backend=backend, dtype=dtype, num_threads=threads, scheduler="fcfs",
-                          max_batch_size=max_batch, max_num_batched_tokens=max(2048, 64 * max_batch),
-                          max_queue=4 * max_batch, kv_cache_memory="8GiB")
+        cfg = ServeConfig(
+            backend=backend,
+            dtype=dtype,
+            num_threads=threads,
+            scheduler="fcfs",
+            max_batch_size=max_batch,
+            max_num_batched_tokens=max(2048, 64 * max_batch),
+            max_queue=4 * max_batch,
+            kv_cache_memory="8GiB",
+        )
         self.name = name
         self.engine = build_engine(ServeTarget(Path(model_dir), backend, name), cfg).engine
 
     def _run(self, prompts: list[list[int]], n: int):
         from fastserve_cli.serve.request import Request, SamplingParams
 
-        reqs = [Request(list(p), SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True), time.perf_counter())
-                for p in prompts]
+        reqs = [
+            Request(list(p), SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True), time.perf_counter())
+            for p in prompts
+        ]
         self.engine.submit(reqs)
         while not all(r.finished for r in reqs):
             self.engine.step()
@@ -60,9 +69,21 @@ def convert_ctranslate2(model_dir: Path, out: Path, quantization: str) -> Path:
     string, but is null"; removing them is not enough): unk_token <- the EOS token, layer_norm_epsilon <- config."""
     if not (out / "model.bin").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "ctranslate2.converters.transformers", "--model", str(model_dir),
-                        "--output_dir", str(out), "--quantization", quantization], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ctranslate2.converters.transformers",
+                "--model",
+                str(model_dir),
+                "--output_dir",
+                str(out),
+                "--quantization",
+                quantization,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         path = out / "config.json"
         config = json.loads(path.read_text(encoding="utf-8"))
         hf = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
@@ -80,8 +101,9 @@ class CTranslate2Runner:
         import ctranslate2
 
         self.name, self.tokenizer = name, tokenizer
-        self.gen = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=compute_type,
-                                         intra_threads=threads, inter_threads=1)
+        self.gen = ctranslate2.Generator(
+            str(ct2_dir), device="cpu", compute_type=compute_type, intra_threads=threads, inter_threads=1
+        )
 
     def _tokens(self, ids: list[int]) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens(ids)
@@ -95,15 +117,22 @@ class CTranslate2Runner:
 
     def offline(self, prompts: list[list[int]], n: int):
         t0 = time.perf_counter()
-        results = self.gen.generate_batch([self._tokens(p) for p in prompts], max_batch_size=len(prompts),
-                                          max_length=n, min_length=n, sampling_topk=1, include_prompt_in_result=False)
+        results = self.gen.generate_batch(
+            [self._tokens(p) for p in prompts],
+            max_batch_size=len(prompts),
+            max_length=n,
+            min_length=n,
+            sampling_topk=1,
+            include_prompt_in_result=False,
+        )
         outs = [r.sequences_ids[0] for r in results]
         return outs, sum(len(o) for o in outs) / (time.perf_counter() - t0)
 
     def first_token(self, ids: list[int]) -> float:
         t0 = time.perf_counter()
-        self.gen.generate_batch([self._tokens(ids)], max_length=1, min_length=1, sampling_topk=1,
-                                include_prompt_in_result=False)
+        self.gen.generate_batch(
+            [self._tokens(ids)], max_length=1, min_length=1, sampling_topk=1, include_prompt_in_result=False
+        )
         return time.perf_counter() - t0
 
 
@@ -112,7 +141,11 @@ def llama_cpp_status() -> str:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        return ("llama-cpp-python is not installed (`pip install -e .[bench]` compiles llama.cpp); and its "
-                "convert_hf_to_gguf.py rejects this model (no n_ctx; BPE pre-tokenizer not recognized): docs/perf.md")
-    return ("llama-cpp-python imports, but its convert_hf_to_gguf.py rejects this model (no n_ctx; BPE pre-tokenizer "
-            "not recognized), so there is no llama.cpp runner yet: docs/perf.md")
+        return (
+            "llama-cpp-python is not installed (`pip install -e .[bench]` compiles llama.cpp); and its "
+            "convert_hf_to_gguf.py rejects this model (no n_ctx; BPE pre-tokenizer not recognized): docs/perf.md"
+        )
+    return (
+        "llama-cpp-python imports, but its convert_hf_to_gguf.py rejects this model (no n_ctx; BPE pre-tokenizer "
+        "not recognized), so there is no llama.cpp runner yet: docs/perf.md"
+    )

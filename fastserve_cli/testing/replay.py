@@ -44,8 +44,15 @@ class Stream:
 
 def completion_body(model: str, prompt: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
     """A greedy streamed completion that reports usage at the end (how the token count is known)."""
-    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, **extra}
+    return {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
 
 
 async def stream_completion(client, url: str, body: dict[str, Any], t0: float) -> Stream:

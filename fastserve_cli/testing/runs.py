@@ -20,7 +20,7 @@ def pack_blocks(tokenizer, texts: Iterable[str], block_size: int, limit: int | N
         if limit is not None and len(ids) > (limit + 1) * block_size:
             break
     count = len(ids) // block_size if limit is None else min(limit, len(ids) // block_size)
-    return [ids[i * block_size:(i + 1) * block_size] for i in range(count)]
+    return [ids[i * block_size : (i + 1) * block_size] for i in range(count)]
 
 
 def save_blocks(train: list[list[int]], validation: list[list[int]], out: Path) -> None:
@@ -30,8 +30,9 @@ def save_blocks(train: list[list[int]], validation: list[list[int]], out: Path) 
     def rows(blocks: list[list[int]]) -> dict[str, list]:
         return {"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks], "labels": blocks}
 
-    DatasetDict({"train": Dataset.from_dict(rows(train)),
-                 "validation": Dataset.from_dict(rows(validation))}).save_to_disk(str(out))
+    DatasetDict(
+        {"train": Dataset.from_dict(rows(train)), "validation": Dataset.from_dict(rows(validation))}
+    ).save_to_disk(str(out))
 
 
 def write_blocks(tokenizer_dir: Path, out: Path, block_size: int = 64, validation: int = 12) -> None:
@@ -42,8 +43,14 @@ def write_blocks(tokenizer_dir: Path, out: Path, block_size: int = 64, validatio
     save_blocks(blocks[:-validation], blocks[-validation:], out)
 
 
-def make_trained_run(root: Path, architecture: str, tokenizer_dir: Path, variants: list[dict[str, Any]],
-                     gates: dict[str, Any] | None = None, train_done: bool = True) -> Path:
+def make_trained_run(
+    root: Path,
+    architecture: str,
+    tokenizer_dir: Path,
+    variants: list[dict[str, Any]],
+    gates: dict[str, Any] | None = None,
+    train_done: bool = True,
+) -> Path:
     """A run dir whose preprocess and train stages are done, and a recipe pointing at it; returns the recipe."""
     from fastserve_cli.core.rundir import RunDir
 
@@ -54,10 +61,16 @@ def make_trained_run(root: Path, architecture: str, tokenizer_dir: Path, variant
     if train_done:
         run.update_stage("train", status="done", run_id="train-1")
     recipe = {
-        "name": f"opt-{architecture}", "run_dir": str(run.root),
+        "name": f"opt-{architecture}",
+        "run_dir": str(run.root),
         "train": {"per_device_train_batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 0},
-        "optimize": {"eval_blocks": 4, "latency_prompt_tokens": 8, "latency_new_tokens": 4, "latency_repeats": 1,
-                     "variants": variants},
+        "optimize": {
+            "eval_blocks": 4,
+            "latency_prompt_tokens": 8,
+            "latency_new_tokens": 4,
+            "latency_repeats": 1,
+            "variants": variants,
+        },
         "gates": gates or {},
     }
     path = root / "recipe.yaml"

@@ -24,8 +24,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0,
-               log_path: Path | None = None) -> None:
+def wait_ready(
+    url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0, log_path: Path | None = None
+) -> None:
     """Poll GET /health until 200; fail early if the process died (with its log's tail, when there is one)."""
     import httpx
 
@@ -47,9 +48,15 @@ def log_tail(log_path: Path | None, chars: int = 2000) -> str:
 
 
 @contextlib.contextmanager
-def running_process(cmd: Sequence[str], url: str, env: dict[str, str] | None = None, log_path: Path | None = None,
-                    ready: bool = True, ready_timeout: float = 120.0,
-                    stop_timeout: float = 60.0) -> Iterator[subprocess.Popen]:
+def running_process(
+    cmd: Sequence[str],
+    url: str,
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+    ready: bool = True,
+    ready_timeout: float = 120.0,
+    stop_timeout: float = 60.0,
+) -> Iterator[subprocess.Popen]:
     """Run `cmd` (a server answering `url`/health) as a child; on exit SIGTERM, then kill after `stop_timeout`."""
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -70,13 +77,29 @@ def running_process(cmd: Sequence[str], url: str, env: dict[str, str] | None = N
 
 
 @contextlib.contextmanager
-def running_server(target: str | Path, *args: str, port: int | None = None, env: dict[str, str] | None = None,
-                   log_path: Path | None = None, ready: bool = True,
-                   ready_timeout: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+def running_server(
+    target: str | Path,
+    *args: str,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+    ready: bool = True,
+    ready_timeout: float = 120.0,
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """`fastserve serve TARGET --port P ARGS...` in a child process; yields (base url, process)."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "fastserve_cli", "serve", str(target), "--host", "127.0.0.1", "--port", str(port),
-           *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastserve_cli",
+        "serve",
+        str(target),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
     url = f"http://127.0.0.1:{port}"
     with running_process(cmd, url, env, log_path, ready, ready_timeout) as proc:
         yield url, proc
@@ -93,8 +116,11 @@ def prometheus_samples(text: str) -> dict[str, float]:
 
 def fastserve_counters(text: str) -> dict[str, float]:
     """The `fastserve:*_total` counters of a /metrics page, by name."""
-    return {name: value for name, value in prometheus_samples(text).items()
-            if name.startswith("fastserve:") and name.endswith("_total")}
+    return {
+        name: value
+        for name, value in prometheus_samples(text).items()
+        if name.startswith("fastserve:") and name.endswith("_total")
+    }
 
 
 def cpu_seconds(pid: int) -> float:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from fastserve_cli.core.rundir import atomic_write_text
@@ -44,7 +44,9 @@ def write_samples(model, tokenizer, prompts: list[str], new_tokens: int, out: Pa
     if not prompts:
         return
     # The serve engine's rule: stop at any token that ends a reply.
-    stop_ids = sorted(stop_token_ids(model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer=tokenizer))
+    stop_ids = sorted(
+        stop_token_ids(model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer=tokenizer)
+    )
     was_training = model.training
     model.eval()
     context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1 << 30)
@@ -55,8 +57,14 @@ def write_samples(model, tokenizer, prompts: list[str], new_tokens: int, out: Pa
             budget = min(new_tokens, context - ids.shape[1])
             if budget < 1:
                 continue
-            out_ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids)
+            out_ids = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=budget,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stop_ids,
+            )
             parts.append(f"### prompt: {prompt!r}\n{tokenizer.decode(out_ids[0], skip_special_tokens=False)}\n")
     model.train(was_training)
     atomic_write_text(out, "\n".join(parts))
@@ -89,7 +97,9 @@ def write_loss_plot(metrics_path: Path, out: Path) -> None:
 
 
 @contextmanager
-def progress_bar(show: bool, total: int, done: int, tokens_seen: Callable[[], int]) -> Iterator[Callable[[int, float], None]]:
+def progress_bar(
+    show: bool, total: int, done: int, tokens_seen: Callable[[], int]
+) -> Iterator[Callable[[int, float], None]]:
     """A rich progress bar with live loss and tokens/s; `advance(step, loss)` moves it (a no-op when hidden)."""
     if not show:
         yield lambda step, loss: None
@@ -98,8 +108,14 @@ def progress_bar(show: bool, total: int, done: int, tokens_seen: Callable[[], in
 
     from fastserve_cli.core.console import err_console
 
-    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-               TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn())
+    columns = (
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err_console(), transient=False) as bar:
         task = bar.add_task("train", total=total, completed=done, loss="-", tps="-")
         t0, s0 = time.time(), tokens_seen()

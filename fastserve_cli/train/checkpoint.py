@@ -99,7 +99,7 @@ def verify(directory: Path) -> dict[str, Any]:
 
 def newest_valid(root: Path, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint that verifies; damaged ones are named and skipped."""
-    for step, path in reversed(list_checkpoints(root)):
+    for _, path in reversed(list_checkpoints(root)):
         try:
             return path, verify(path)
         except CorruptCheckpoint as err:

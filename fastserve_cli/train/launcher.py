@@ -33,8 +33,17 @@ def launch_processes(recipe: Recipe, run: RunDir) -> StageResult:
     if not cuda_available():
         threads = recipe.train.num_threads or max(1, (os.cpu_count() or 1) // n)
         env["OMP_NUM_THREADS"] = str(threads)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               "-m", "fastserve_cli.train.launcher", str(launch), str(result)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n}",
+        "-m",
+        "fastserve_cli.train.launcher",
+        str(launch),
+        str(result),
+    ]
     proc = subprocess.Popen(command, env=env, stdout=sys.stderr)  # our stdout is for the result (--json)
     try:
         code = proc.wait()

@@ -19,8 +19,15 @@ from fastserve_cli.models.optim import make_optimizer, make_scheduler
 from fastserve_cli.train import checkpoint as ckpt
 from fastserve_cli.train.artifacts import last_metric, progress_bar, truncate_metrics, write_loss_plot, write_samples
 from fastserve_cli.train.distributed import (
-    all_reduce_sum, barrier, broadcast_object, cuda_available, deepspeed_config, ensure_single_process_env,
-    gather_objects, rank, world_size,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cuda_available,
+    deepspeed_config,
+    ensure_single_process_env,
+    gather_objects,
+    rank,
+    world_size,
 )
 from fastserve_cli.train.signals import StopFlag
 
@@ -53,11 +60,10 @@ class Trainer:
     # -- setup ---------------------------------------------------------------
     def setup(self) -> None:
         import torch
+        from accelerate.utils import set_seed
         from transformers import AutoTokenizer
 
         from fastserve_cli.models.modeling import apply_lora, build_model
-
-        from accelerate.utils import set_seed
 
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
@@ -66,8 +72,9 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.run.tokenizer_dir)
         self.train_data, self.val_data = load_splits(self.run.data_dir)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.stream = BatchStream(self.train_data, self.cfg.per_device_train_batch_size, self.recipe.seed,
-                                  self.rank, self.world, pad_id)
+        self.stream = BatchStream(
+            self.train_data, self.cfg.per_device_train_batch_size, self.recipe.seed, self.rank, self.world, pad_id
+        )
         self.pad_id = pad_id
         model = build_model(self.recipe.model, self.tokenizer, self.recipe.data.block_size, self.recipe.seed)
         if self.cfg.lora:
@@ -86,8 +93,14 @@ class Trainer:
         """The chunked loss bypasses the head inside the forward: only for plain fp32 models that the
         wrappers (peft, DeepSpeed's partitioning, torch.compile's graph guards) do not own."""
         cfg = self.cfg
-        return (cfg.fused_kernels and not cfg.lora and not self.deepspeed and not cfg.torch_compile
-                and cfg.mixed_precision == "no" and supports_fused_loss(model))
+        return (
+            cfg.fused_kernels
+            and not cfg.lora
+            and not self.deepspeed
+            and not cfg.torch_compile
+            and cfg.mixed_precision == "no"
+            and supports_fused_loss(model)
+        )
 
     def forward_loss(self, batch: dict[str, Any]):
         """Summed next-token loss of one micro-batch."""
@@ -110,21 +123,31 @@ class Trainer:
 
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
-        kwargs: dict[str, Any] = dict(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+        kwargs: dict[str, Any] = dict(
+            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps
+        )
         if self.deepspeed:
             if self.world == 1:
                 ensure_single_process_env()
             # cpu=True would drop the plugin; DeepSpeed runs on CPU (gloo) by itself when there is no GPU.
-            return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=deepspeed_config(self.cfg, self.world)), **kwargs)
+            return Accelerator(
+                deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=deepspeed_config(self.cfg, self.world)), **kwargs
+            )
         return Accelerator(cpu=not cuda_available(), **kwargs)
 
     def resume_key(self) -> str:
         """Checkpoints resume only into the same model, data and batch geometry."""
         preprocess = (self.run.stage("preprocess") or {}).get("run_id")
-        return fingerprint({"model": self.recipe.model.model_dump(mode="json"), "seed": self.recipe.seed,
-                            "data": preprocess, "rows_per_step": self.stream.rows_per_step,
-                            "lora": self.cfg.lora.model_dump() if self.cfg.lora else None,
-                            "deepspeed": self.cfg.deepspeed.model_dump() if self.cfg.deepspeed else None})
+        return fingerprint(
+            {
+                "model": self.recipe.model.model_dump(mode="json"),
+                "seed": self.recipe.seed,
+                "data": preprocess,
+                "rows_per_step": self.stream.rows_per_step,
+                "lora": self.cfg.lora.model_dump() if self.cfg.lora else None,
+                "deepspeed": self.cfg.deepspeed.model_dump() if self.cfg.deepspeed else None,
+            }
+        )
 
     # -- main ------------------------------------------------------------------
     def fit(self) -> StageResult:
@@ -156,12 +179,17 @@ class Trainer:
                     break
                 if stopping:
                     self.save_checkpoint()
-                    self.say(f"training stopped by {stop.signal or 'a signal'} at step {self.state.step}; "
-                             f"checkpoint saved, run `fastserve train` again to resume")
+                    self.say(
+                        f"training stopped by {stop.signal or 'a signal'} at step {self.state.step}; "
+                        f"checkpoint saved, run `fastserve train` again to resume"
+                    )
                     raise KeyboardInterrupt
         if self.state.step % self.cfg.eval_steps != 0 or not self.state.last_eval:
             self.evaluate()
-        if not ckpt.list_checkpoints(self.run.checkpoints_dir) or ckpt.list_checkpoints(self.run.checkpoints_dir)[-1][0] != self.state.step:
+        if (
+            not ckpt.list_checkpoints(self.run.checkpoints_dir)
+            or ckpt.list_checkpoints(self.run.checkpoints_dir)[-1][0] != self.state.step
+        ):
             self.save_checkpoint()
         self.save_model()
         elapsed = time.time() - started
@@ -216,9 +244,13 @@ class Trainer:
         now = time.time()
         since = getattr(self, "_last_log", None)
         record: dict[str, Any] = {
-            "step": self.state.step, "loss": loss, "lr": self.current_lr(), "grad_norm": grad_norm,
+            "step": self.state.step,
+            "loss": loss,
+            "lr": self.current_lr(),
+            "grad_norm": grad_norm,
             "epoch": round(self.stream.position.epoch + self.stream.position.index / self.stream.batches_per_epoch, 4),
-            "tokens": self.state.tokens_seen, "time": round(now, 4),
+            "tokens": self.state.tokens_seen,
+            "time": round(now, 4),
         }
         if since is not None:
             record["tokens_per_s"] = self._tokens_since_log / max(now - since, 1e-9)
@@ -245,7 +277,9 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         with torch.no_grad():
-            for batch in eval_batches(self.val_data, self.cfg.per_device_eval_batch_size, self.pad_id, self.cfg.eval_max_batches):
+            for batch in eval_batches(
+                self.val_data, self.cfg.per_device_eval_batch_size, self.pad_id, self.cfg.eval_max_batches
+            ):
                 batch = to_device(batch, self.accelerator.device)
                 with self.accelerator.autocast():
                     logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -267,7 +301,9 @@ class Trainer:
         patience = self.cfg.early_stopping_patience
         if patience is not None and self.state.evals_without_improvement >= patience:
             self.state.early_stopped = True
-            self.say(f"early stopping at step {self.state.step}: validation loss has not improved for {patience} evaluations")
+            self.say(
+                f"early stopping at step {self.state.step}: validation loss has not improved for {patience} evaluations"
+            )
 
     def say(self, message: str) -> None:
         if self.is_main:
@@ -311,10 +347,15 @@ class Trainer:
             ckpt.write_model_state(tmp, self.raw_model, self.optimizer, self.scheduler)
         ckpt.write_rng(tmp, rng_states)
         state = {
-            "step": self.state.step, "position": self.stream.position.to_dict(), "tokens_seen": self.state.tokens_seen,
-            "best_eval_loss": self.state.best_eval_loss, "evals_without_improvement": self.state.evals_without_improvement,
-            "last_eval": self.state.last_eval, "early_stopped": self.state.early_stopped,
-            "world_size": self.world, "resume_key": self.resume_key(),
+            "step": self.state.step,
+            "position": self.stream.position.to_dict(),
+            "tokens_seen": self.state.tokens_seen,
+            "best_eval_loss": self.state.best_eval_loss,
+            "evals_without_improvement": self.state.evals_without_improvement,
+            "last_eval": self.state.last_eval,
+            "early_stopped": self.state.early_stopped,
+            "world_size": self.world,
+            "resume_key": self.resume_key(),
         }
         ckpt.seal(tmp, state)
 
@@ -322,7 +363,9 @@ class Trainer:
         """Continue from the newest good checkpoint, or start fresh (clearing stale metrics)."""
         found = ckpt.newest_valid(self.run.checkpoints_dir, self.say)
         if found is not None and found[1].get("resume_key") != self.resume_key():
-            self.say(f"checkpoints in {self.run.checkpoints_dir} are from a different model, data or batch size; starting fresh")
+            self.say(
+                f"checkpoints in {self.run.checkpoints_dir} are from a different model, data or batch size; starting fresh"
+            )
             if self.is_main:
                 shutil.rmtree(self.run.checkpoints_dir, ignore_errors=True)
             found = None
@@ -389,7 +432,9 @@ class Trainer:
                 model.save_pretrained(tmp, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
             write_loss_plot(self.run.metrics_path, self.run.loss_plot_path)
-            write_samples(model, self.tokenizer, self.cfg.sample_prompts, self.cfg.sample_new_tokens, self.run.samples_path)
+            write_samples(
+                model, self.tokenizer, self.cfg.sample_prompts, self.cfg.sample_new_tokens, self.run.samples_path
+            )
         barrier()
 
     def result(self, elapsed: float, steps_run: int) -> StageResult:
@@ -403,7 +448,12 @@ class Trainer:
         metrics["tokens"] = self.state.tokens_seen
         metrics["train_seconds"] = round(elapsed, 3)
         if steps_run:
-            tokens_this_run = steps_run * self.stream.rows_per_step * self.cfg.gradient_accumulation_steps * self.recipe.data.block_size
+            tokens_this_run = (
+                steps_run
+                * self.stream.rows_per_step
+                * self.cfg.gradient_accumulation_steps
+                * self.recipe.data.block_size
+            )
             metrics["tokens_per_s"] = round(tokens_this_run / max(elapsed, 1e-9), 1)
         metrics.update(parameter_counts(self.raw_model))
         metrics["processes"] = self.world
@@ -411,19 +461,29 @@ class Trainer:
             metrics["resumed_from_step"] = self.state.resumed_from
         if self.state.early_stopped:
             metrics["early_stopped"] = True
-        outputs = [self.run.rel(p) for p in (self.run.model_dir, self.run.checkpoints_dir, self.run.metrics_path,
-                                             self.run.loss_plot_path, self.run.samples_path) if p.exists()]
+        outputs = [
+            self.run.rel(p)
+            for p in (
+                self.run.model_dir,
+                self.run.checkpoints_dir,
+                self.run.metrics_path,
+                self.run.loss_plot_path,
+                self.run.samples_path,
+            )
+            if p.exists()
+        ]
         return StageResult(outputs=outputs, metrics=metrics)
-
-
 
 
 def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
     """Move a batch; an all-ones attention mask (packed data) becomes None, which lets SDPA take its
     causal kernel directly and keeps torch.compile free of the data-dependent "is it padded?" check."""
     mask = batch["attention_mask"]
-    return {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device),
-            "attention_mask": None if bool(mask.all()) else mask.to(device)}
+    return {
+        "input_ids": batch["input_ids"].to(device),
+        "labels": batch["labels"].to(device),
+        "attention_mask": None if bool(mask.all()) else mask.to(device),
+    }
 
 
 def summed_token_loss(logits, labels):

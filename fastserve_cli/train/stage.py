@@ -35,13 +35,17 @@ def check_inputs(recipe: Recipe, run: RunDir) -> None:
     if not run.is_done("preprocess") or not run.data_dir.is_dir() or not run.tokenizer_dir.is_dir():
         raise UserError(f"{run.root}: no preprocessed data here; run `fastserve preprocess` first")
     if cfg.lora and not recipe.model.pretrained:
-        raise UserError("train.lora: LoRA fine-tunes a pretrained model; set model.pretrained to a local model directory or remove train.lora")
+        raise UserError(
+            "train.lora: LoRA fine-tunes a pretrained model; set model.pretrained to a local model directory or remove train.lora"
+        )
     if cfg.mixed_precision == "fp16" and not cuda_available():
         raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 (CPU autocast) or no")
     if cfg.deepspeed:
         try:
             import deepspeed  # noqa: F401
         except ImportError:
-            raise UserError("train.deepspeed needs the deepspeed package; pip install 'fastserve[deepspeed]' or remove train.deepspeed") from None
+            raise UserError(
+                "train.deepspeed needs the deepspeed package; pip install 'fastserve[deepspeed]' or remove train.deepspeed"
+            ) from None
         if cfg.torch_compile:
             raise UserError("train.torch_compile with train.deepspeed is not supported; turn one of them off")

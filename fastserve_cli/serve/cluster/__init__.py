@@ -19,8 +19,9 @@ def require_ray() -> None:
         import ray  # noqa: F401
         from ray import serve  # noqa: F401
     except ImportError:
-        raise UserError(f"serve.replicas > 1 runs replicas on Ray Serve, which is not installed; "
-                        f"install the extra: {EXTRA_HINT}") from None
+        raise UserError(
+            f"serve.replicas > 1 runs replicas on Ray Serve, which is not installed; install the extra: {EXTRA_HINT}"
+        ) from None
 
 
 def uses_cluster(cfg) -> bool:

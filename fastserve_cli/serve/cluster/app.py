@@ -36,8 +36,12 @@ class ClusterIngress:
         serve_target = ServeTarget(Path(target["model_dir"]), target["backend"], target["name"])
         api_key = config.api_key or os.environ.get("FASTSERVE_API_KEY") or None
         book = book_for(app_name, config.router)
-        self.state = ServerState(config.model_name or serve_target.name, api_key,
-                                 lambda: build_loaded(engine, serve_target, book), config.shutdown_timeout_s)
+        self.state = ServerState(
+            config.model_name or serve_target.name,
+            api_key,
+            lambda: build_loaded(engine, serve_target, book),
+            config.shutdown_timeout_s,
+        )
 
     def __serve_build_asgi_app__(self):
         from fastserve_cli.serve.api import create_app

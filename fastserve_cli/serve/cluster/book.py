@@ -25,16 +25,31 @@ class Book:
         self.routed: dict[str, str] = {}  # our request id -> replica chosen by the router
         self.registry = CollectorRegistry()
         r = self.registry
-        self.routed_total = Counter("fastserve:router_requests", "Engine requests routed, by policy, replica and "
-                                    "decision (rr, p2c, only, prefix_hit, prefix_overflow, no_prefix).",
-                                    ["policy", "replica", "decision"], registry=r)
-        self.retries = Counter("fastserve:router_retries", "Engine requests re-sent to another replica because "
-                               "theirs failed before producing a token.", ["policy"], registry=r)
-        self.failed_started = Counter("fastserve:router_failed_started", "Engine requests lost with their "
-                                      "replica after it had produced tokens (the client got an error).",
-                                      ["policy"], registry=r)
-        self.rejected = Counter("fastserve:router_rejected", "Requests answered 429: every replica's queue was "
-                                "full.", ["policy"], registry=r)
+        self.routed_total = Counter(
+            "fastserve:router_requests",
+            "Engine requests routed, by policy, replica and "
+            "decision (rr, p2c, only, prefix_hit, prefix_overflow, no_prefix).",
+            ["policy", "replica", "decision"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "fastserve:router_retries",
+            "Engine requests re-sent to another replica because theirs failed before producing a token.",
+            ["policy"],
+            registry=r,
+        )
+        self.failed_started = Counter(
+            "fastserve:router_failed_started",
+            "Engine requests lost with their replica after it had produced tokens (the client got an error).",
+            ["policy"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "fastserve:router_rejected",
+            "Requests answered 429: every replica's queue was full.",
+            ["policy"],
+            registry=r,
+        )
         self.replicas_up = Gauge("fastserve:cluster_replicas_up", "Replicas Ray Serve routes to.", registry=r)
         self.registry.register(_ReplicaMetrics(self))
 
@@ -71,19 +86,33 @@ class Book:
             out = []
             for rid in ids:
                 s = self.stats.get(rid, {})
-                out.append(ReplicaLoad(rid, int(s.get("waiting", 0)), int(s.get("running", 0)),
-                                       float(s.get("kv_usage", 0.0)), int(s.get("top_queue", 0)),
-                                       int(s.get("max_queue", 1 << 30)), self.inflight.get(rid, 0)))
+                out.append(
+                    ReplicaLoad(
+                        rid,
+                        int(s.get("waiting", 0)),
+                        int(s.get("running", 0)),
+                        float(s.get("kv_usage", 0.0)),
+                        int(s.get("top_queue", 0)),
+                        int(s.get("max_queue", 1 << 30)),
+                        self.inflight.get(rid, 0),
+                    )
+                )
             return out
 
     def replicas(self) -> list[dict[str, Any]]:
         """For /health: who is up, where, and its load."""
         with self.lock:
-            return [{"replica": rid, "node": self.stats.get(rid, {}).get("node"),
-                     "pid": self.stats.get(rid, {}).get("pid"),
-                     "waiting": self.stats.get(rid, {}).get("waiting"),
-                     "running": self.stats.get(rid, {}).get("running"),
-                     "inflight": self.inflight.get(rid, 0)} for rid in sorted(self.up)]
+            return [
+                {
+                    "replica": rid,
+                    "node": self.stats.get(rid, {}).get("node"),
+                    "pid": self.stats.get(rid, {}).get("pid"),
+                    "waiting": self.stats.get(rid, {}).get("waiting"),
+                    "running": self.stats.get(rid, {}).get("running"),
+                    "inflight": self.inflight.get(rid, 0),
+                }
+                for rid in sorted(self.up)
+            ]
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -121,8 +150,9 @@ class _ReplicaMetrics:
                 target = merged.setdefault(family.name, _empty_like(family))
                 for sample in family.samples:
                     labels = {**sample.labels, "replica": rid}
-                    target.samples.append(type(sample)(sample.name, labels, sample.value, sample.timestamp,
-                                                       sample.exemplar))
+                    target.samples.append(
+                        type(sample)(sample.name, labels, sample.value, sample.timestamp, sample.exemplar)
+                    )
         yield from merged.values()
 
     def describe(self):

@@ -40,8 +40,11 @@ def deployment_options(cfg, app_name: str) -> dict[str, Any]:
         # Our engine queues and answers 429 itself; Ray must not cap concurrency below that.
         "max_ongoing_requests": cfg.max_queue + 4 * cfg.max_batch_size,
         "request_router_config": RequestRouterConfig(
-            request_router_class=ROUTER_PATH, request_router_kwargs={"policy": cfg.router, "app": app_name},
-            request_routing_stats_period_s=STATS_PERIOD_S, request_routing_stats_timeout_s=5.0),
+            request_router_class=ROUTER_PATH,
+            request_router_kwargs={"policy": cfg.router, "app": app_name},
+            request_routing_stats_period_s=STATS_PERIOD_S,
+            request_routing_stats_timeout_s=5.0,
+        ),
         "max_constructor_retry_count": 1,  # a replica that cannot load the model fails the start-up, once
         "health_check_period_s": 2.0,
         "logging_config": {"enable_access_log": False, "log_level": "WARNING"},  # no log line per call
@@ -51,9 +54,12 @@ def deployment_options(cfg, app_name: str) -> dict[str, Any]:
         a = cfg.autoscaling
         if a.max_replicas < max(a.min_replicas, 1):
             raise UserError("serve.autoscaling.max_replicas must be >= min_replicas and >= 1")
-        options["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                                         "initial_replicas": min(max(cfg.replicas, a.min_replicas), a.max_replicas),
-                                         "target_ongoing_requests": a.target_ongoing_requests}
+        options["autoscaling_config"] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "initial_replicas": min(max(cfg.replicas, a.min_replicas), a.max_replicas),
+            "target_ongoing_requests": a.target_ongoing_requests,
+        }
     else:
         options["num_replicas"] = cfg.replicas
     return options
@@ -62,8 +68,12 @@ def deployment_options(cfg, app_name: str) -> dict[str, Any]:
 def replica_args(target, cfg) -> tuple[dict, dict]:
     cfg_dict = cfg.model_dump(mode="json")
     cfg_dict.update(num_threads=replica_threads(cfg), replicas=1, autoscaling=None, ray_address=None)
-    target_dict = {"model_dir": str(target.model_dir), "backend": target.backend, "name": target.name,
-                   "run_dir": str(target.run_dir) if target.run_dir else None}
+    target_dict = {
+        "model_dir": str(target.model_dir),
+        "backend": target.backend,
+        "name": target.name,
+        "run_dir": str(target.run_dir) if target.run_dir else None,
+    }
     return target_dict, cfg_dict
 
 
@@ -75,12 +85,18 @@ def start_ray(cfg) -> bool:
         try:
             ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.WARNING)
         except (ConnectionError, ValueError, RuntimeError) as err:
-            raise UserError(f"--ray-address {cfg.ray_address}: cannot join the Ray cluster ({err}); start one "
-                            "with `ray start --head` or leave --ray-address unset for a local instance") from None
+            raise UserError(
+                f"--ray-address {cfg.ray_address}: cannot join the Ray cluster ({err}); start one "
+                "with `ray start --head` or leave --ray-address unset for a local instance"
+            ) from None
         return False
     wanted = cfg.replicas * cfg.replica_cpus + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False,
-             logging_level=logging.WARNING, _system_config=LOCAL_SYSTEM_CONFIG)
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)),
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        _system_config=LOCAL_SYSTEM_CONFIG,
+    )
     return True
 
 
@@ -97,7 +113,7 @@ def deploy(target, cfg, app_name: str):
         text = f"{err}\n{_deployment_message(app_name)}"
         for line in text.splitlines():
             if LOAD_ERROR_MARK in line:
-                msg = line[line.index(LOAD_ERROR_MARK) + len(LOAD_ERROR_MARK):]
+                msg = line[line.index(LOAD_ERROR_MARK) + len(LOAD_ERROR_MARK) :]
                 raise UserError(msg.strip()) from None
         first = next((ln for ln in text.splitlines() if ln.strip()), type(err).__name__)
         raise UserError(f"serve: deploying {cfg.replicas} replicas failed: {first}") from None
@@ -121,8 +137,9 @@ def build_loaded(handle, target, book):
     info = handle.info.remote().result(timeout_s=60)
     engine = RemoteEngine(handle, book)
     engine.vocab_size, engine.eos_token_ids = info["vocab_size"], info["eos_token_ids"]
-    return Loaded(engine, load_tokenizer(target.model_dir), info["max_context"], info["kv_bytes_per_token"],
-                  info["kv_budget"])
+    return Loaded(
+        engine, load_tokenizer(target.model_dir), info["max_context"], info["kv_bytes_per_token"], info["kv_budget"]
+    )
 
 
 def teardown(app_name: str, started_ray: bool) -> None:
@@ -156,13 +173,25 @@ def run_cluster(target, cfg) -> None:
         handle = deploy(target, cfg, app_name)
         loaded = build_loaded(handle, target, book_for(app_name, cfg.router))
         signal.signal(signal.SIGTERM, previous)
-        log.info("%d replicas of %s up (router %s); ingress on %s:%d", cfg.replicas, target.name, cfg.router,
-                 cfg.host, cfg.port)
+        log.info(
+            "%d replicas of %s up (router %s); ingress on %s:%d",
+            cfg.replicas,
+            target.name,
+            cfg.router,
+            cfg.host,
+            cfg.port,
+        )
         api_key = cfg.api_key or os.environ.get("FASTSERVE_API_KEY") or None
         state = ServerState(cfg.model_name or target.name, api_key, lambda: loaded, cfg.shutdown_timeout_s)
-        config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="info",
-                                timeout_graceful_shutdown=cfg.shutdown_timeout_s, access_log=False,
-                                timeout_keep_alive=KEEP_ALIVE_S)
+        config = uvicorn.Config(
+            create_app(state),
+            host=cfg.host,
+            port=cfg.port,
+            log_level="info",
+            timeout_graceful_shutdown=cfg.shutdown_timeout_s,
+            access_log=False,
+            timeout_keep_alive=KEEP_ALIVE_S,
+        )
         uvicorn.Server(config).run()
     finally:
         teardown(app_name, started_ray)

@@ -80,8 +80,13 @@ class RemoteEngine:
 
     # -- one engine request ------------------------------------------------------------------------
     def _payload(self, req: Request, rid: str) -> dict[str, Any]:
-        return {"rid": rid, "prompt_ids": req.prompt_ids, "params": dict(req.params.__dict__),
-                "prefix": prefix_key(req.prompt_ids), "grammar": req.grammar_spec}
+        return {
+            "rid": rid,
+            "prompt_ids": req.prompt_ids,
+            "params": dict(req.params.__dict__),
+            "prefix": prefix_key(req.prompt_ids),
+            "grammar": req.grammar_spec,
+        }
 
     async def _run(self, req: Request) -> None:
         try:
@@ -105,17 +110,27 @@ class RemoteEngine:
                 return
             except ReplicaLost as err:
                 self.book.failed_started.labels(self.book.policy).inc()
-                self._fail(req, 503, f"the replica serving this request failed after it had started ({err}); "
-                           "the partial output is lost, retry the request")
+                self._fail(
+                    req,
+                    503,
+                    f"the replica serving this request failed after it had started ({err}); "
+                    "the partial output is lost, retry the request",
+                )
                 return
             except Exception as err:  # the replica died or was unreachable before producing anything
                 if attempt + 1 == MAX_ATTEMPTS:
-                    self._fail(req, 503, f"no replica could serve the request after {MAX_ATTEMPTS} attempts: "
-                               f"{type(err).__name__}")
+                    self._fail(
+                        req,
+                        503,
+                        f"no replica could serve the request after {MAX_ATTEMPTS} attempts: {type(err).__name__}",
+                    )
                     return
                 self.book.retries.labels(self.book.policy).inc()
-                log.warning("request %s: replica call failed before any token (%s); retrying", req.request_id,
-                            type(err).__name__)
+                log.warning(
+                    "request %s: replica call failed before any token (%s); retrying",
+                    req.request_id,
+                    type(err).__name__,
+                )
                 await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
             finally:
                 self.book.on_done(rid)

@@ -33,24 +33,35 @@ class EngineReplica:
 
         self.node = _node_address()
         self.pid = os.getpid()
-        target = ServeTarget(Path(target["model_dir"]), target["backend"], target["name"],
-                             Path(target["run_dir"]) if target.get("run_dir") else None)
+        target = ServeTarget(
+            Path(target["model_dir"]),
+            target["backend"],
+            target["name"],
+            Path(target["run_dir"]) if target.get("run_dir") else None,
+        )
         config = ServeConfig.model_validate(cfg)
         if not (target.model_dir / "config.json").is_file():
             raise RuntimeError(replica_load_error(self.node, target.model_dir, "no config.json there"))
         try:
             self.loaded = build_engine(target, config)
         except Exception as err:
-            raise RuntimeError(replica_load_error(self.node, target.model_dir, f"{type(err).__name__}: {err}")) from None
+            raise RuntimeError(
+                replica_load_error(self.node, target.model_dir, f"{type(err).__name__}: {err}")
+            ) from None
         self.engine = self.loaded.engine
         self.engine.start()
         self.replica_id = _replica_id()
 
     def info(self) -> dict[str, Any]:
         vocab, eos = self.engine.grammar_vocab()
-        return {"max_context": self.loaded.max_context, "kv_bytes_per_token": self.loaded.kv_bytes_per_token,
-                "kv_budget": self.loaded.kv_budget, "max_queue": self.engine.max_queue, "vocab_size": vocab,
-                "eos_token_ids": sorted(eos)}
+        return {
+            "max_context": self.loaded.max_context,
+            "kv_bytes_per_token": self.loaded.kv_bytes_per_token,
+            "kv_budget": self.loaded.kv_budget,
+            "max_queue": self.engine.max_queue,
+            "vocab_size": vocab,
+            "eos_token_ids": sorted(eos),
+        }
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Live load for the router (called by Ray Serve periodically, never per request), plus this
@@ -58,19 +69,26 @@ class EngineReplica:
         engine = self.engine
         live = list(engine.live)
         waiting = sum(1 for r in live if r.first_token_time is None) + len(engine._inbox)
-        return {"replica": self.replica_id, "node": self.node, "pid": self.pid, "waiting": waiting,
-                "running": len(live) - min(waiting, len(live)), "kv_usage": engine.kv.usage(live),
-                "top_queue": _top_queue(engine.scheduler, live), "max_queue": engine.max_queue,
-                "metrics": engine.metrics.render().decode()}
+        return {
+            "replica": self.replica_id,
+            "node": self.node,
+            "pid": self.pid,
+            "waiting": waiting,
+            "running": len(live) - min(waiting, len(live)),
+            "kv_usage": engine.kv.usage(live),
+            "top_queue": _top_queue(engine.scheduler, live),
+            "max_queue": engine.max_queue,
+            "metrics": engine.metrics.render().decode(),
+        }
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Run one engine request; yields one dict per engine step (or one `queue_full` dict). No header
         item: each streamed item costs a Ray object transfer, and the router already knows the replica."""
+        import time
+
         from fastserve_cli.serve.engine import QueueFull
         from fastserve_cli.serve.request import Request, SamplingParams
         from fastserve_cli.serve.sampling import make_generator
-
-        import time
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()

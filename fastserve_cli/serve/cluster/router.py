@@ -22,8 +22,9 @@ from fastserve_cli.serve.cluster.policy import make_policy
 
 
 class FastServeRouter(RequestRouter):
-    def initialize_state(self, policy: str = "least-loaded", app: str = "fastserve", seed: int | None = None,
-                         **kwargs: Any) -> None:
+    def initialize_state(
+        self, policy: str = "least-loaded", app: str = "fastserve", seed: int | None = None, **kwargs: Any
+    ) -> None:
         self.policy = make_policy(policy, seed)
         self.book = book_for(app, policy)
         self._decisions: dict[str, str] = {}
@@ -36,8 +37,9 @@ class FastServeRouter(RequestRouter):
         super().on_replica_actor_died(replica_id)
         self.book.set_replicas((r.replica_id.unique_id, r.routing_stats) for r in self.curr_replicas.values())
 
-    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
-                              pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+    async def choose_replicas(
+        self, candidate_replicas: List[RunningReplica], pending_request: Optional[PendingRequest] = None
+    ) -> List[List[RunningReplica]]:
         if not candidate_replicas:
             return []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
@@ -49,8 +51,7 @@ class FastServeRouter(RequestRouter):
         # max_ongoing_requests) Ray backs off and asks again, and the policy decides again with fresh data.
         return [[by_id[choice.replica_id]]]
 
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
-                          result: ReplicaResult) -> None:
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
         rid = _payload(pending_request).get("rid")
         if rid is not None:
             chosen, decision = self._decisions.pop(rid, (None, "fallback"))

@@ -38,19 +38,31 @@ class SimReplica:
         return ReplicaLoad(self.rid, waiting, len(self.active) - waiting, 0.0, top, max_queue)
 
 
-def with_prefixes(trace: Sequence[SimRequest], seed: int, num_prefixes: int = 16,
-                  share: float = 0.7) -> dict[str, str | None]:
+def with_prefixes(
+    trace: Sequence[SimRequest], seed: int, num_prefixes: int = 16, share: float = 0.7
+) -> dict[str, str | None]:
     """A prefix key per request: `share` of them carry one of `num_prefixes` system prompts (Zipf-like)."""
     rng = random.Random(seed)
     weights = [1.0 / (k + 1) for k in range(num_prefixes)]
-    return {r.request_id: (f"sys{rng.choices(range(num_prefixes), weights)[0]}" if rng.random() < share else None)
-            for r in trace}
+    return {
+        r.request_id: (f"sys{rng.choices(range(num_prefixes), weights)[0]}" if rng.random() < share else None)
+        for r in trace
+    }
 
 
-def simulate_cluster(trace: Sequence[SimRequest], router: str, replicas: int, make_scheduler: Callable[[], Any],
-                     cost: LinearCost, max_batch_size: int, prefixes: dict[str, str | None] | None = None,
-                     stats_period: float = 0.5, token_budget: int = 2048, max_queue: int = 1 << 30,
-                     seed: int = 0) -> dict[str, int]:
+def simulate_cluster(
+    trace: Sequence[SimRequest],
+    router: str,
+    replicas: int,
+    make_scheduler: Callable[[], Any],
+    cost: LinearCost,
+    max_batch_size: int,
+    prefixes: dict[str, str | None] | None = None,
+    stats_period: float = 0.5,
+    token_budget: int = 2048,
+    max_queue: int = 1 << 30,
+    seed: int = 0,
+) -> dict[str, int]:
     """Run `trace` (fresh SimRequests) to completion; fills in their times. Returns requests per replica."""
     policy = make_policy(router, seed)
     reps = [SimReplica(i, make_scheduler()) for i in range(replicas)]
@@ -103,8 +115,11 @@ def simulate_cluster(trace: Sequence[SimRequest], router: str, replicas: int, ma
             loads = []
             for rep in reps:
                 snap = rep.snapshot or ReplicaLoad(rep.rid, max_queue=max_queue)
-                loads.append(ReplicaLoad(rep.rid, snap.waiting, snap.running, 0.0, snap.top_queue, max_queue,
-                                         inflight=len(rep.active)))
+                loads.append(
+                    ReplicaLoad(
+                        rep.rid, snap.waiting, snap.running, 0.0, snap.top_queue, max_queue, inflight=len(rep.active)
+                    )
+                )
             choice = policy.choose(loads, prefixes.get(item.request_id))
             rep = reps[int(choice.replica_id[1:])]
             routed[rep.rid] += 1
@@ -115,8 +130,9 @@ def simulate_cluster(trace: Sequence[SimRequest], router: str, replicas: int, ma
     return routed
 
 
-def fit_cost(decode_1: float, decode_b: float, batch_size: int, prefill_short: tuple[int, float],
-             prefill_long: tuple[int, float]) -> LinearCost:
+def fit_cost(
+    decode_1: float, decode_b: float, batch_size: int, prefill_short: tuple[int, float], prefill_long: tuple[int, float]
+) -> LinearCost:
     """simulate.py's linear iteration cost from measured points: decode at batch 1 and at full batch, and two
     prefill lengths (the per-token slope)."""
     td = max(0.0, (decode_b - decode_1) / max(1, batch_size - 1))
@@ -126,8 +142,15 @@ def fit_cost(decode_1: float, decode_b: float, batch_size: int, prefill_short: t
     return LinearCost(t0=t0, td=td, tp=tp)
 
 
-def run_grid(cost: LinearCost, batch_size: int, sizes: Sequence[int], routers: Sequence[str],
-             loads: Sequence[float], seed: int = 0, per_replica: int = 300) -> list[dict[str, Any]]:
+def run_grid(
+    cost: LinearCost,
+    batch_size: int,
+    sizes: Sequence[int],
+    routers: Sequence[str],
+    loads: Sequence[float],
+    seed: int = 0,
+    per_replica: int = 300,
+) -> list[dict[str, Any]]:
     """Every (replicas, rho, router) on the same seeded trace per (replicas, rho); one summary row each."""
     from fastserve_cli.serve.scheduler import make_scheduler
     from fastserve_cli.serve.simulate import make_trace, mean_service_time, sim_records, summarize
@@ -135,9 +158,15 @@ def run_grid(cost: LinearCost, batch_size: int, sizes: Sequence[int], routers: S
     service = mean_service_time(make_trace(seed, 2000, 1.0), cost, batch_size)
 
     def mlfq():
-        return make_scheduler("skip-join-mlfq", base_quantum_s=cost.t0 + cost.td * batch_size,
-                              estimate_prefill_s=cost.prefill_s, num_levels=8, starvation_s=3.0,
-                              max_batch_size=batch_size, token_budget=2048)
+        return make_scheduler(
+            "skip-join-mlfq",
+            base_quantum_s=cost.t0 + cost.td * batch_size,
+            estimate_prefill_s=cost.prefill_s,
+            num_levels=8,
+            starvation_s=3.0,
+            max_batch_size=batch_size,
+            token_budget=2048,
+        )
 
     rows = []
     for n in sizes:

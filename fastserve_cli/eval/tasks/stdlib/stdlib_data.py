@@ -28,8 +28,11 @@ MAX_DOCS = 200
 def held_out_files(stdlib: str | Path | None = None) -> list[Path]:
     """Python files under the stdlib's test directories, in a seeded order (site-packages never)."""
     root = Path(stdlib or sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py")
-                   if "site-packages" not in p.parts and any(d in HELD_OUT_DIRS for d in p.relative_to(root).parts[:-1]))
+    files = sorted(
+        p
+        for p in root.rglob("*.py")
+        if "site-packages" not in p.parts and any(d in HELD_OUT_DIRS for d in p.relative_to(root).parts[:-1])
+    )
     random.Random(SEED).shuffle(files)
     return files
 
@@ -59,7 +62,7 @@ def next_line_docs(stdlib: str | Path | None = None, max_docs: int = MAX_DOCS) -
         distractors = rng.sample([line for line in pool if line != answer], CHOICES - 1)
         choices = [answer, *distractors]
         rng.shuffle(choices)
-        context = "\n".join(lines[i - CONTEXT_LINES:i]) + "\n"
+        context = "\n".join(lines[i - CONTEXT_LINES : i]) + "\n"
         docs.append({"file": path.name, "context": context, "choices": choices, "label": choices.index(answer)})
         if len(docs) >= max_docs:
             break
