@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from optimize_helpers import make_trained_run
 from test_optimize import cli
+
+from fastserve_cli.testing.runs import make_trained_run
 
 
 def _layer_inputs(model, name, count=32, length=64):
