@@ -27,13 +27,10 @@ def write_validation_data(run, tokenizer_dir: Path, blocks: int = 12, block_size
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = [t for text in stdlib_texts() for t in tokenizer(text)["input_ids"]][: blocks * 2 * block_size]
     rows = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
-    split = lambda part: Dataset.from_dict(
-        {
-            "input_ids": part,
-            "attention_mask": [[1] * block_size] * len(part),  # noqa: E731
-            "labels": part,
-        }
-    )
+
+    def split(part):
+        return Dataset.from_dict({"input_ids": part, "attention_mask": [[1] * block_size] * len(part), "labels": part})
+
     DatasetDict({"train": split(rows[blocks:]), "validation": split(rows[:blocks])}).save_to_disk(run.data_dir)
 
 
