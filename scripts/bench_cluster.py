@@ -86,7 +86,9 @@ def measured(model_dir: Path, out: Path, args) -> dict[str, dict]:
 
     from fastserve_cli.serve.cluster.deploy import LOCAL_SYSTEM_CONFIG
 
-    ray.init(num_cpus=6, include_dashboard=False, logging_level="WARNING", _system_config=LOCAL_SYSTEM_CONFIG)
+    # address="local": a Ray instance of our own, never another user's `ray start` one (shut down below)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, logging_level="WARNING",
+             _system_config=LOCAL_SYSTEM_CONFIG)
     address = ray.get_runtime_context().gcs_address
     jobs = heavy_tailed_jobs(model_dir, args.seed, args.requests)
     results: dict[str, dict] = {k: {"tokens_s": [], "mean_jct": [], "latency": []} for k in "abc"}

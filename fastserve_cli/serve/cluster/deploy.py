@@ -116,10 +116,11 @@ def build_loaded(handle, target, book):
     """What api.py's endpoints need, with a RemoteEngine in place of the local engine."""
     from fastserve_cli.core.tokenizer import load_tokenizer
     from fastserve_cli.serve.api import Loaded
-    from fastserve_cli.serve.cluster.remote import RemoteEngine
+    from fastserve_cli.serve.cluster.remote import BackendInfo, RemoteEngine
 
     info = handle.info.remote().result(timeout_s=60)
-    return Loaded(RemoteEngine(handle, book), load_tokenizer(target.model_dir), info["max_context"],
+    backend = BackendInfo({"vocab_size": info["vocab_size"]}, frozenset(info["eos_token_ids"]))
+    return Loaded(RemoteEngine(handle, book, backend=backend), load_tokenizer(target.model_dir), info["max_context"],
                   info["kv_bytes_per_token"], info["kv_budget"])
 
 

@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from fastserve_cli.serve.cluster.book import Book
@@ -27,13 +28,24 @@ RETRY_BACKOFF_S = (0.1, 0.3, 0.6, 1.2, 2.4)
 _ids = itertools.count()
 
 
+@dataclass(frozen=True)
+class BackendInfo:
+    """What the ingress needs of a replica's backend (handling.Loaded compiles grammars against it): the model
+    config's vocab size and its stop tokens, as the replica reported them."""
+
+    config: dict[str, Any]
+    eos_token_ids: frozenset[int]
+
+
 class ReplicaLost(Exception):
     """A replica died (or its call failed) after this request had produced tokens."""
 
 
 class RemoteEngine:
-    def __init__(self, handle, book: Book, on_shutdown: Callable[[], None] | None = None) -> None:
+    def __init__(self, handle, book: Book, on_shutdown: Callable[[], None] | None = None,
+                 backend: BackendInfo | None = None) -> None:
         self.handle = handle.options(stream=True)
+        self.backend = backend or BackendInfo({}, frozenset())
         self.book = book
         self.metrics = book  # api.py's /metrics calls engine.metrics.render()
         self.on_shutdown = on_shutdown

@@ -47,8 +47,10 @@ class EngineReplica:
         self.replica_id = _replica_id()
 
     def info(self) -> dict[str, Any]:
+        backend = self.engine.backend
         return {"max_context": self.loaded.max_context, "kv_bytes_per_token": self.loaded.kv_bytes_per_token,
-                "kv_budget": self.loaded.kv_budget, "max_queue": self.engine.max_queue}
+                "kv_budget": self.loaded.kv_budget, "max_queue": self.engine.max_queue,
+                "vocab_size": backend.config.get("vocab_size"), "eos_token_ids": sorted(backend.eos_token_ids)}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Live load for the router (called by Ray Serve periodically, never per request), plus this
