@@ -20,15 +20,15 @@ import asyncio
 import contextlib
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
+from typing import Sequence
+
+from fastserve_cli.testing.replay import Job, checked, completion_body, http_client, stream_completion
+from fastserve_cli.testing.server import running_server
+from fastserve_cli.testing.workload import bench_model_dir, heavy_tailed_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_scheduling as bs  # noqa: E402  (model, prompts, workload, streaming client)
-
-from fastserve_cli.testing.server import running_server  # noqa: E402
 
 ROUTERS = ("round-robin", "least-loaded", "prefix")
 
@@ -49,19 +49,17 @@ def env_for(kind: str) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "2"} if kind == "a" else env
 
 
-async def closed_loop(url: str, prompts: list[str], workload, concurrency: int) -> dict[str, float]:
-    """The trace's requests in order, `concurrency` in flight: tokens/s and mean JCT."""
-    import httpx
-
-    queue = list(zip(prompts, [n for _, _, n in workload]))
-    rows = []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None)) as client:
+async def closed_loop(url: str, jobs: Sequence[Job], concurrency: int) -> dict[str, float]:
+    """The trace's requests in order (arrival times ignored), `concurrency` in flight: tokens/s and mean JCT."""
+    queue, rows = list(jobs), []
+    async with http_client() as client:
         t0 = time.perf_counter()
 
         async def worker() -> None:
             while queue:
-                prompt, n = queue.pop(0)
-                rows.append(await bs.one_request(client, url, prompt, n, t0))
+                job = queue.pop(0)
+                body = completion_body("bench", job.prompt, job.max_tokens, ignore_eos=True)
+                rows.append(checked(await stream_completion(client, url, body, t0), job.max_tokens))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         span = time.perf_counter() - t0
@@ -87,10 +85,16 @@ def measured(model_dir: Path, out: Path, args) -> dict[str, dict]:
 
     from fastserve_cli.serve.cluster.deploy import LOCAL_SYSTEM_CONFIG
 
-    ray.init(num_cpus=6, include_dashboard=False, logging_level="WARNING", _system_config=LOCAL_SYSTEM_CONFIG)
+    # address="local": a Ray instance of our own, never another user's `ray start` one (shut down below)
+    ray.init(
+        address="local",
+        num_cpus=6,
+        include_dashboard=False,
+        logging_level="WARNING",
+        _system_config=LOCAL_SYSTEM_CONFIG,
+    )
     address = ray.get_runtime_context().gcs_address
-    workload = bs.make_workload(args.seed, args.requests)
-    prompts = bs.prompt_texts(model_dir, [p for _, p, _ in workload])
+    jobs = heavy_tailed_jobs(model_dir, args.seed, args.requests)
     results: dict[str, dict] = {k: {"tokens_s": [], "mean_jct": [], "latency": []} for k in "abc"}
     try:
         with contextlib.ExitStack() as stack:
@@ -108,7 +112,7 @@ def measured(model_dir: Path, out: Path, args) -> dict[str, dict]:
                 one_token_latency(urls[kind], 5)
             for rnd in range(args.rounds):
                 for kind in "abc":
-                    r = asyncio.run(closed_loop(urls[kind], prompts, workload, args.concurrency))
+                    r = asyncio.run(closed_loop(urls[kind], jobs, args.concurrency))
                     results[kind]["tokens_s"].append(r["tokens_s"])
                     results[kind]["mean_jct"].append(r["mean_jct"])
                     print(
@@ -232,7 +236,7 @@ def main() -> None:
     )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model_dir = bs.build_model(args.out, 4, 256)
+    model_dir = bench_model_dir(args.out, 4, 256)
     lines: list[str] = []
     if not args.skip_measured:
         res = measured(model_dir, args.out, args)

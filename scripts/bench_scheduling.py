@@ -36,56 +36,13 @@ from pathlib import Path
 from subprocess import Popen
 from typing import Sequence
 
-from fastserve_cli.serve.simulate import bimodal_output_len, lognormal_prompt_len, summarize
-from fastserve_cli.testing.corpus import corpus_ids, cut_prompt, stdlib_texts
-from fastserve_cli.testing.models import GPT2Shape, gpt2_model_dir, train_tokenizer
-from fastserve_cli.testing.replay import Job, Stream, completion_body, http_client, replay, stream_completion
+from fastserve_cli.serve.simulate import summarize
+from fastserve_cli.testing.replay import Job, checked, completion_body, http_client, replay, stream_completion
 from fastserve_cli.testing.server import cpu_seconds, fastserve_counters, running_server, wait_ready
+from fastserve_cli.testing.workload import bench_model_dir, heavy_tailed_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("fcfs", "skip-join-mlfq", "srpt-oracle")
-CORPUS = [
-    "json/decoder.py",
-    "json/encoder.py",
-    "textwrap.py",
-    "string.py",
-    "heapq.py",
-    "bisect.py",
-    "fnmatch.py",
-    "glob.py",
-    "shlex.py",
-    "argparse.py",
-    "typing.py",
-    "dataclasses.py",
-]
-
-
-# ---------------------------------------------------------------- model and prompts
-
-
-def build_model(out: Path, layers: int, width: int) -> Path:
-    """A random-init GPT-2 shape model with a stdlib-trained BPE, saved once (HF layout, safetensors)."""
-    return gpt2_model_dir(
-        out / f"model-gpt2-{layers}x{width}",
-        GPT2Shape(layers, width),
-        lambda: train_tokenizer(stdlib_texts(CORPUS), vocab_size=4096),
-    )
-
-
-def make_jobs(model_dir: Path, seed: int, count: int) -> list[Job]:
-    """Unit-rate Poisson arrivals, lognormal prompt and bimodal output lengths; replaying at `rate` scales the
-    arrivals by 1/rate, which keeps the same requests at every load: loads differ only in how close together
-    they arrive. Prompts are cut from stdlib sources at seeded offsets to about the wanted token counts."""
-    from transformers import AutoTokenizer
-
-    rng = random.Random(seed)
-    t, rows = 0.0, []
-    for _ in range(count):
-        t += rng.expovariate(1.0)
-        rows.append((t, lognormal_prompt_len(rng, median=64, sigma=0.8, cap=384), bimodal_output_len(rng)))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids, cuts = corpus_ids(tokenizer, CORPUS), random.Random(1)
-    return [Job(arrival, cut_prompt(tokenizer, ids, length, cuts), out, length) for arrival, length, out in rows]
 
 
 # ---------------------------------------------------------------- servers and client
@@ -134,15 +91,6 @@ def start_servers(stack: contextlib.ExitStack, model_dir: Path, args) -> dict[st
     for server in servers.values():
         wait_ready(server.url, server.proc, 300.0, server.log)
     return servers
-
-
-def checked(stream: Stream, max_tokens: int) -> tuple[float, float, float, int]:
-    """The stream's (arrival, first token, finish, output tokens); a failed or short stream stops the benchmark."""
-    if stream.error is not None:
-        raise RuntimeError(stream.error)
-    if stream.tokens != max_tokens:
-        raise RuntimeError(f"asked for {max_tokens} tokens with ignore_eos, got {stream.tokens}")
-    return stream.record()
 
 
 async def replay_records(url: str, jobs: Sequence[Job], rate: float) -> list[tuple[float, float, float, int]]:
@@ -378,8 +326,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    model_dir = build_model(args.out, args.layers, args.width)
-    jobs = make_jobs(model_dir, args.seed, args.requests)
+    model_dir = bench_model_dir(args.out, args.layers, args.width)
+    jobs = heavy_tailed_jobs(model_dir, args.seed, args.requests)
     mean_output = sum(job.max_tokens for job in jobs) / len(jobs)
     print(
         f"model {model_dir.name}; {len(jobs)} requests, mean output {mean_output:.1f} tokens, "

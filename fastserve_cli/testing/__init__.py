@@ -5,6 +5,7 @@
 - runs: run directories whose earlier stages are done, built by hand (tiny model + real Arrow data);
 - server: `fastserve serve` (or any server) as a real child process, ready-polling, /metrics parsing;
 - replay: streaming HTTP completions, a seeded trace replayed open-loop at its arrival times;
+- workload: the serving benchmarks' model and seeded heavy-tailed trace (scheduling and cluster benchmarks);
 - load: the closed-loop load test (N streaming clients for D seconds, server RSS);
 - engine: an Engine built straight from a model directory, stepped on the caller's thread.
 

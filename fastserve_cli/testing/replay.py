@@ -42,6 +42,16 @@ class Stream:
         return self.sent, self.first_token if self.first_token is not None else end, end, self.tokens
 
 
+def checked(stream: Stream, max_tokens: int) -> tuple[float, float, float, int]:
+    """The stream's (arrival, first token, finish, output tokens); a failed or short stream raises, so a
+    benchmark that fixes output lengths (`max_tokens` + `ignore_eos`) never times a request that did less work."""
+    if stream.error is not None:
+        raise RuntimeError(stream.error)
+    if stream.tokens != max_tokens:
+        raise RuntimeError(f"asked for {max_tokens} tokens with ignore_eos, got {stream.tokens}")
+    return stream.record()
+
+
 def completion_body(model: str, prompt: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
     """A greedy streamed completion that reports usage at the end (how the token count is known)."""
     return {
