@@ -174,7 +174,7 @@ def build_module(scheme: str, tensors: dict[str, "torch.Tensor"], name: str) -> 
     """One of our quantized linears (fast CPU kernels) from the compressed-tensors tensors of `name`."""
     import torch
 
-    from fastserve_cli.models.quantized import DynamicInt8Linear, WeightOnlyInt4Linear, WeightOnlyInt8Linear
+    from fastserve_cli.models.quant_linear import DynamicInt8Linear, WeightOnlyInt4Linear, WeightOnlyInt8Linear
 
     def take(key: str) -> "torch.Tensor | None":
         tensor = tensors.pop(f"{name}.{key}", None)
@@ -208,7 +208,7 @@ def save_ct(model: "nn.Module", scheme: str, modules: list[str], out: Path, extr
     from safetensors.torch import save_file
     from torch import nn
 
-    from fastserve_cli.models.quantized import WEIGHT_FILE, QuantLinear, distinct_tensors
+    from fastserve_cli.models.quant_linear import WEIGHT_FILE, QuantLinear, distinct_tensors
 
     quantized = set(modules)
     tensors = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in quantized}

@@ -22,12 +22,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastserve_cli.core.errors import UserError
 from fastserve_cli.models.head_pruned import apply_pruned_heads
+from fastserve_cli.models.quant_linear import (  # noqa: F401 (re-exported: the modules belong to this format too)
+    WEIGHT_FILE,
+    DynamicInt8Linear,
+    QuantLinear,
+    WeightOnlyInt4Linear,
+    WeightOnlyInt8Linear,
+    distinct_tensors,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -35,119 +42,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 QUANT_METHOD = "fastserve"
 SCHEMES = ("dynamic_int8", "weight_only_int8", "weight_only_int4")
-WEIGHT_FILE = "model.safetensors"
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 # ------------------------------------------------------------------ quantized modules
-
-
-def _module_base():
-    from torch import nn
-
-    return nn.Module
-
-
-class QuantLinear(_module_base()):
-    """Common part of the quantized linears: shapes, bias, and the tensors they are saved as."""
-
-    def __init__(self, in_features: int, out_features: int, bias: "torch.Tensor | None"):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("bias", bias, persistent=False)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-    def saved_tensors(self) -> dict[str, "torch.Tensor"]:
-        raise NotImplementedError
-
-
-class DynamicInt8Linear(QuantLinear):
-    """int8 per-channel weights, activations quantized on the fly (fbgemm), fp32 in and out."""
-
-    def __init__(self, weight: "torch.Tensor", scale: "torch.Tensor", bias: "torch.Tensor | None"):
-        import torch
-
-        super().__init__(weight.shape[1], weight.shape[0], bias)
-        self.register_buffer("weight", weight, persistent=False)
-        self.register_buffer("weight_scale", scale, persistent=False)
-        zero = torch.zeros(weight.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():  # qint8 tensors are deprecated, but fbgemm's dynamic linear still takes them
-            warnings.simplefilter("ignore", UserWarning)
-            qweight = torch._make_per_channel_quantized_tensor(weight, scale.double(), zero, 0)
-        self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        import torch
-
-        # reduce_range=True, as quantize_dynamic does on x86, so u8*s8 products never saturate.
-        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, True).to(x.dtype)
-
-    def saved_tensors(self) -> dict[str, "torch.Tensor"]:
-        return {"weight": self.weight, "weight_scale": self.weight_scale}
-
-
-class WeightOnlyInt8Linear(QuantLinear):
-    """int8 per-channel weights; the matmul runs in bf16 without quantizing activations."""
-
-    def __init__(self, weight: "torch.Tensor", scale: "torch.Tensor", bias: "torch.Tensor | None"):
-        import torch
-
-        super().__init__(weight.shape[1], weight.shape[0], bias)
-        self.register_buffer("weight", weight, persistent=False)
-        self.register_buffer("weight_scale", scale, persistent=False)
-        self.register_buffer("_scale_bf16", scale.to(torch.bfloat16), persistent=False)
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        import torch
-
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self._scale_bf16)
-        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return out + self.bias if self.bias is not None else out
-
-    def saved_tensors(self) -> dict[str, "torch.Tensor"]:
-        return {"weight": self.weight, "weight_scale": self.weight_scale}
-
-
-class WeightOnlyInt4Linear(QuantLinear):
-    """4-bit grouped weights (asymmetric), bf16 matmul through the CPU int4 kernel."""
-
-    def __init__(
-        self,
-        packed: "torch.Tensor",
-        scale: "torch.Tensor",
-        zero: "torch.Tensor",
-        bias: "torch.Tensor | None",
-        group_size: int,
-    ):
-        import torch
-
-        super().__init__(packed.shape[1] * 2, packed.shape[0], bias)
-        self.group_size = group_size
-        self.register_buffer("weight", packed, persistent=False)
-        self.register_buffer("weight_scale", scale, persistent=False)
-        self.register_buffer("weight_zero", zero, persistent=False)
-        q = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(self.out_features, self.in_features)
-        # The kernel wants a multiple of 16 output rows (a 50257-word lm_head is not): pad with zero rows.
-        pad = -self.out_features % 16
-        q, scale_k, zero_k = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, scale, zero))
-        self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        # The kernel dequantizes as (q - 8) * scale + zero'; ours is q * scale + zero.
-        zero_shifted = zero_k + 8 * scale_k
-        self._scales_zeros = torch.stack([scale_k.T, zero_shifted.T], dim=-1).contiguous().to(torch.bfloat16)
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        import torch
-
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._kernel_weight, self.group_size, self._scales_zeros)
-        out = out[:, : self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return out + self.bias if self.bias is not None else out
-
-    def saved_tensors(self) -> dict[str, "torch.Tensor"]:
-        return {"weight": self.weight, "weight_scale": self.weight_scale, "weight_zero": self.weight_zero}
 
 
 # ------------------------------------------------------------------ quantizing fp32 weights
@@ -259,17 +157,6 @@ def copy_side_files(src: Path, dst: Path) -> None:
             continue
         if item.is_file():
             shutil.copy2(item, dst / item.name)
-
-
-def distinct_tensors(tensors: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
-    """Contiguous tensors, shared storage cloned (embeddings and lm_head may share; safetensors refuses)."""
-    seen: set[int] = set()
-    result = {}
-    for name, tensor in tensors.items():
-        key = tensor.data_ptr()
-        result[name] = tensor.detach().contiguous().clone() if key in seen else tensor.detach().contiguous()
-        seen.add(key)
-    return result
 
 
 def has_conv1d(config: Any) -> bool:
