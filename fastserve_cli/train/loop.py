@@ -4,31 +4,28 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from fastserve_cli.core.batches import IGNORE_INDEX, BatchStream, DataPosition, eval_batches, load_splits
+from fastserve_cli.core.batches import IGNORE_INDEX, BatchStream, eval_batches, load_splits
 from fastserve_cli.core.recipe import Recipe
 from fastserve_cli.core.rundir import RunDir, StageResult, fingerprint, staged_dir
 from fastserve_cli.core.tracking import Trackers
 from fastserve_cli.models.kernels import fuse_activations, head_bypassed, linear_cross_entropy, supports_fused_loss
 from fastserve_cli.models.optim import make_optimizer, make_scheduler
 from fastserve_cli.train import checkpoint as ckpt
-from fastserve_cli.train.artifacts import last_metric, progress_bar, truncate_metrics, write_loss_plot, write_samples
+from fastserve_cli.train.artifacts import last_metric, progress_bar, write_loss_plot, write_samples
 from fastserve_cli.train.distributed import (
     all_reduce_sum,
     barrier,
-    broadcast_object,
     cuda_available,
     deepspeed_config,
     ensure_single_process_env,
-    gather_objects,
     rank,
     world_size,
 )
+from fastserve_cli.train.resume import CheckpointMixin
 from fastserve_cli.train.signals import StopFlag
 
 
@@ -45,7 +42,7 @@ class LoopState:
     early_stopped: bool = False
 
 
-class Trainer:
+class Trainer(CheckpointMixin):
     """One training run of one recipe on one run directory (one instance per process)."""
 
     def __init__(self, recipe: Recipe, run: RunDir):
@@ -314,103 +311,6 @@ class Trainer:
     def progress(self):
         """A rich progress bar with live loss and throughput (main process only)."""
         return progress_bar(self.is_main, self.cfg.max_steps, self.state.step, lambda: self.state.tokens_seen)
-
-    # -- checkpoints -------------------------------------------------------------
-    def save_checkpoint(self) -> None:
-        """Full state into checkpoints/step-N, atomically (staged dir renamed by the main process)."""
-        import torch
-
-        rng = {f"cpu_rank{self.rank}": torch.get_rng_state()}
-        if cuda_available():
-            rng[f"cuda_rank{self.rank}"] = torch.cuda.get_rng_state()
-        rng_states = {k: v for part in gather_objects(rng) for k, v in part.items()}
-        final = ckpt.step_dir(self.run.checkpoints_dir, self.state.step)
-        if self.is_main:
-            with staged_dir(final) as tmp:
-                broadcast_object(str(tmp))
-                self.write_checkpoint(tmp, rng_states)
-        else:
-            self.write_checkpoint(Path(broadcast_object(None)), rng_states)
-        barrier()
-        if self.is_main:
-            ckpt.prune(self.run.checkpoints_dir, self.cfg.save_total_limit)
-
-    def write_checkpoint(self, tmp: Path, rng_states: dict[str, Any]) -> None:
-        if self.deepspeed:
-            self.model.save_checkpoint(str(tmp / "deepspeed"), tag="ds")
-            barrier()
-        if not self.is_main:
-            return
-        if self.deepspeed:
-            (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()), encoding="utf-8")
-        else:
-            ckpt.write_model_state(tmp, self.raw_model, self.optimizer, self.scheduler)
-        ckpt.write_rng(tmp, rng_states)
-        state = {
-            "step": self.state.step,
-            "position": self.stream.position.to_dict(),
-            "tokens_seen": self.state.tokens_seen,
-            "best_eval_loss": self.state.best_eval_loss,
-            "evals_without_improvement": self.state.evals_without_improvement,
-            "last_eval": self.state.last_eval,
-            "early_stopped": self.state.early_stopped,
-            "world_size": self.world,
-            "resume_key": self.resume_key(),
-        }
-        ckpt.seal(tmp, state)
-
-    def restore(self) -> None:
-        """Continue from the newest good checkpoint, or start fresh (clearing stale metrics)."""
-        found = ckpt.newest_valid(self.run.checkpoints_dir, self.say)
-        if found is not None and found[1].get("resume_key") != self.resume_key():
-            self.say(
-                f"checkpoints in {self.run.checkpoints_dir} are from a different model, data or batch size; starting fresh"
-            )
-            if self.is_main:
-                shutil.rmtree(self.run.checkpoints_dir, ignore_errors=True)
-            found = None
-        barrier()
-        if found is None:
-            if self.is_main:
-                self.run.metrics_path.unlink(missing_ok=True)
-            return
-        path, saved = found
-        self.load_checkpoint(path, saved)
-        self.state.resumed_from = saved["step"]
-        if self.is_main:
-            truncate_metrics(self.run.metrics_path, saved["step"])
-        self.say(f"resuming from {path} (step {saved['step']})")
-
-    def load_checkpoint(self, path: Path, saved: dict[str, Any]) -> None:
-        import torch
-
-        if self.deepspeed:
-            self.model.load_checkpoint(str(path / "deepspeed"), tag="ds")
-            self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text(encoding="utf-8")))
-        else:
-            ckpt.load_model_state(path, self.raw_model, self.optimizer, self.scheduler)
-        rng = ckpt.read_rng(path)
-        if f"cpu_rank{self.rank}" in rng:
-            torch.set_rng_state(rng[f"cpu_rank{self.rank}"])
-        if cuda_available() and f"cuda_rank{self.rank}" in rng:
-            torch.cuda.set_rng_state(rng[f"cuda_rank{self.rank}"])
-        self.realign_learning_rate()
-        self.state.step = saved["step"]
-        self.stream.position = DataPosition(**saved["position"])
-        self.state.tokens_seen = saved.get("tokens_seen", 0)
-        self.state.best_eval_loss = saved.get("best_eval_loss")
-        self.state.evals_without_improvement = saved.get("evals_without_improvement", 0)
-        self.state.last_eval = saved.get("last_eval") or {}
-        self.state.early_stopped = bool(saved.get("early_stopped"))
-
-    def realign_learning_rate(self) -> None:
-        """Set the optimizer's lr from the schedule at the restored step. The optimizer state holds
-        the lr of the old schedule, which is wrong when train.max_steps changed between runs."""
-        sched = self.scheduler
-        lrs = [base * factor(sched.last_epoch) for factor, base in zip(sched.lr_lambdas, sched.base_lrs)]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        sched._last_lr = lrs
 
     # -- final model -------------------------------------------------------------
     def save_model(self) -> None:
