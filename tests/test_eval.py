@@ -38,6 +38,14 @@ def run_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     export_onnx(run.model_dir, run.onnx_dir, parity_steps=2)
     for stage in ("preprocess", "train", "export"):
         run.update_stage(stage, status="done", run_id=f"{stage}-1")
+    from fastserve_cli.core.report import REPORT_VERSION, make_row
+    from fastserve_cli.core.rundir import atomic_write_json
+
+    rows = [
+        make_row("baseline", "none", "torch", "model", 1, 1, 10.0, 1.0),
+        make_row("onnx_fp32", "onnx_export", "onnx", "onnx", 1, 1, 10.0, 1.0),
+    ]
+    atomic_write_json(run.report_path, {"version": REPORT_VERSION, "measurement": {}, "rows": rows})
     recipe = {
         "name": "evaltest",
         "run_dir": str(run.root),
@@ -59,6 +67,9 @@ def test_model_and_onnx_side_by_side_then_a_gate(run_dir, capsys):
     assert manifest["stages"]["eval"]["status"] == "done"
     assert manifest["stages"]["eval"]["metrics"]["onnx.stdlib_next_line.acc"] == model_acc
     assert (run_dir / "run" / "eval" / "results.json").is_file()
+    report = {r["name"]: r for r in json.loads((run_dir / "run" / "optimized" / "report.json").read_text())["rows"]}
+    assert report["baseline"]["details"]["eval"]["stdlib_next_line"]["acc"] == model_acc
+    assert report["onnx_fp32"]["details"]["eval_deltas"]["stdlib_next_line"]["acc"] == 0
 
     assert cli("eval", recipe, "--set", "gates.eval.stdlib_next_line.acc=1.01", "--source", "model") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

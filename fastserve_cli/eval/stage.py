@@ -15,6 +15,7 @@ from typing import Any
 
 from fastserve_cli.core.errors import UserError
 from fastserve_cli.core.recipe import Recipe
+from fastserve_cli.core.report import BASELINE, load_report
 from fastserve_cli.core.rundir import RunDir, StageResult, atomic_write_json, read_json
 from fastserve_cli.eval import sources as src_mod
 from fastserve_cli.eval.tasks import check_names, load_tasks, plan_tasks, task_manager
@@ -110,6 +111,27 @@ def add_deltas(results: dict[str, Any]) -> None:
             }
 
 
+REPORT_ROW = {"model": BASELINE, "onnx": "onnx_fp32"}  # eval source -> its optimize-report row (variants: same name)
+
+
+def record_in_report(run: RunDir, results: dict[str, Any]) -> None:
+    """Each evaluated source's metrics and deltas to the trained model into its row of the optimize report
+    (`details.eval`, `details.eval_deltas`), beside perplexity, size and speed; rows of sources not evaluated
+    this time keep what they had."""
+    report = load_report(run)
+    if report is None:
+        return
+    rows = {row["name"]: row for row in report["rows"]}
+    for entry in results.values():
+        row = rows.get(REPORT_ROW.get(entry["source"], entry["source"]))
+        if row is None or entry.get("via") == "server":
+            continue
+        row["details"]["eval"] = entry["tasks"]
+        if entry.get("deltas"):
+            row["details"]["eval_deltas"] = entry["deltas"]
+    atomic_write_json(run.report_path, report)
+
+
 def check_gates(gates: dict[str, dict[str, Any]], results: dict[str, Any]) -> list[str]:
     """One line per broken bound: `source: gates.eval.TASK.METRIC: value < min bound`."""
     failures = []
@@ -166,6 +188,7 @@ def run_eval(recipe: Recipe, run: RunDir) -> StageResult:
         "gate_failures": failures,
     }
     atomic_write_json(results_path(run), document)
+    record_in_report(run, results)
     if failures:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise EvalGateFailure(f"eval gate failed: {failures[0]}{more}")
