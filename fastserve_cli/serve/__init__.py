@@ -123,28 +123,17 @@ def check_config(cfg) -> None:
         raise UserError(f"--scheduler {cfg.scheduler}: unknown; choose one of: {', '.join(SCHEDULER_MODULES)}")
 
 
-def serve(target: ServeTarget, cfg) -> None:
-    """Run the HTTP server until SIGTERM/SIGINT (graceful: in-flight requests get `shutdown_timeout_s`).
-
-    With serve.replicas > 1 (or autoscaling, or a Ray address) the engines run as Ray Serve replicas
-    behind this same API: see serve/cluster/."""
+def http_server(state, cfg):
+    """The uvicorn server over our app, as the single process and the cluster ingress both run it (with the
+    request log when serve.log_requests is set)."""
     import uvicorn
 
-    from fastserve_cli.serve.api import ServerState, create_app
-    from fastserve_cli.serve.cluster import serve_cluster, uses_cluster
+    from fastserve_cli.serve.api import create_app
 
-    if uses_cluster(cfg):
-        return serve_cluster(target, cfg)
-    check_config(cfg)
-    api_key = cfg.api_key or os.environ.get("FASTSERVE_API_KEY") or None
-    state = ServerState(
-        cfg.model_name or target.name, api_key, lambda: build_engine(target, cfg), cfg.shutdown_timeout_s
-    )
     if cfg.log_requests:
         from fastserve_cli.serve.feedback import RequestLog
 
         state.request_log = RequestLog(cfg.log_requests)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(
         create_app(state),
         host=cfg.host,
@@ -154,7 +143,26 @@ def serve(target: ServeTarget, cfg) -> None:
         access_log=False,
         timeout_keep_alive=KEEP_ALIVE_S,
     )
-    server = uvicorn.Server(config)
+    return uvicorn.Server(config)
+
+
+def serve(target: ServeTarget, cfg) -> None:
+    """Run the HTTP server until SIGTERM/SIGINT (graceful: in-flight requests get `shutdown_timeout_s`).
+
+    With serve.replicas > 1 (or autoscaling, or a Ray address) the engines run as Ray Serve replicas
+    behind this same API: see serve/cluster/."""
+    from fastserve_cli.serve.api import ServerState
+    from fastserve_cli.serve.cluster import serve_cluster, uses_cluster
+
+    if uses_cluster(cfg):
+        return serve_cluster(target, cfg)
+    check_config(cfg)
+    api_key = cfg.api_key or os.environ.get("FASTSERVE_API_KEY") or None
+    state = ServerState(
+        cfg.model_name or target.name, api_key, lambda: build_engine(target, cfg), cfg.shutdown_timeout_s
+    )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    server = http_server(state, cfg)
     state.on_load_error = lambda: setattr(server, "should_exit", True)
     server.run()
     if state.load_error is not None:

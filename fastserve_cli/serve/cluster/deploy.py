@@ -158,10 +158,9 @@ def teardown(app_name: str, started_ray: bool) -> None:
 
 def run_cluster(target, cfg) -> None:
     """Deploy, serve the ingress until SIGTERM/SIGINT, then drain and tear down."""
-    import uvicorn
 
-    from fastserve_cli.serve import KEEP_ALIVE_S, check_config
-    from fastserve_cli.serve.api import ServerState, create_app
+    from fastserve_cli.serve import check_config, http_server
+    from fastserve_cli.serve.api import ServerState
     from fastserve_cli.serve.cluster.book import book_for
 
     check_config(cfg)
@@ -183,16 +182,7 @@ def run_cluster(target, cfg) -> None:
         )
         api_key = cfg.api_key or os.environ.get("FASTSERVE_API_KEY") or None
         state = ServerState(cfg.model_name or target.name, api_key, lambda: loaded, cfg.shutdown_timeout_s)
-        config = uvicorn.Config(
-            create_app(state),
-            host=cfg.host,
-            port=cfg.port,
-            log_level="info",
-            timeout_graceful_shutdown=cfg.shutdown_timeout_s,
-            access_log=False,
-            timeout_keep_alive=KEEP_ALIVE_S,
-        )
-        uvicorn.Server(config).run()
+        http_server(state, cfg).run()
     finally:
         teardown(app_name, started_ray)
 
