@@ -220,6 +220,7 @@ class EvalConfig(Section):
     )
     sources: list[EvalSourceConfig | str] = Field(
         default_factory=lambda: ["model"],
+        validate_default=True,
         description="Artifacts to evaluate: `model`, variant names, `onnx`, or {source: X, via: server}.",
     )
     num_fewshot: int | None = Field(None, ge=0)

@@ -53,6 +53,7 @@ ROUTE_STATUSES: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/chat/completions"): GENERATE,
     ("post", "/v1/responses"): GENERATE,
     ("post", "/v1/embeddings"): (400, 401, 404, 503),
+    ("post", "/v1/feedback"): (400, 401, 404),
     ("get", "/v1/models"): (401,),
 }
 # OpenAPI 3.1: the `schema` of an event stream describes one event.
