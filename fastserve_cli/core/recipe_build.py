@@ -184,7 +184,7 @@ class TrainConfig(Section):
     torch_compile: bool = False
     fused_kernels: bool = Field(
         True,
-        description="Fused tanh-GELU and a chunked linear+cross-entropy loss (same math, fewer memory passes; see fastserve_cli/kernels.py).",
+        description="Fused tanh-GELU and a chunked linear+cross-entropy loss (same math, fewer memory passes; see fastserve_cli/models/kernels.py).",
     )
     logging_steps: int = Field(10, ge=1)
     eval_steps: int = Field(50, ge=1)

@@ -79,7 +79,7 @@ class VariantConfig(Section):
 
 
 class OptimizeConfig(Section):
-    """Variants of the trained model and how the report measures them (see fastserve_cli/report.py)."""
+    """Variants of the trained model and how the report measures them (see fastserve_cli/models/measure.py)."""
 
     variants: list[VariantConfig] = Field(default_factory=list)
     eval_blocks: int = Field(32, ge=1, description="Validation blocks used for perplexity (the first N of the split).")
