@@ -9,8 +9,7 @@ import time
 import httpx
 import jsonschema
 import pytest
-
-from fastserve_cli.testing.server import running_server
+from serve_helpers import fcfs_server, openai_client
 
 NAME = "tiny"
 # Every instance is short (no free-length strings or numbers), so even a random model finishes well within
@@ -87,19 +86,12 @@ def test_grammar_cache_is_a_bounded_lru(tiny_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def server(tiny_gpt2_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    with running_server(
-        tiny_gpt2_dir, "--model-name", NAME, "--max-batch-size", "16", "--scheduler", "fcfs", log_path=log
-    ) as (url, proc):
-        yield url
-    assert proc.returncode == 0, log.read_text()[-2000:]
+    yield from fcfs_server(tiny_gpt2_dir, NAME, tmp_path_factory.mktemp("serve") / "server.log")
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def chat(client, **kw):

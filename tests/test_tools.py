@@ -7,9 +7,9 @@ import json
 import httpx
 import jsonschema
 import pytest
+from serve_helpers import fcfs_server, openai_client
 
 from fastserve_cli.serve.tools import ToolCallStreamer, parse_tool_calls
-from fastserve_cli.testing.server import running_server
 
 NAME = "tiny"
 WEATHER = {
@@ -106,19 +106,12 @@ def long_context_model(tiny_tokenizer_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(long_context_model, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    with running_server(
-        long_context_model, "--model-name", NAME, "--max-batch-size", "16", "--scheduler", "fcfs", log_path=log
-    ) as (url, proc):
-        yield url
-    assert proc.returncode == 0, log.read_text()[-2000:]
+    yield from fcfs_server(long_context_model, NAME, tmp_path_factory.mktemp("serve") / "server.log")
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def ask(client, **kw):

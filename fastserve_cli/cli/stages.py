@@ -63,12 +63,25 @@ def train(
         sys.exit(130)
 
 
+def execute_showing(stage: str, recipe, run, as_json: bool, show, gate_failure: type[Exception]) -> None:
+    """Run a stage whose result is a table (optimize's report, eval's results); on a broken gate the table (or
+    JSON) comes first, then the one-line error naming gate, bound and value."""
+    from fastserve_cli.core.pipeline import execute
+
+    try:
+        with json_safe_stdout(as_json):
+            execute(stage, recipe, run)
+    except gate_failure:
+        show("failed")
+        raise
+    show("done")
+
+
 @app.command()
 def optimize(
     target: Optional[str] = TargetArgument, set_: Optional[list[str]] = SetOption, as_json: bool = JsonOption
 ) -> None:
     """Pruning and quantization variants, with a quality/size/speed report and gates (exit 2 when one breaks)."""
-    from fastserve_cli.core.pipeline import execute
     from fastserve_cli.core.report import GateFailure, load_report, print_report
 
     recipe = load_target(target, set_)
@@ -81,13 +94,7 @@ def optimize(
                 {"stage": "optimize", "status": status, "run_dir": str(run.root), "report": report}
             ) if as_json else print_report(report)
 
-    try:
-        with json_safe_stdout(as_json):
-            execute("optimize", recipe, run)
-    except GateFailure:  # the table (or JSON) first, then the one-line error naming gate, bound and value
-        show("failed")
-        raise
-    show("done")
+    execute_showing("optimize", recipe, run, as_json, show, GateFailure)
 
 
 @app.command()
@@ -119,7 +126,7 @@ def eval_(
     as_json: bool = JsonOption,
 ) -> None:
     """lm-evaluation-harness tasks on the model, optimize variants and ONNX export, side by side (gates: exit 2)."""
-    from fastserve_cli.core.pipeline import STAGES, execute, prepare_run_dir
+    from fastserve_cli.core.pipeline import STAGES, prepare_run_dir
     from fastserve_cli.eval.report import print_results
     from fastserve_cli.eval.stage import EvalGateFailure, load_results
 
@@ -150,10 +157,4 @@ def eval_(
                 "eval: eval.tasks is empty, nothing was evaluated (set it in the recipe or pass --task)"
             )
 
-    try:
-        with json_safe_stdout(as_json):
-            execute("eval", recipe, run)
-    except EvalGateFailure:  # the table (or JSON) first, then the one-line error naming source, gate and value
-        show("failed")
-        raise
-    show("done")
+    execute_showing("eval", recipe, run, as_json, show, EvalGateFailure)

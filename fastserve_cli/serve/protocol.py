@@ -283,7 +283,8 @@ class LogprobFormatter:
         return {
             "tokens": tokens,
             "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [{self.text(t): lp for t, lp in top} for _, _, top in entries],
+            # None where there are no alternatives (the first prompt token when echoing a prompt)
+            "top_logprobs": [None if top is None else {self.text(t): lp for t, lp in top} for _, _, top in entries],
             "text_offset": offsets,
         }
 

@@ -56,18 +56,8 @@ def prompt_entries(backend, ids: list[int], top: int | None) -> list[Entry]:
 
 
 def prompt_logprobs(formatter, entries: list[Entry]) -> dict[str, Any]:
-    """The prompt's part of a completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset)."""
-    tokens, offsets, offset = [], [], 0
-    for token, _, _ in entries:
-        tokens.append(formatter.text(token))
-        offsets.append(offset)
-        offset += len(tokens[-1])
-    return {
-        "tokens": tokens,
-        "token_logprobs": [lp for _, lp, _ in entries],
-        "top_logprobs": [None if top is None else {formatter.text(a): lp for a, lp in top} for _, _, top in entries],
-        "text_offset": offsets,
-    }
+    """The prompt's part of a completions `logprobs` object: the completions shape from offset 0."""
+    return formatter.completion(entries, 0)
 
 
 def _prompt_texts(body: CompletionRequest, prompts: list[list[int]], tokenizer) -> list[str]:
