@@ -128,14 +128,14 @@ def _deployment_message(app_name: str) -> str:
         return ""
 
 
-def build_loaded(handle, target, book):
+def build_loaded(handle, target, book, transport: str = "grpc"):
     """What api.py's endpoints need, with a RemoteEngine in place of the local engine."""
     from fastserve_cli.core.tokenizer import load_tokenizer
     from fastserve_cli.serve.api import Loaded
     from fastserve_cli.serve.cluster.remote import RemoteEngine
 
     info = handle.info.remote().result(timeout_s=60)
-    engine = RemoteEngine(handle, book)
+    engine = RemoteEngine(handle, book, transport=transport)
     engine.vocab_size, engine.eos_token_ids = info["vocab_size"], info["eos_token_ids"]
     return Loaded(
         engine, load_tokenizer(target.model_dir), info["max_context"], info["kv_bytes_per_token"], info["kv_budget"]
@@ -170,7 +170,7 @@ def run_cluster(target, cfg) -> None:
     started_ray = start_ray(cfg)
     try:
         handle = deploy(target, cfg, app_name)
-        loaded = build_loaded(handle, target, book_for(app_name, cfg.router))
+        loaded = build_loaded(handle, target, book_for(app_name, cfg.router), cfg.ray_transport)
         signal.signal(signal.SIGTERM, previous)
         log.info(
             "%d replicas of %s up (router %s); ingress on %s:%d",

@@ -82,8 +82,8 @@ class EngineReplica:
         }
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Run one engine request; yields one dict per engine step (or one `queue_full` dict). No header
-        item: each streamed item costs a Ray object transfer, and the router already knows the replica."""
+        """Run one engine request; yields a dict per batch of engine steps (or one `queue_full` dict). No
+        header item: each streamed item costs a transfer, and the router already knows the replica."""
         import time
 
         from fastserve_cli.serve.engine import QueueFull
@@ -105,7 +105,7 @@ class EngineReplica:
             return
         try:
             while True:
-                out = await queue.get()
+                out = coalesce(await queue.get(), queue)
                 yield dataclasses.asdict(out)
                 if out.finished:
                     return
@@ -118,6 +118,29 @@ class EngineReplica:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown(5.0)
+
+
+def coalesce(first, queue: asyncio.Queue):
+    """`first` merged with the outputs already waiting behind it: when the ingress reads slower than the
+    engine steps, one transfer carries several tokens (never delays one: only what is queued is taken)."""
+    from fastserve_cli.serve.engine import StepOutput
+
+    if first.finished or queue.empty():
+        return first
+    merged = StepOutput(first.text, list(first.token_ids), list(first.logprobs))
+    out = first
+    while not out.finished and not queue.empty():
+        out = queue.get_nowait()
+        merged.text += out.text
+        merged.token_ids += out.token_ids
+        merged.logprobs += out.logprobs
+    merged.finished, merged.finish_reason, merged.error, merged.status = (
+        out.finished,
+        out.finish_reason,
+        out.error,
+        out.status,
+    )
+    return merged
 
 
 def _top_queue(scheduler, live) -> int:
