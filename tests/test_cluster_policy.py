@@ -159,3 +159,33 @@ def test_cluster_simulation_runs_every_request_and_routes_by_policy():
     assert sum(ll.values()) == 400 and ll_summary["mean_jct"] < rr_summary["mean_jct"]
     prefix, _ = run("prefix")
     assert sum(prefix.values()) == 400
+
+
+def test_replica_coalesces_only_what_is_already_queued():
+    import asyncio
+
+    from fastserve_cli.serve.cluster.replica import coalesce
+    from fastserve_cli.serve.engine import StepOutput
+
+    def step(token: int, text: str, **kw) -> StepOutput:
+        return StepOutput(text=text, token_ids=[token], logprobs=[(token, -0.5, [])], **kw)
+
+    queue: asyncio.Queue = asyncio.Queue()
+    first = step(1, "a")
+    assert coalesce(first, queue) is first  # nothing behind it: sent as it is, at once
+    for out in (step(2, "b"), step(3, "c", finished=True, finish_reason="stop"), step(9, "late")):
+        queue.put_nowait(out)
+    merged = coalesce(first, queue)
+    assert (merged.text, merged.token_ids, merged.finished, merged.finish_reason) == ("abc", [1, 2, 3], True, "stop")
+    assert [lp[0] for lp in merged.logprobs] == [1, 2, 3] and first.token_ids == [1]  # the original is untouched
+    assert queue.qsize() == 1  # it stops at the finished output
+
+
+def test_cluster_full_batch_floor_bounds_what_routing_can_gain():
+    from fastserve_cli.serve.cluster.sim import full_batch_floor
+    from fastserve_cli.serve.simulate import LinearCost, SimRequest
+
+    cost = LinearCost(t0=0.001, td=0.0001, tp=0.00001)
+    trace = [SimRequest(f"r{i}", 0.0, 100, 1 + i) for i in range(100)]  # outputs 1..100 tokens
+    floor = full_batch_floor(trace, cost, 8)
+    assert floor == pytest.approx(cost.prefill_s(100) + 99 * (0.001 + 8 * 0.0001))
