@@ -37,12 +37,13 @@ def server_args(kind: str, address: str, batch: int) -> list[str]:
     common = ["--model-name", "bench", "--max-batch-size", str(batch), "--set", "serve.max_queue=100000"]
     if kind == "a":  # OMP_NUM_THREADS is set in env_for("a"), as Ray sets it for (b)'s replica
         return [*common, "--threads", "2"]
-    if kind in "bo":  # o: (b) with Ray's object-ref transport (the default before grpc)
+    if kind in "bos":  # o: (b) with Ray's object-ref transport (the default before grpc); s: 4 tokens an item
         transport = "object-ref" if kind == "o" else "grpc"
         return [
             *common,
             *("--replicas", "1", "--ray-address", address, "--threads", "2", "--set", "serve.replica_cpus=2"),
             *("--set", f"serve.ray_transport={transport}"),
+            *("--set", f"serve.replica_stream_interval={4 if kind == 's' else 1}"),
         ]
     return [*common, "--replicas", "2", "--ray-address", address, "--threads", "1", "--set", "serve.replica_cpus=1"]
 
@@ -165,6 +166,7 @@ def report_measured(res: dict) -> list[str]:
         "a": "(a) single process, 2 threads",
         "b": "(b) 1 replica behind Ray",
         "o": "(b) with ray_transport object-ref",
+        "s": "(b) with replica_stream_interval 4",
         "c": "(c) 2 replicas x 1 thread",
     }
     for k in res:
@@ -180,10 +182,9 @@ def report_measured(res: dict) -> list[str]:
         f"(b) throughput / (a) = {med['b'] / med['a']:.3f} (target >= 0.95: "
         f"{'met' if med['b'] / med['a'] >= 0.95 else 'NOT met'})",
     ]
-    if "o" in res:
-        lines.append(
-            f"object-ref transport: {med['o'] / med['a']:.3f}x (a)'s throughput, added latency {lat['o'] - lat['a']:.1f} ms"
-        )
+    for k, what in (("o", "object-ref transport"), ("s", "replica_stream_interval 4")):
+        if k in res:
+            lines.append(f"{what}: {med[k] / med['a']:.3f}x (a)'s throughput, added latency {lat[k] - lat['a']:.1f} ms")
     return lines
 
 
@@ -273,7 +274,8 @@ def main() -> None:
     p.add_argument(
         "--kinds",
         default="abc",
-        help="Setups to measure, in round order: a, b, c as above; o = (b) with serve.ray_transport object-ref.",
+        help="Setups to measure, in round order: a, b, c as above; o = (b) with serve.ray_transport object-ref; "
+        "s = (b) with serve.replica_stream_interval 4.",
     )
     p.add_argument("--skip-measured", action="store_true", help="Only the simulation.")
     p.add_argument("--skip-simulated", action="store_true", help="Only the measured part.")

@@ -161,24 +161,34 @@ def test_cluster_simulation_runs_every_request_and_routes_by_policy():
     assert sum(prefix.values()) == 400
 
 
-def test_replica_coalesces_only_what_is_already_queued():
+def test_replica_gathers_queued_outputs_and_honours_the_stream_interval():
     import asyncio
 
-    from fastserve_cli.serve.cluster.replica import coalesce
+    from fastserve_cli.serve.cluster.replica import next_item
     from fastserve_cli.serve.engine import StepOutput
 
-    def step(token: int, text: str, **kw) -> StepOutput:
-        return StepOutput(text=text, token_ids=[token], logprobs=[(token, -0.5, [])], **kw)
+    def step(token: int, **kw) -> StepOutput:
+        return StepOutput(text=chr(96 + token), token_ids=[token], logprobs=[(token, -0.5, [])], **kw)
 
-    queue: asyncio.Queue = asyncio.Queue()
-    first = step(1, "a")
-    assert coalesce(first, queue) is first  # nothing behind it: sent as it is, at once
-    for out in (step(2, "b"), step(3, "c", finished=True, finish_reason="stop"), step(9, "late")):
-        queue.put_nowait(out)
-    merged = coalesce(first, queue)
-    assert (merged.text, merged.token_ids, merged.finished, merged.finish_reason) == ("abc", [1, 2, 3], True, "stop")
-    assert [lp[0] for lp in merged.logprobs] == [1, 2, 3] and first.token_ids == [1]  # the original is untouched
-    assert queue.qsize() == 1  # it stops at the finished output
+    async def scenario():
+        queue: asyncio.Queue = asyncio.Queue()
+        queue.put_nowait(step(1))
+        first = await next_item(queue, interval=3, first=True)
+        assert first.token_ids == [1]  # the first token goes alone, even with an interval
+        for t in (2, 3):
+            queue.put_nowait(step(t))
+        assert (await next_item(queue, 1, first=False)).token_ids == [2, 3]  # what is queued goes together
+        queue.put_nowait(step(4))
+        later = asyncio.get_running_loop().call_later(0.05, queue.put_nowait, step(5))
+        merged = await next_item(queue, interval=2, first=False)  # waits for the second token
+        assert (merged.text, merged.token_ids, [lp[0] for lp in merged.logprobs]) == ("de", [4, 5], [4, 5])
+        later.cancel()
+        for out in (step(6), step(7, finished=True, finish_reason="stop"), step(9)):
+            queue.put_nowait(out)
+        last = await next_item(queue, interval=8, first=False)  # a finished output ends the wait
+        assert (last.token_ids, last.finished, last.finish_reason, queue.qsize()) == ([6, 7], True, "stop", 1)
+
+    asyncio.run(scenario())
 
 
 def test_cluster_full_batch_floor_bounds_what_routing_can_gain():

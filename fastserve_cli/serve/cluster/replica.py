@@ -49,6 +49,7 @@ class EngineReplica:
                 replica_load_error(self.node, target.model_dir, f"{type(err).__name__}: {err}")
             ) from None
         self.engine = self.loaded.engine
+        self.stream_interval = config.replica_stream_interval
         self.engine.start()
         self.replica_id = _replica_id()
 
@@ -104,8 +105,10 @@ class EngineReplica:
             yield {"queue_full": str(err)}
             return
         try:
+            first = True
             while True:
-                out = coalesce(await queue.get(), queue)
+                out = await next_item(queue, self.stream_interval, first)
+                first = False
                 yield dataclasses.asdict(out)
                 if out.finished:
                     return
@@ -120,27 +123,38 @@ class EngineReplica:
             engine.shutdown(5.0)
 
 
-def coalesce(first, queue: asyncio.Queue):
-    """`first` merged with the outputs already waiting behind it: when the ingress reads slower than the
-    engine steps, one transfer carries several tokens (never delays one: only what is queued is taken)."""
+async def next_item(queue: asyncio.Queue, interval: int = 1, first: bool = True):
+    """The next StepOutput to send: at least `interval` tokens merged (1 for the first item, so time to
+    first token never waits), plus whatever is already queued behind them, up to the finished output.
+    When the ingress reads slower than the engine steps, one transfer then carries several tokens."""
+    outs = [await queue.get()]
+    want = 1 if first else interval
+    while not outs[-1].finished:
+        if sum(len(o.token_ids) for o in outs) < want:
+            outs.append(await queue.get())
+        elif not queue.empty():
+            outs.append(queue.get_nowait())
+        else:
+            break
+    return merge_outputs(outs)
+
+
+def merge_outputs(outs: list):
+    """Consecutive StepOutputs of one request as one (text and tokens concatenated, the last one's end)."""
     from fastserve_cli.serve.engine import StepOutput
 
-    if first.finished or queue.empty():
-        return first
-    merged = StepOutput(first.text, list(first.token_ids), list(first.logprobs))
-    out = first
-    while not out.finished and not queue.empty():
-        out = queue.get_nowait()
-        merged.text += out.text
-        merged.token_ids += out.token_ids
-        merged.logprobs += out.logprobs
-    merged.finished, merged.finish_reason, merged.error, merged.status = (
-        out.finished,
-        out.finish_reason,
-        out.error,
-        out.status,
+    if len(outs) == 1:
+        return outs[0]
+    last = outs[-1]
+    return StepOutput(
+        text="".join(o.text for o in outs),
+        token_ids=[t for o in outs for t in o.token_ids],
+        logprobs=[lp for o in outs for lp in o.logprobs],
+        finished=last.finished,
+        finish_reason=last.finish_reason,
+        error=last.error,
+        status=last.status,
     )
-    return merged
 
 
 def _top_queue(scheduler, live) -> int:
