@@ -225,7 +225,7 @@ def save_ct(model: "nn.Module", scheme: str, modules: list[str], out: Path, extr
     config = model.config.to_dict()
     config["tie_word_embeddings"] = False
     if config.get("model_type") == "gpt2":  # as OPT; load_causal_lm maps it back to GPT-2
-        extra = {**extra, "gpt2_config": config}
+        extra = {**extra, "gpt2_config": {k: v for k, v in config.items() if k != "quantization_config"}}
         tensors, config = gpt2_ct.to_opt(distinct_tensors(tensors), config, quantized)
         ignore = [opt for name in ignore for opt in gpt2_ct.opt_names(name)]
         sizes = {opt: size for name, size in sizes.items() for opt in gpt2_ct.opt_names(name)}
