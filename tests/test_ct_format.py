@@ -115,6 +115,34 @@ def test_gptq_gpt2_variant_loads_in_transformers_and_agrees(tiny_gpt2_dir, tmp_p
     )
 
 
+def test_gpt2_with_layers_left_in_fp32_loads_in_transformers(tmp_path):
+    """48 wide: no int4 group divides it, so only mlp.c_proj (192 in) is quantized; the dense Conv1D layers
+    become OPT Linears in the file, listed in `ignore` under their OPT names."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    pytest.importorskip("compressed_tensors")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=300, n_positions=64)).save_pretrained(
+        tmp_path / "src"
+    )
+    model = load_causal_lm(tmp_path / "src")
+    modules = quantize_model(model, "weight_only_int4", 128)
+    assert modules == ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
+    save_quantized(model, "weight_only_int4", modules, tmp_path / "src", tmp_path, {"group_size": 128})
+    section = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert "model.decoder.layers.0.self_attn.q_proj" in section["ignore"] and "lm_head" in section["ignore"]
+    ours = load_causal_lm(tmp_path)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompt = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.no_grad():
+        assert torch.equal(ours(prompt).logits, model(prompt).logits)
+    assert torch.equal(
+        ours.generate(prompt, max_new_tokens=10, do_sample=False),
+        stock.generate(prompt, max_new_tokens=10, do_sample=False),
+    )
+
+
 def test_gpt2_without_an_opt_equivalent_keeps_the_fastserve_format(tiny_gpt2_dir, tmp_path):
     """scale_attn_by_inverse_layer_idx has no OPT counterpart: the variant stays in fastserve's format."""
     import torch
