@@ -4,8 +4,8 @@ torch's CPU kernels run on libgomp threads. By default an idle libgomp thread sp
 sleeps; on a machine whose cores are shared (other processes, containers with CPU quotas, a VM's noisy
 neighbours), a spinning thread burns the time slice its sibling needs, and every parallel region of a decode
 step then waits for a descheduled thread. Measured on this project's shared 2-core VM (docs/perf.md): a
-decode step of a 12-layer model whose matmuls are negligible took 13-73 ms with the default policy and
-6.7-8.2 ms with `OMP_WAIT_POLICY=PASSIVE`. So the serving commands default to PASSIVE; a dedicated machine
+decode step of a 12-layer model whose matmuls are negligible took 13-140 ms with the default policy and
+6.7-12.6 ms with `OMP_WAIT_POLICY=PASSIVE`. So the serving commands default to PASSIVE; a dedicated machine
 can ask for spinning with `OMP_WAIT_POLICY=ACTIVE` (an explicit setting is always kept).
 """
 
