@@ -21,7 +21,9 @@ Quality of bf16 vs fp32: perplexity on held-out stdlib text and greedy agreement
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -184,6 +186,15 @@ def report(rows: dict, outputs: dict, skipped: dict[str, str]) -> None:
         print(f"not run: {name}: {why}")
 
 
+def set_omp_wait_policy(policy: str) -> None:
+    """Before torch or ctranslate2 is imported: libgomp reads OMP_WAIT_POLICY once, when it is loaded."""
+    if policy == "unset":
+        return
+    if "torch" in sys.modules or "ctranslate2" in sys.modules:
+        raise RuntimeError("set OMP_WAIT_POLICY before importing torch/ctranslate2")
+    os.environ["OMP_WAIT_POLICY"] = policy.upper()
+
+
 def _ratio(a: list[float], b: list[float], lower_is_better: bool) -> float:
     ma, mb = statistics.median(a), statistics.median(b)
     return mb / ma if lower_is_better else ma / mb
@@ -210,7 +221,16 @@ def main() -> None:
     )
     parser.add_argument("--no-quality", action="store_true", help="leave out the bf16 quality measurement")
     parser.add_argument("--skip", nargs="*", default=[], help="engines to leave out, e.g. 'ct2 int8'")
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=("passive", "active", "unset"),
+        default="passive",
+        help="OMP_WAIT_POLICY for every engine of the run (torch and CTranslate2 both use libgomp); passive: idle "
+        "OpenMP threads sleep instead of spinning, which on a shared machine keeps a descheduled thread from "
+        "stalling every parallel region (docs/perf.md); unset: the environment's value",
+    )
     args = parser.parse_args()
+    set_omp_wait_policy(args.omp_wait_policy)
 
     import torch
     from transformers import AutoTokenizer
@@ -224,6 +244,7 @@ def main() -> None:
     skipped["llama.cpp f32/q8_0"] = llama_cpp_status()
     runners = load_runners(args, model_dir, paths, tokenizer)
     print(
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} "
         f"threads={args.threads} prompt={args.prompt_tokens} decode={args.decode_tokens} offline={args.offline}x"
         f"{args.offline_tokens} ttft-prompt={args.ttft_prompt} rounds={args.rounds}",
         flush=True,

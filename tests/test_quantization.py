@@ -28,12 +28,9 @@ def test_quantized_variant_round_trips(tiny_model_dir, tmp_path, scheme):
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         names = set(f.keys())
         stored = f.get_tensor("lm_head.weight" if "lm_head.weight" in names else "lm_head.weight_packed")
-    if section["quant_method"] == "fastserve":  # GPT-2's Conv1D: our own format
-        assert section["scheme"] == scheme
-        assert stored.dtype == (torch.int8 if "int8" in scheme else torch.uint8)
-    else:  # nn.Linear models: compressed-tensors (tests/test_ct_format.py loads them with transformers)
-        assert section["fastserve"]["scheme"] == scheme
-        assert stored.dtype == (torch.int8 if scheme == "dynamic_int8" else torch.int32)
+    # compressed-tensors, GPT-2 as its OPT equivalent (tests/test_ct_format.py loads them with transformers)
+    assert section["quant_method"] == "compressed-tensors" and section["fastserve"]["scheme"] == scheme
+    assert stored.dtype == (torch.int8 if scheme == "dynamic_int8" else torch.int32)
 
     loaded = load_causal_lm(tmp_path)
     ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -16,7 +16,7 @@ and SGLang load), written and read without the compressed-tensors package.
 
 The layouts were checked against compressed-tensors 0.20.1's own compressors (tests/test_ct_format.py
 loads our files with stock transformers + compressed-tensors). compressed-tensors quantizes `nn.Linear`
-only, so architectures with transformers' `Conv1D` (GPT-2) keep the fastserve format (models/quantized.py).
+only, so GPT-2 (transformers' `Conv1D`) is written as the equivalent OPT model (models/gpt2_ct.py).
 """
 
 from __future__ import annotations
@@ -204,10 +204,12 @@ def build_module(scheme: str, tensors: dict[str, "torch.Tensor"], name: str) -> 
 
 
 def save_ct(model: "nn.Module", scheme: str, modules: list[str], out: Path, extra: dict[str, Any]) -> None:
-    """Write model.safetensors + config.json for a model whose quantized layers are all nn.Linear."""
+    """Write model.safetensors + config.json (a GPT-2 as its OPT equivalent, see gpt2_ct.py)."""
     from safetensors.torch import save_file
     from torch import nn
+    from transformers.pytorch_utils import Conv1D
 
+    from fastserve_cli.models import gpt2_ct
     from fastserve_cli.models.quant_linear import WEIGHT_FILE, QuantLinear, distinct_tensors
 
     quantized = set(modules)
@@ -217,12 +219,18 @@ def save_ct(model: "nn.Module", scheme: str, modules: list[str], out: Path, extr
         tensors.update({f"{name}.{k}": v for k, v in module_tensors(scheme, module).items()})
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, QuantLinear)]
+    dense = (nn.Linear, Conv1D)  # a GPT-2 Conv1D left in fp32 is a Linear in the file (gpt2_ct.py)
+    ignore = [n for n, m in model.named_modules() if isinstance(m, dense) and not isinstance(m, QuantLinear)]
     sizes = {n: getattr(model.get_submodule(n), "group_size", None) for n in modules}
-    save_file(distinct_tensors(tensors), str(out / WEIGHT_FILE), metadata={"format": "pt"})
     config = model.config.to_dict()
-    config["quantization_config"] = quantization_config(scheme, ignore, sizes, extra)
     config["tie_word_embeddings"] = False
+    if config.get("model_type") == "gpt2":  # as OPT; load_causal_lm maps it back to GPT-2
+        extra = {**extra, "gpt2_config": {k: v for k, v in config.items() if k != "quantization_config"}}
+        tensors, config = gpt2_ct.to_opt(distinct_tensors(tensors), config, quantized)
+        ignore = [opt for name in ignore for opt in gpt2_ct.opt_names(name)]
+        sizes = {opt: size for name, size in sizes.items() for opt in gpt2_ct.opt_names(name)}
+    save_file(distinct_tensors(tensors), str(out / WEIGHT_FILE), metadata={"format": "pt"})
+    config["quantization_config"] = quantization_config(scheme, ignore, sizes, extra)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -13,7 +13,8 @@ modules are quantized, `{"quant_method": "fastserve", "scheme": ..., "modules": 
   hold asymmetric float zeros and still load). The portable nibble layout is repacked for the CPU kernel
   (`aten._weight_int4pack_mm_for_cpu`) at load time.
 
-GPT-2's `Conv1D` layers are stored as `nn.Linear` ([out, in]); loading swaps them back. Quantized weights
+GPT-2's `Conv1D` layers are stored as `nn.Linear` ([out, in]); loading swaps them back. Since issue 20 only
+GPT-2 models with no OPT equivalent (head-pruned ones) are still written in this format. Quantized weights
 are only ever re-packed at load time, never re-quantized from fp32, and nothing is pickled.
 `load_causal_lm` loads these directories and plain HF directories alike.
 """
@@ -175,20 +176,29 @@ def save_quantized(
 ) -> None:
     """Write config.json (+ quantization_config), model.safetensors and the source dir's side files.
 
-    nn.Linear architectures are written in the compressed-tensors format (models/ct_format.py) that
-    transformers, vLLM and SGLang load; Conv1D ones (GPT-2) in the fastserve format described above.
+    Written in the compressed-tensors format (models/ct_format.py) that transformers, vLLM and SGLang load,
+    GPT-2 as its OPT equivalent (models/gpt2_ct.py); the fastserve format described above is left for
+    Conv1D models with no such equivalent (head-pruned GPT-2, other Conv1D architectures).
     """
+    from fastserve_cli.models.ct_format import save_ct
+    from fastserve_cli.models.gpt2_ct import unmappable
+
+    config_dict = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    config_probe = type(model.config).from_dict(config_dict)
+    gpt2_as_opt = config_dict.get("model_type") == "gpt2" and unmappable(config_dict) is None
+    if gpt2_as_opt or not has_conv1d(config_probe):
+        save_ct(model, scheme, modules, out, extra or {})
+    else:
+        save_fastserve(model, scheme, modules, out, extra)
+    copy_side_files(src_dir, out)
+
+
+def save_fastserve(
+    model: "nn.Module", scheme: str, modules: list[str], out: Path, extra: dict[str, Any] | None = None
+) -> None:
+    """config.json + model.safetensors in the fastserve format (the only format before issue 20)."""
     from safetensors.torch import save_file
 
-    from fastserve_cli.models.ct_format import save_ct
-
-    config_probe = type(model.config).from_dict(
-        {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
-    )
-    if not has_conv1d(config_probe):
-        save_ct(model, scheme, modules, out, extra or {})
-        copy_side_files(src_dir, out)
-        return
     quantized = set(modules)
     tensors: dict[str, "torch.Tensor"] = {}
     for name, tensor in model.state_dict().items():
@@ -214,7 +224,6 @@ def save_quantized(
     }
     config["tie_word_embeddings"] = False
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    copy_side_files(src_dir, out)
 
 
 def read_quantization_config(path: Path) -> dict[str, Any] | None:
@@ -251,7 +260,7 @@ def load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Modu
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fastserve_cli.models import ct_format
+    from fastserve_cli.models import ct_format, gpt2_ct
 
     compressed = section.get("quant_method") == ct_format.QUANT_METHOD
     scheme = ct_format.scheme_of(section, str(path / "config.json")) if compressed else section.get("scheme")
@@ -263,12 +272,16 @@ def load_quantized(path: Path, section: dict[str, Any], device: str) -> "nn.Modu
         raise UserError(
             f"{path}: {scheme} variants run on the CPU only; load it with device='cpu' or serve the fp32 model on {device}"
         )
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    tensors = load_weights(path)
+    modules = ct_format.quantized_names(tensors) if compressed else section["modules"]
+    if compressed and "gpt2_config" in (section.get("fastserve") or {}):  # a GPT-2 saved as OPT
+        config = gpt2_ct.gpt2_config(section)
+        tensors, modules = gpt2_ct.from_opt(tensors)
+    else:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = apply_pruned_heads(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
-    tensors = load_weights(path)
-    modules = ct_format.quantized_names(tensors) if compressed else section["modules"]
     for name in modules:
         build = ct_format.build_module if compressed else _build_module
         model.set_submodule(name, build(scheme, tensors, name))
