@@ -112,15 +112,20 @@ def test_book_merges_replica_metrics_under_a_replica_label():
     assert [r["replica"] for r in book.replicas()] == ["b"]
 
 
-def test_deployment_options_map_the_recipe():
+def test_deployment_options_map_the_recipe(monkeypatch):
     pytest.importorskip("ray.serve")
     from fastserve_cli.core.errors import UserError
     from fastserve_cli.serve import serve_config
     from fastserve_cli.serve.cluster.deploy import deployment_options, replica_threads
 
     cfg = serve_config(None, ["serve.replicas=3", "serve.replica_cpus=2", "serve.router=prefix"], {})
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     opts = deployment_options(cfg, "app")
     assert opts["num_replicas"] == 3 and opts["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what `fastserve serve` sets: replicas get it too
+    env = deployment_options(cfg, "app")["ray_actor_options"]["runtime_env"]
+    assert env == {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
     assert opts["request_router_config"].request_router_kwargs == {"policy": "prefix", "app": "app"}
     assert replica_threads(cfg) == 2
     auto = serve_config(

@@ -34,9 +34,13 @@ def deployment_options(cfg, app_name: str) -> dict[str, Any]:
     """serve.deployment options from the serve config (pure: unit-tested without Ray)."""
     from ray.serve.config import RequestRouterConfig
 
+    actor: dict[str, Any] = {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus}
+    omp = omp_env()
+    if omp:  # Ray workers inherit the raylet's environment, not ours: pass the OpenMP wait policy on
+        actor["runtime_env"] = {"env_vars": omp}
     options: dict[str, Any] = {
         "name": DEPLOYMENT,
-        "ray_actor_options": {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
+        "ray_actor_options": actor,
         # Our engine queues and answers 429 itself; Ray must not cap concurrency below that.
         "max_ongoing_requests": cfg.max_queue + 4 * cfg.max_batch_size,
         "request_router_config": RequestRouterConfig(
@@ -63,6 +67,14 @@ def deployment_options(cfg, app_name: str) -> dict[str, Any]:
     else:
         options["num_replicas"] = cfg.replicas
     return options
+
+
+def omp_env() -> dict[str, str]:
+    """The OpenMP wait settings of this process (serve/omp.py sets PASSIVE unless the user chose one), for
+    replicas to run their engines the way the single process would."""
+    from fastserve_cli.serve.omp import WAIT_VARIABLES
+
+    return {name: os.environ[name] for name in WAIT_VARIABLES if name in os.environ}
 
 
 def replica_args(target, cfg) -> tuple[dict, dict]:
