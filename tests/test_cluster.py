@@ -212,6 +212,7 @@ def test_round_robin_and_prefix_routers_in_metrics(tiny_gpt2_dir, ray_address, t
                 "2",
                 "--max-batch-size",
                 "1",
+                *("--set", "serve.ray_transport=object-ref"),  # the other transport (the module's app: grpc)
                 log_path=tmp_path / "rr.log",
                 ready=False,
             )
@@ -227,6 +228,9 @@ def test_round_robin_and_prefix_routers_in_metrics(tiny_gpt2_dir, ray_address, t
             client(rr).completions.create(model=NAME, prompt="x", max_tokens=2)
         per_replica = metric(rr, "fastserve:router_requests_total", policy="round-robin", decision="rr")
         assert sorted(per_replica.values()) == [3.0, 3.0]
+        whole = client(rr).completions.create(model=NAME, prompt="def f(", max_tokens=8, temperature=0)
+        chunks = client(rr).completions.create(model=NAME, prompt="def f(", max_tokens=8, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
         codes = asyncio.run(burst(rr, 16))  # 2 replicas x (1 running + 2 waiting) fit; the rest get 429
         assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
         assert sum(metric(rr, "fastserve:router_rejected_total").values()) >= 1

@@ -112,15 +112,20 @@ def test_book_merges_replica_metrics_under_a_replica_label():
     assert [r["replica"] for r in book.replicas()] == ["b"]
 
 
-def test_deployment_options_map_the_recipe():
+def test_deployment_options_map_the_recipe(monkeypatch):
     pytest.importorskip("ray.serve")
     from fastserve_cli.core.errors import UserError
     from fastserve_cli.serve import serve_config
     from fastserve_cli.serve.cluster.deploy import deployment_options, replica_threads
 
     cfg = serve_config(None, ["serve.replicas=3", "serve.replica_cpus=2", "serve.router=prefix"], {})
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     opts = deployment_options(cfg, "app")
     assert opts["num_replicas"] == 3 and opts["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what `fastserve serve` sets: replicas get it too
+    env = deployment_options(cfg, "app")["ray_actor_options"]["runtime_env"]
+    assert env == {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
     assert opts["request_router_config"].request_router_kwargs == {"policy": "prefix", "app": "app"}
     assert replica_threads(cfg) == 2
     auto = serve_config(
@@ -159,3 +164,43 @@ def test_cluster_simulation_runs_every_request_and_routes_by_policy():
     assert sum(ll.values()) == 400 and ll_summary["mean_jct"] < rr_summary["mean_jct"]
     prefix, _ = run("prefix")
     assert sum(prefix.values()) == 400
+
+
+def test_replica_gathers_queued_outputs_and_honours_the_stream_interval():
+    import asyncio
+
+    from fastserve_cli.serve.cluster.replica import next_item
+    from fastserve_cli.serve.engine import StepOutput
+
+    def step(token: int, **kw) -> StepOutput:
+        return StepOutput(text=chr(96 + token), token_ids=[token], logprobs=[(token, -0.5, [])], **kw)
+
+    async def scenario():
+        queue: asyncio.Queue = asyncio.Queue()
+        queue.put_nowait(step(1))
+        first = await next_item(queue, interval=3, first=True)
+        assert first.token_ids == [1]  # the first token goes alone, even with an interval
+        for t in (2, 3):
+            queue.put_nowait(step(t))
+        assert (await next_item(queue, 1, first=False)).token_ids == [2, 3]  # what is queued goes together
+        queue.put_nowait(step(4))
+        later = asyncio.get_running_loop().call_later(0.05, queue.put_nowait, step(5))
+        merged = await next_item(queue, interval=2, first=False)  # waits for the second token
+        assert (merged.text, merged.token_ids, [lp[0] for lp in merged.logprobs]) == ("de", [4, 5], [4, 5])
+        later.cancel()
+        for out in (step(6), step(7, finished=True, finish_reason="stop"), step(9)):
+            queue.put_nowait(out)
+        last = await next_item(queue, interval=8, first=False)  # a finished output ends the wait
+        assert (last.token_ids, last.finished, last.finish_reason, queue.qsize()) == ([6, 7], True, "stop", 1)
+
+    asyncio.run(scenario())
+
+
+def test_cluster_full_batch_floor_bounds_what_routing_can_gain():
+    from fastserve_cli.serve.cluster.sim import full_batch_floor
+    from fastserve_cli.serve.simulate import LinearCost, SimRequest
+
+    cost = LinearCost(t0=0.001, td=0.0001, tp=0.00001)
+    trace = [SimRequest(f"r{i}", 0.0, 100, 1 + i) for i in range(100)]  # outputs 1..100 tokens
+    floor = full_batch_floor(trace, cost, 8)
+    assert floor == pytest.approx(cost.prefill_s(100) + 99 * (0.001 + 8 * 0.0001))

@@ -39,7 +39,7 @@ class ClusterIngress:
         self.state = ServerState(
             config.model_name or serve_target.name,
             api_key,
-            lambda: build_loaded(engine, serve_target, book),
+            lambda: build_loaded(engine, serve_target, book, config.ray_transport),
             config.shutdown_timeout_s,
         )
 

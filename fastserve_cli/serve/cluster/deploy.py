@@ -34,9 +34,13 @@ def deployment_options(cfg, app_name: str) -> dict[str, Any]:
     """serve.deployment options from the serve config (pure: unit-tested without Ray)."""
     from ray.serve.config import RequestRouterConfig
 
+    actor: dict[str, Any] = {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus}
+    omp = omp_env()
+    if omp:  # Ray workers inherit the raylet's environment, not ours: pass the OpenMP wait policy on
+        actor["runtime_env"] = {"env_vars": omp}
     options: dict[str, Any] = {
         "name": DEPLOYMENT,
-        "ray_actor_options": {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
+        "ray_actor_options": actor,
         # Our engine queues and answers 429 itself; Ray must not cap concurrency below that.
         "max_ongoing_requests": cfg.max_queue + 4 * cfg.max_batch_size,
         "request_router_config": RequestRouterConfig(
@@ -63,6 +67,14 @@ def deployment_options(cfg, app_name: str) -> dict[str, Any]:
     else:
         options["num_replicas"] = cfg.replicas
     return options
+
+
+def omp_env() -> dict[str, str]:
+    """The OpenMP wait settings of this process (serve/omp.py sets PASSIVE unless the user chose one), for
+    replicas to run their engines the way the single process would."""
+    from fastserve_cli.serve.omp import WAIT_VARIABLES
+
+    return {name: os.environ[name] for name in WAIT_VARIABLES if name in os.environ}
 
 
 def replica_args(target, cfg) -> tuple[dict, dict]:
@@ -128,14 +140,14 @@ def _deployment_message(app_name: str) -> str:
         return ""
 
 
-def build_loaded(handle, target, book):
+def build_loaded(handle, target, book, transport: str = "grpc"):
     """What api.py's endpoints need, with a RemoteEngine in place of the local engine."""
     from fastserve_cli.core.tokenizer import load_tokenizer
     from fastserve_cli.serve.api import Loaded
     from fastserve_cli.serve.cluster.remote import RemoteEngine
 
     info = handle.info.remote().result(timeout_s=60)
-    engine = RemoteEngine(handle, book)
+    engine = RemoteEngine(handle, book, transport=transport)
     engine.vocab_size, engine.eos_token_ids = info["vocab_size"], info["eos_token_ids"]
     return Loaded(
         engine, load_tokenizer(target.model_dir), info["max_context"], info["kv_bytes_per_token"], info["kv_budget"]
@@ -170,7 +182,7 @@ def run_cluster(target, cfg) -> None:
     started_ray = start_ray(cfg)
     try:
         handle = deploy(target, cfg, app_name)
-        loaded = build_loaded(handle, target, book_for(app_name, cfg.router))
+        loaded = build_loaded(handle, target, book_for(app_name, cfg.router), cfg.ray_transport)
         signal.signal(signal.SIGTERM, previous)
         log.info(
             "%d replicas of %s up (router %s); ingress on %s:%d",

@@ -32,8 +32,12 @@ class ReplicaLost(Exception):
 
 
 class RemoteEngine:
-    def __init__(self, handle, book: Book, on_shutdown: Callable[[], None] | None = None) -> None:
-        self.handle = handle.options(stream=True)
+    def __init__(
+        self, handle, book: Book, on_shutdown: Callable[[], None] | None = None, transport: str = "grpc"
+    ) -> None:
+        # grpc: items travel over Ray Serve's replica gRPC server instead of one Ray object each (the
+        # object store's per-item cost dominated the cluster's overhead; see docs/serve-cluster.md).
+        self.handle = handle.options(stream=True, _by_reference=transport != "grpc")
         self.book = book
         self.metrics = book  # api.py's /metrics calls engine.metrics.render()
         self.on_shutdown = on_shutdown

@@ -49,6 +49,7 @@ class EngineReplica:
                 replica_load_error(self.node, target.model_dir, f"{type(err).__name__}: {err}")
             ) from None
         self.engine = self.loaded.engine
+        self.stream_interval = config.replica_stream_interval
         self.engine.start()
         self.replica_id = _replica_id()
 
@@ -82,8 +83,8 @@ class EngineReplica:
         }
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Run one engine request; yields one dict per engine step (or one `queue_full` dict). No header
-        item: each streamed item costs a Ray object transfer, and the router already knows the replica."""
+        """Run one engine request; yields a dict per batch of engine steps (or one `queue_full` dict). No
+        header item: each streamed item costs a transfer, and the router already knows the replica."""
         import time
 
         from fastserve_cli.serve.engine import QueueFull
@@ -104,8 +105,10 @@ class EngineReplica:
             yield {"queue_full": str(err)}
             return
         try:
+            first = True
             while True:
-                out = await queue.get()
+                out = await next_item(queue, self.stream_interval, first)
+                first = False
                 yield dataclasses.asdict(out)
                 if out.finished:
                     return
@@ -118,6 +121,40 @@ class EngineReplica:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown(5.0)
+
+
+async def next_item(queue: asyncio.Queue, interval: int = 1, first: bool = True):
+    """The next StepOutput to send: at least `interval` tokens merged (1 for the first item, so time to
+    first token never waits), plus whatever is already queued behind them, up to the finished output.
+    When the ingress reads slower than the engine steps, one transfer then carries several tokens."""
+    outs = [await queue.get()]
+    want = 1 if first else interval
+    while not outs[-1].finished:
+        if sum(len(o.token_ids) for o in outs) < want:
+            outs.append(await queue.get())
+        elif not queue.empty():
+            outs.append(queue.get_nowait())
+        else:
+            break
+    return merge_outputs(outs)
+
+
+def merge_outputs(outs: list):
+    """Consecutive StepOutputs of one request as one (text and tokens concatenated, the last one's end)."""
+    from fastserve_cli.serve.engine import StepOutput
+
+    if len(outs) == 1:
+        return outs[0]
+    last = outs[-1]
+    return StepOutput(
+        text="".join(o.text for o in outs),
+        token_ids=[t for o in outs for t in o.token_ids],
+        logprobs=[lp for o in outs for lp in o.logprobs],
+        finished=last.finished,
+        finish_reason=last.finish_reason,
+        error=last.error,
+        status=last.status,
+    )
 
 
 def _top_queue(scheduler, live) -> int:

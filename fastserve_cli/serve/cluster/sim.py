@@ -142,6 +142,15 @@ def fit_cost(
     return LinearCost(t0=t0, td=td, tp=tp)
 
 
+def full_batch_floor(trace: Sequence[SimRequest], cost: LinearCost, batch_size: int, q: float = 0.99) -> float:
+    """The `q` quantile of JCT if no request ever waited and every iteration it ran in was a full batch: at
+    rho near 1 replicas run full batches, so this is about the best P99 any router can reach (a request's
+    own length, not queueing, sets it)."""
+    full_step = cost.t0 + cost.td * batch_size
+    jct = sorted(cost.prefill_s(r.prompt_len) + (r.max_new_tokens - 1) * full_step for r in trace)
+    return jct[min(len(jct) - 1, int(q * len(jct)))]
+
+
 def run_grid(
     cost: LinearCost,
     batch_size: int,
@@ -174,5 +183,6 @@ def run_grid(
             for router in routers:
                 trace = make_trace(seed + n, n * per_replica, rho * n / service)
                 simulate_cluster(trace, router, n, mlfq, cost, batch_size, with_prefixes(trace, seed), seed=seed)
-                rows.append({"replicas": n, "rho": rho, "router": router, **summarize(sim_records(trace))})
+                row = {"replicas": n, "rho": rho, "router": router, **summarize(sim_records(trace))}
+                rows.append({**row, "p99_floor": full_batch_floor(trace, cost, batch_size)})
     return rows
