@@ -206,7 +206,9 @@ def _linear_cross_entropy_function():
         def forward(ctx, hidden, weight, targets, chunk: int):
             rows = hidden.shape[0]
             grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros_like(weight)
+            # The weight gradient sums over every chunk: in fp32 even for bf16 inputs.
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            exact = weight.dtype == torch.float32
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, rows, chunk):
                 h, t = hidden[start : start + chunk], targets[start : start + chunk]
@@ -222,8 +224,11 @@ def _linear_cross_entropy_function():
                 grad.mul_(valid[:, None].to(grad.dtype))
                 grad = grad.to(hidden.dtype)
                 grad_hidden[start : start + chunk] = grad @ weight
-                grad_weight.addmm_(grad.t(), h)
-            ctx.save_for_backward(grad_hidden, grad_weight)
+                if exact:
+                    grad_weight.addmm_(grad.t(), h)
+                else:
+                    grad_weight.add_(grad.t() @ h)
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
             return total
 
         @staticmethod
@@ -234,15 +239,19 @@ def _linear_cross_entropy_function():
     return LinearCrossEntropy
 
 
-def linear_cross_entropy(hidden, weight, labels, chunk_rows: int | None = None):
+def linear_cross_entropy(hidden, weight, labels, chunk_rows: int | None = None, dtype=None):
     """Summed next-token cross-entropy of `hidden @ weight.T` against `labels` shifted by one.
 
     hidden: [batch, seq, width]; weight: [vocab, width]; labels: [batch, seq] with -100 = ignored.
     Equals `summed_token_loss(hidden @ weight.T, labels)`, value and gradients, without storing the logits.
+    With `dtype` (bf16 mixed precision) both operands are cast to it for the matmuls; the log-softmax, the
+    loss and the weight gradient's sum stay fp32, and autograd casts the gradients back to the inputs' dtypes.
     """
     import torch.nn.functional as F
 
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
     flat = hidden.flatten(0, 1)
+    if dtype is not None:
+        flat, weight = flat.to(dtype), weight.to(dtype)
     chunk = chunk_rows or max(64, CHUNK_ELEMENTS // weight.shape[0])
     return _linear_cross_entropy_function().apply(flat, weight, targets, chunk)

@@ -87,24 +87,28 @@ class Trainer(CheckpointMixin):
             self.model = torch.compile(self.model)
 
     def use_fused_loss(self, model) -> bool:
-        """The chunked loss bypasses the head inside the forward: only for plain fp32 models that the
-        wrappers (peft, DeepSpeed's partitioning, torch.compile's graph guards) do not own."""
+        """The chunked loss bypasses the head inside the forward: only for plain models (fp32 weights, fp32 or
+        bf16 compute) that the wrappers (peft, DeepSpeed's partitioning, torch.compile's graph guards) do not own."""
         cfg = self.cfg
         return (
             cfg.fused_kernels
             and not cfg.lora
             and not self.deepspeed
             and not cfg.torch_compile
-            and cfg.mixed_precision == "no"
+            and cfg.mixed_precision in ("no", "bf16")
             and supports_fused_loss(model)
         )
 
     def forward_loss(self, batch: dict[str, Any]):
         """Summed next-token loss of one micro-batch."""
+        import torch
+
         if self.fused_loss:
             with head_bypassed(self.raw_model) as head:
                 hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return linear_cross_entropy(hidden, head.weight, batch["labels"])
+            # accelerate's autocast covers the model's forward only: the head's matmuls get bf16 here.
+            dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else None
+            return linear_cross_entropy(hidden, head.weight, batch["labels"], dtype=dtype)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return summed_token_loss(logits, batch["labels"])
 
