@@ -98,13 +98,7 @@ class DecodeProbe:
         parts = {"gemm": 0.0, "attention": 0.0, "rest": 0.0}
         for event in prof.key_averages():
             name = event.key
-            kind = (
-                "gemm"
-                if name in GEMM_OPS
-                else "attention"
-                if any(tag in name for tag in ATTENTION_OPS)
-                else "rest"
-            )
+            kind = "gemm" if name in GEMM_OPS else "attention" if any(tag in name for tag in ATTENTION_OPS) else "rest"
             parts[kind] += event.self_cpu_time_total / 1000
         top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
         parts["top"] = ", ".join(f"{e.key} {e.self_cpu_time_total / 1000:.1f}" for e in top)
@@ -171,7 +165,9 @@ def main() -> None:
             f"({min(rates):.0f}-{max(rates):.0f}) | {rate * base / 1e9:.1f} | {rate * base / peak:.1%} "
             f"| {rate * with_head / peak:.1%} |"
         )
-    print(f"\nmodel FLOPs per token at mean context {context:.0f}: {base / 1e6:.1f} M (+LM head {with_head / 1e6:.1f} M)")
+    print(
+        f"\nmodel FLOPs per token at mean context {context:.0f}: {base / 1e6:.1f} M (+LM head {with_head / 1e6:.1f} M)"
+    )
     print("\none profiled batch decode step, self CPU ms:")
     for d, parts in breakdown.items():
         total = parts["gemm"] + parts["attention"] + parts["rest"]

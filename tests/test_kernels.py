@@ -45,6 +45,26 @@ def test_linear_cross_entropy_matches_reference(chunk_rows):
     torch.testing.assert_close(weight.grad, ref_grads[1], rtol=1e-4, atol=1e-5)
 
 
+def test_linear_cross_entropy_in_bf16_matches_bf16_reference():
+    """bf16 mixed precision: bf16 matmuls, fp32 loss, gradients back in the fp32 inputs' dtype."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 33, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 33))
+    labels[1, :5] = -100
+    ref = summed_token_loss(hidden.bfloat16() @ weight.bfloat16().t(), labels)
+    ref.backward()
+    ref_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    out = linear_cross_entropy(hidden, weight, labels, chunk_rows=8, dtype=torch.bfloat16)
+    out.backward()
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(ref.item(), rel=1e-3)
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32
+    torch.testing.assert_close(hidden.grad, ref_grads[0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(weight.grad, ref_grads[1], rtol=2e-2, atol=2e-2)
+
+
 def test_peaked_logits_stay_finite():
     """Confident predictions push exp() toward denormals; the loss and gradients must stay exact."""
     hidden = torch.full((1, 4, 8), 30.0, requires_grad=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastserve_cli.core.batches import IGNORE_INDEX, BatchStream, eval_batches, load_splits
+from fastserve_cli.core.errors import UserError
 from fastserve_cli.core.recipe import Recipe
 from fastserve_cli.core.rundir import RunDir, StageResult, fingerprint, staged_dir
 from fastserve_cli.core.tracking import Trackers
@@ -64,6 +65,7 @@ class Trainer(CheckpointMixin):
 
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
+        check_precision(self.cfg.mixed_precision)
         set_seed(self.recipe.seed)
         self.accelerator = self.make_accelerator()
         self.tokenizer = AutoTokenizer.from_pretrained(self.run.tokenizer_dir)
@@ -377,6 +379,18 @@ class Trainer(CheckpointMixin):
             if p.exists()
         ]
         return StageResult(outputs=outputs, metrics=metrics)
+
+
+def check_precision(mixed_precision: str) -> None:
+    """bf16 autocast on a CPU without bf16 dot products would be emulated (slower than fp32): a user error,
+    as for serve.dtype."""
+    from fastserve_cli.models.precision import cpu_supports_bf16
+
+    if mixed_precision == "bf16" and not cuda_available() and not cpu_supports_bf16():
+        raise UserError(
+            "train.mixed_precision bf16: this CPU lacks avx512_bf16/AMX (bf16 would be emulated, slower "
+            "than fp32); set it to no"
+        )
 
 
 def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
