@@ -89,19 +89,21 @@ class DecodeProbe:
         while not all(r.finished for r in self.reqs):
             self.engine.step()
 
-    def profile(self) -> dict[str, float]:
-        """Self CPU time (ms) of one decode step by class: gemm, attention, rest."""
+    def profile(self, steps: int = 3) -> dict[str, float]:
+        """Self CPU time (ms) per decode step by class (gemm, attention, rest), the mean of `steps` steps:
+        on a shared machine a single step can catch a thread descheduled inside a small op."""
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            self.engine.step()
+            for _ in range(steps):
+                self.engine.step()
         parts = {"gemm": 0.0, "attention": 0.0, "rest": 0.0}
         for event in prof.key_averages():
             name = event.key
             kind = "gemm" if name in GEMM_OPS else "attention" if any(tag in name for tag in ATTENTION_OPS) else "rest"
-            parts[kind] += event.self_cpu_time_total / 1000
+            parts[kind] += event.self_cpu_time_total / 1000 / steps
         top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
-        parts["top"] = ", ".join(f"{e.key} {e.self_cpu_time_total / 1000:.1f}" for e in top)
+        parts["top"] = ", ".join(f"{e.key} {e.self_cpu_time_total / 1000 / steps:.1f}" for e in top)
         return parts
 
 
@@ -133,7 +135,7 @@ def main() -> None:
     prompts = [ids[i * 40 : i * 40 + args.prompt_tokens] for i in range(args.batch)]
     dtypes = args.dtypes.split(",")
     probes = {d: DecodeProbe(model_dir, d, args.threads, args.batch) for d in dtypes}
-    new_tokens = 2 + (args.rounds + 1) * args.steps + 2
+    new_tokens = 2 + (args.rounds + 1) * args.steps + 4
     for probe in probes.values():  # warm-up round (kernel builds per row count), untimed
         probe.prime(prompts, new_tokens)
         probe.timed(args.steps)
@@ -168,7 +170,7 @@ def main() -> None:
     print(
         f"\nmodel FLOPs per token at mean context {context:.0f}: {base / 1e6:.1f} M (+LM head {with_head / 1e6:.1f} M)"
     )
-    print("\none profiled batch decode step, self CPU ms:")
+    print(f"\nprofiled batch-{args.batch} decode step (mean of 3), self CPU ms:")
     for d, parts in breakdown.items():
         total = parts["gemm"] + parts["attention"] + parts["rest"]
         print(
