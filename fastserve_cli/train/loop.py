@@ -107,11 +107,11 @@ class Trainer(CheckpointMixin):
 
         if self.fused_loss:
             with head_bypassed(self.raw_model) as head:
-                hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                hidden = self.model(**model_inputs(batch)).logits
             # accelerate's autocast covers the model's forward only: the head's matmuls get bf16 here.
             dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else None
             return linear_cross_entropy(hidden, head.weight, batch["labels"], dtype=dtype)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(**model_inputs(batch)).logits
         return summed_token_loss(logits, batch["labels"])
 
     def make_accelerator(self):
@@ -285,7 +285,7 @@ class Trainer(CheckpointMixin):
             ):
                 batch = to_device(batch, self.accelerator.device)
                 with self.accelerator.autocast():
-                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = self.model(**model_inputs(batch)).logits
                 total += float(summed_token_loss(logits, batch["labels"]))
                 count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         loss = total / max(count, 1)
@@ -379,6 +379,12 @@ class Trainer(CheckpointMixin):
             if p.exists()
         ]
         return StageResult(outputs=outputs, metrics=metrics)
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """Forward arguments of a training or evaluation batch. No KV cache: a cached forward copies every
+    layer's keys and values into a cache it then throws away (~4% of a CPU step)."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
 def check_precision(mixed_precision: str) -> None:
