@@ -225,6 +225,9 @@ def main() -> None:
             f"{row:18s} {spread:>28s} {median / baseline:15.2f}x {median * flops / peak:7.1%} "
             f"{losses[row]:9.4f} {loss_change:+8.2%}"
         )
+    for row in (r for r in rows if r != "HF Trainer fp32"):
+        paired = [f"{a / b:.2f}x" for a, b in zip(speeds[row], speeds["HF Trainer fp32"])]
+        print(f"{row} / HF Trainer fp32, round by round: {', '.join(paired)}")
     print("targets: fastserve fp32 >= 1.1x, fastserve bf16 >= 1.4x the fp32 Trainer, val loss within +-1%")
     print(
         f"matmul peak: {peaks['fp32'] / 1e9:.1f} GFLOP/s fp32, {peaks['bf16'] / 1e9:.1f} GFLOP/s bf16 on {THREADS} "
