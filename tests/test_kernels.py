@@ -7,6 +7,7 @@ import torch
 from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from fastserve_cli.models.kernels import (
+    decode_attention,
     fuse_activations,
     head_bypassed,
     linear_cross_entropy,
@@ -43,6 +44,26 @@ def test_linear_cross_entropy_matches_reference(chunk_rows):
     assert out.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(hidden.grad, ref_grads[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weight.grad, ref_grads[1], rtol=1e-4, atol=1e-5)
+
+
+def test_linear_cross_entropy_in_bf16_matches_bf16_reference():
+    """bf16 mixed precision: bf16 matmuls, fp32 loss, gradients back in the fp32 inputs' dtype."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 33, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 33))
+    labels[1, :5] = -100
+    ref = summed_token_loss(hidden.bfloat16() @ weight.bfloat16().t(), labels)
+    ref.backward()
+    ref_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    out = linear_cross_entropy(hidden, weight, labels, chunk_rows=8, dtype=torch.bfloat16)
+    out.backward()
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(ref.item(), rel=1e-3)
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32
+    torch.testing.assert_close(hidden.grad, ref_grads[0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(weight.grad, ref_grads[1], rtol=2e-2, atol=2e-2)
 
 
 def test_peaked_logits_stay_finite():
@@ -116,6 +137,33 @@ def test_onednn_linears_same_logits_and_greedy_tokens(make):
         want = model.generate(ids[:1], max_new_tokens=12, do_sample=False)
         assert torch.equal(swapped_model.generate(ids[:1], max_new_tokens=12, do_sample=False), want)
     assert swapped_model.get_input_embeddings().weight.layout == torch.strided  # the embedding keeps its dense weight
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_decode_attention_same_decode_logits_with_padding(make):
+    """The single-query path (grouped-query heads included) gives SDPA's logits on a left-padded batch."""
+    from transformers import DynamicCache
+
+    from fastserve_cli.models.compat import cache_kwargs
+
+    model, switched = make().eval(), make().eval()
+    assert decode_attention(switched) == 1
+    ids = torch.randint(0, 96, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding on one row
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    step = torch.randint(0, 96, (3, 1))
+    full = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+    with torch.inference_mode():
+        outs = []
+        for m in (model, switched):
+            cache = DynamicCache()
+            m(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwargs(m, cache))
+            pos = positions[:, -1:] + 1
+            outs.append(m(input_ids=step, attention_mask=full, position_ids=pos, **cache_kwargs(m, cache)).logits)
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+        want = model.generate(ids[1:2], max_new_tokens=12, do_sample=False)
+        assert torch.equal(switched.generate(ids[1:2], max_new_tokens=12, do_sample=False), want)
 
 
 def test_onednn_linears_leaves_quantized_layers_alone():

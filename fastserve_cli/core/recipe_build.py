@@ -180,7 +180,11 @@ class TrainConfig(Section):
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(20, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no",
+        description="bf16: autocast (weights and optimizer state stay fp32) on GPUs and on CPUs with "
+        "avx512_bf16/AMX (an error on other CPUs); fp16: GPUs only. See docs/train.md.",
+    )
     torch_compile: bool = False
     fused_kernels: bool = Field(
         True,

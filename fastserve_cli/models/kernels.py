@@ -17,6 +17,11 @@ which is slow for decode shapes (a few rows against a large weight): on this 2-c
 (`serve.fast_kernels: false` turns it off). bf16 layers are packed the same way on CPUs with native bf16
 (avx512_bf16/AMX): torch's own bf16 Linear re-reads an unpacked weight each call and measured 1.5-3x slower
 than the packed one on decode shapes here (numbers in docs/perf.md).
+`decode_attention` computes fp32 single-query (decode) attention with two batched matmuls and a softmax instead
+of SDPA's CPU flash kernel, which is built for long query blocks: at batch 64 and 1 thread the plain math took
+0.58 vs 1.10 ms per layer at 40 keys, 11.5 vs 12.8 ms at 300. Prefills keep SDPA, and so does bf16: there the
+math was 3-5x faster too, but torch's CPU bf16 matmul rounds the scores to bf16 (SDPA accumulates them in
+fp32), which cost greedy agreement with fp32 (tests/test_serve_bf16.py).
 oneDNN builds and caches one kernel (~0.65 MB) per distinct row count, in two caches of 1024 entries each
 by default: a server that saw every prompt length grew by ~250 MB on a 2-layer model in its first minute.
 So the packed layers pad their rows to a small set of sizes (`onednn_padded_rows`) and `onednn_linears`
@@ -168,6 +173,60 @@ def _onednn_linear_class():
     return OneDnnLinear
 
 
+DECODE_ATTENTION = "fastserve_decode_sdpa"
+
+
+def decode_attention(model) -> int:
+    """Route a model's SDPA attention through `_decode_attention` (single-query steps) and SDPA (the rest);
+    returns 1 when switched, 0 for models on another attention implementation (eager, flash, ...) or not in fp32."""
+    import torch
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return 0
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return 0  # bf16/fp16 scores would be rounded by the matmul (see the module docstring)
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)  # the same boolean masks as SDPA
+    for sub in {id(c): c for c in (config, *(getattr(m, "config", None) for m in model.modules())) if c}.values():
+        if getattr(sub, "_attn_implementation", None) == "sdpa":
+            sub._attn_implementation = DECODE_ATTENTION
+    return 1
+
+
+def _decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """softmax(q k^T * scale + mask) v for one fp32 query row per sequence; grouped-query heads
+    share their key/value head by folding the group into the query rows (no repeat of the cache)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    if (
+        q_len != 1
+        or query.dtype != torch.float32
+        or module.training
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("softcap")
+    ):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    group = heads // kv_heads
+    q = query.reshape(batch, kv_heads, group, dim)
+    scores = torch.matmul(q, key.transpose(-1, -2)) * (scaling if scaling is not None else dim**-0.5)
+    if attention_mask is not None:  # [batch or 1, 1, 1, keys]: shared by every head
+        mask = attention_mask[:, :, -1:, :]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, value).reshape(batch, heads, 1, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def supports_fused_loss(model) -> bool:
     """True for plain (not peft-wrapped) models whose head is a bias-free Linear applied to the last hidden state."""
     import torch
@@ -206,7 +265,9 @@ def _linear_cross_entropy_function():
         def forward(ctx, hidden, weight, targets, chunk: int):
             rows = hidden.shape[0]
             grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros_like(weight)
+            # The weight gradient sums over every chunk: in fp32 even for bf16 inputs.
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            exact = weight.dtype == torch.float32
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, rows, chunk):
                 h, t = hidden[start : start + chunk], targets[start : start + chunk]
@@ -222,8 +283,11 @@ def _linear_cross_entropy_function():
                 grad.mul_(valid[:, None].to(grad.dtype))
                 grad = grad.to(hidden.dtype)
                 grad_hidden[start : start + chunk] = grad @ weight
-                grad_weight.addmm_(grad.t(), h)
-            ctx.save_for_backward(grad_hidden, grad_weight)
+                if exact:
+                    grad_weight.addmm_(grad.t(), h)
+                else:
+                    grad_weight.add_(grad.t() @ h)
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
             return total
 
         @staticmethod
@@ -234,15 +298,19 @@ def _linear_cross_entropy_function():
     return LinearCrossEntropy
 
 
-def linear_cross_entropy(hidden, weight, labels, chunk_rows: int | None = None):
+def linear_cross_entropy(hidden, weight, labels, chunk_rows: int | None = None, dtype=None):
     """Summed next-token cross-entropy of `hidden @ weight.T` against `labels` shifted by one.
 
     hidden: [batch, seq, width]; weight: [vocab, width]; labels: [batch, seq] with -100 = ignored.
     Equals `summed_token_loss(hidden @ weight.T, labels)`, value and gradients, without storing the logits.
+    With `dtype` (bf16 mixed precision) both operands are cast to it for the matmuls; the log-softmax, the
+    loss and the weight gradient's sum stay fp32, and autograd casts the gradients back to the inputs' dtypes.
     """
     import torch.nn.functional as F
 
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
     flat = hidden.flatten(0, 1)
+    if dtype is not None:
+        flat, weight = flat.to(dtype), weight.to(dtype)
     chunk = chunk_rows or max(64, CHUNK_ELEMENTS // weight.shape[0])
     return _linear_cross_entropy_function().apply(flat, weight, targets, chunk)

@@ -54,9 +54,9 @@ class TorchBackend(Backend):
         self.model = _load_torch_model(self.model_dir, self.device, self.dtype)
         self.fast_kernels = 0
         if fast_kernels and self.device == "cpu":  # oneDNN-packed Linear layers, fp32 and (native) bf16
-            from fastserve_cli.models.kernels import fuse_activations, onednn_linears
+            from fastserve_cli.models.kernels import decode_attention, fuse_activations, onednn_linears
 
-            self.fast_kernels = onednn_linears(self.model) + fuse_activations(self.model)
+            self.fast_kernels = onednn_linears(self.model) + fuse_activations(self.model) + decode_attention(self.model)
         param = next(self.model.parameters())
         self.kv_dtype_bytes = 2 if param.dtype in (torch.float16, torch.bfloat16) else 4
 

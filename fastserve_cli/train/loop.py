@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastserve_cli.core.batches import IGNORE_INDEX, BatchStream, eval_batches, load_splits
+from fastserve_cli.core.errors import UserError
 from fastserve_cli.core.recipe import Recipe
 from fastserve_cli.core.rundir import RunDir, StageResult, fingerprint, staged_dir
 from fastserve_cli.core.tracking import Trackers
@@ -64,6 +65,7 @@ class Trainer(CheckpointMixin):
 
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
+        check_precision(self.cfg.mixed_precision)
         set_seed(self.recipe.seed)
         self.accelerator = self.make_accelerator()
         self.tokenizer = AutoTokenizer.from_pretrained(self.run.tokenizer_dir)
@@ -87,25 +89,29 @@ class Trainer(CheckpointMixin):
             self.model = torch.compile(self.model)
 
     def use_fused_loss(self, model) -> bool:
-        """The chunked loss bypasses the head inside the forward: only for plain fp32 models that the
-        wrappers (peft, DeepSpeed's partitioning, torch.compile's graph guards) do not own."""
+        """The chunked loss bypasses the head inside the forward: only for plain models (fp32 weights, fp32 or
+        bf16 compute) that the wrappers (peft, DeepSpeed's partitioning, torch.compile's graph guards) do not own."""
         cfg = self.cfg
         return (
             cfg.fused_kernels
             and not cfg.lora
             and not self.deepspeed
             and not cfg.torch_compile
-            and cfg.mixed_precision == "no"
+            and cfg.mixed_precision in ("no", "bf16")
             and supports_fused_loss(model)
         )
 
     def forward_loss(self, batch: dict[str, Any]):
         """Summed next-token loss of one micro-batch."""
+        import torch
+
         if self.fused_loss:
             with head_bypassed(self.raw_model) as head:
-                hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return linear_cross_entropy(hidden, head.weight, batch["labels"])
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                hidden = self.model(**model_inputs(batch)).logits
+            # accelerate's autocast covers the model's forward only: the head's matmuls get bf16 here.
+            dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else None
+            return linear_cross_entropy(hidden, head.weight, batch["labels"], dtype=dtype)
+        logits = self.model(**model_inputs(batch)).logits
         return summed_token_loss(logits, batch["labels"])
 
     def make_accelerator(self):
@@ -279,7 +285,7 @@ class Trainer(CheckpointMixin):
             ):
                 batch = to_device(batch, self.accelerator.device)
                 with self.accelerator.autocast():
-                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = self.model(**model_inputs(batch)).logits
                 total += float(summed_token_loss(logits, batch["labels"]))
                 count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         loss = total / max(count, 1)
@@ -373,6 +379,24 @@ class Trainer(CheckpointMixin):
             if p.exists()
         ]
         return StageResult(outputs=outputs, metrics=metrics)
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """Forward arguments of a training or evaluation batch. No KV cache: a cached forward copies every
+    layer's keys and values into a cache it then throws away (~4% of a CPU step)."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
+def check_precision(mixed_precision: str) -> None:
+    """bf16 autocast on a CPU without bf16 dot products would be emulated (slower than fp32): a user error,
+    as for serve.dtype."""
+    from fastserve_cli.models.precision import cpu_supports_bf16
+
+    if mixed_precision == "bf16" and not cuda_available() and not cpu_supports_bf16():
+        raise UserError(
+            "train.mixed_precision bf16: this CPU lacks avx512_bf16/AMX (bf16 would be emulated, slower "
+            "than fp32); set it to no"
+        )
 
 
 def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
