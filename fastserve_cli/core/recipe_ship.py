@@ -132,6 +132,9 @@ class AutoscalingConfig(Section):
     target_ongoing_requests: float = Field(8.0, gt=0, description="Requests per replica Ray Serve scales towards.")
 
 
+PREFILL_CHUNK_DEFAULT = 256  # measured in docs/serve.md (Prefill): vLLM's long-prefill threshold is its budget/25
+
+
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -145,6 +148,13 @@ class ServeConfig(Section):
     )
     max_batch_size: int = Field(8, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
+    prefill_chunk_tokens: int | None = Field(
+        PREFILL_CHUNK_DEFAULT,
+        ge=0,
+        description="Chunked prefill: a prompt is prefilled at most this many tokens per iteration (capped at "
+        "max_num_batched_tokens) while running streams keep decoding, so a long prompt does not stall them. "
+        "0 or null: every prompt prefills whole in one iteration. See docs/serve.md, Prefill.",
+    )
     max_queue: int = Field(256, ge=1)
     kv_cache_memory: str = Field("1GiB", description="KV-cache budget, e.g. 512MiB or 2GB.")
     kv_offload_memory: str = Field("4GiB", description="Host pool for KV caches offloaded from the device budget.")

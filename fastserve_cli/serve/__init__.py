@@ -109,6 +109,7 @@ def build_engine(target: ServeTarget, cfg) -> "object":
         max_batch_size=cfg.max_batch_size,
         token_budget=cfg.max_num_batched_tokens,
         max_queue=cfg.max_queue,
+        prefill_chunk_tokens=cfg.prefill_chunk_tokens,
     )
     return Loaded(engine, tokenizer, backend.max_context, backend.kv_bytes_per_token, budget)
 
