@@ -84,6 +84,7 @@ def test_chunked_prefill_equals_whole(backend, chunk, tiny_gpt2_dir, tiny_onnx_d
     from its own partial KV) give the greedy outputs of whole prefill."""
     whole = outputs(engine_for(backend, tiny_gpt2_dir, tiny_onnx_dir, max_batch_size=3), prompts_for(tiny_gpt2_dir))
     engine = engine_for(backend, tiny_gpt2_dir, tiny_onnx_dir, max_batch_size=3, prefill_chunk_tokens=chunk)
+    engine.chunk_when_idle = True  # chunk from the first iteration on, not only once someone decodes
     assert outputs(engine, prompts_for(tiny_gpt2_dir)) == whole
 
 
@@ -162,6 +163,7 @@ def test_chunked_prefill_under_kv_pressure(backend, host_tokens, expect, tiny_gp
         max_batch_size=3,
         prefill_chunk_tokens=8,
     )
+    engine.chunk_when_idle = True
     partial = []
     original = engine.kv.backend.release if host_tokens == 0 else engine.kv.backend.to_host
 
@@ -182,6 +184,7 @@ def test_token_budget_bounds_chunks(tiny_gpt2_dir):
     """A chunk never exceeds the iteration's token budget, and the batch's prefill tokens stay within it."""
     engine = make_engine(tiny_gpt2_dir, max_batch_size=4, token_budget=20, prefill_chunk_tokens=64)
     assert engine.prefill_chunk_tokens == 20
+    engine.chunk_when_idle = True
     reqs = [greedy_request(p, 3) for p in prompts(engine.tokenizer, (50, 45, 30))]
     original = engine.backend.prefill_batch
     sizes = []
@@ -202,6 +205,7 @@ def test_mlfq_skip_join_uses_the_first_chunk(tiny_gpt2_dir):
     def make(chunk):
         sched = SkipJoinMLFQ(base_quantum_s=1.0, estimate_prefill_s=lambda n: n / 10)
         engine = make_engine(tiny_gpt2_dir, scheduler=sched, prefill_chunk_tokens=chunk)
+        engine.chunk_when_idle = True
         req = Request(list(range(1, 81)), SamplingParams(max_new_tokens=2, temperature=0), time.perf_counter())
         engine.submit([req])
         engine.step()
@@ -211,3 +215,55 @@ def test_mlfq_skip_join_uses_the_first_chunk(tiny_gpt2_dir):
     level, req = make(10)
     assert level == 0 and req.kv_tokens == 10 and req.is_started and not req.is_prefilled
     assert req.prefill_remaining == 70
+
+
+@pytest.mark.parametrize("value", [-1, "-1", "many", 1.5, True])
+def test_recipe_key_bad_value_is_one_line_user_error(value):
+    from fastserve_cli.core.errors import UserError
+    from fastserve_cli.core.recipe import validate_recipe
+    from fastserve_cli.serve import serve_config
+
+    with pytest.raises(UserError, match=r"serve\.prefill_chunk_tokens") as err:
+        validate_recipe({"serve": {"prefill_chunk_tokens": value}}, "recipe.yaml")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match=r"prefill_chunk_tokens") as err:  # the --prefill-chunk-tokens flag
+        serve_config(None, [], {"prefill_chunk_tokens": value})
+    assert "\n" not in str(err.value)
+
+
+def test_recipe_key_zero_or_null_turns_chunking_off(tiny_gpt2_dir):
+    from fastserve_cli.core.recipe import validate_recipe
+    from fastserve_cli.serve import serve_config
+
+    assert validate_recipe({}, "r").serve.prefill_chunk_tokens == "auto"
+    assert serve_config(None, [], {"prefill_chunk_tokens": "64"}).prefill_chunk_tokens == 64  # the flag's string
+    for value in (0, None):
+        chunk = validate_recipe({"serve": {"prefill_chunk_tokens": value}}, "r").serve.prefill_chunk_tokens
+        assert make_engine(tiny_gpt2_dir, prefill_chunk_tokens=chunk).prefill_chunk_tokens is None
+
+
+def test_lone_prompt_prefills_whole_and_chunks_start_when_someone_decodes(tiny_gpt2_dir):
+    """Chunks protect running streams: with nobody decoding a prompt runs in one forward (shortest time to
+    first token); a prompt arriving while a stream decodes is chunked."""
+    engine = make_engine(tiny_gpt2_dir, prefill_chunk_tokens=8)
+    first, second = (greedy_request(p, 20) for p in prompts(engine.tokenizer, (40, 30)))
+    engine.submit([first])
+    engine.step()
+    assert first.output_ids and first.kv_tokens == 40
+    engine.submit([second])
+    engine.step()
+    assert second.kv_tokens == 8 and not second.output_ids
+
+
+def test_auto_chunk_from_profile():
+    """auto: the most tokens whose estimated prefill fits one decode iteration, a multiple of 16, within budget."""
+    from fastserve_cli.serve.profile import PrefillProfile
+
+    profile = PrefillProfile(lengths=[1, 64, 256, 1024], prefill_times=[0.001, 0.01, 0.04, 0.16], decode_s=0.02)
+    assert profile.chunk_tokens(2048) == 128  # 0.02 s covers 128 tokens (linear between 64 and 256)
+    assert profile.chunk_tokens(100) == 100  # the whole budget fits in one decode step
+    assert profile.chunk_tokens(2048, floor=16) == 128
+    fast = PrefillProfile(lengths=[1, 1024], prefill_times=[0.001, 0.002], decode_s=0.02)
+    assert fast.chunk_tokens(2048) == 2048  # a GPU-like profile: chunks as large as the budget
+    slow = PrefillProfile(lengths=[1, 8], prefill_times=[0.05, 0.4], decode_s=0.02)
+    assert slow.chunk_tokens(2048) == 16  # never below the floor

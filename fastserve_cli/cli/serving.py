@@ -66,8 +66,10 @@ def serve(
     max_num_batched_tokens: Optional[int] = typer.Option(
         None, "--max-num-batched-tokens", help="Token budget per iteration."
     ),
-    prefill_chunk_tokens: Optional[int] = typer.Option(
-        None, "--prefill-chunk-tokens", help="Chunked prefill: most prompt tokens per iteration; 0 = whole prompts."
+    prefill_chunk_tokens: Optional[str] = typer.Option(
+        None,
+        "--prefill-chunk-tokens",
+        help="Chunked prefill while others decode: most prompt tokens per iteration, auto (default) or 0 (off).",
     ),
     kv_cache_memory: Optional[str] = typer.Option(None, "--kv-cache-memory", help="KV-cache budget, e.g. 512MiB."),
     api_key: Optional[str] = typer.Option(

@@ -132,9 +132,6 @@ class AutoscalingConfig(Section):
     target_ongoing_requests: float = Field(8.0, gt=0, description="Requests per replica Ray Serve scales towards.")
 
 
-PREFILL_CHUNK_DEFAULT = 256  # measured in docs/serve.md (Prefill): vLLM's long-prefill threshold is its budget/25
-
-
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -148,12 +145,13 @@ class ServeConfig(Section):
     )
     max_batch_size: int = Field(8, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
-    prefill_chunk_tokens: int | None = Field(
-        PREFILL_CHUNK_DEFAULT,
-        ge=0,
-        description="Chunked prefill: a prompt is prefilled at most this many tokens per iteration (capped at "
-        "max_num_batched_tokens) while running streams keep decoding, so a long prompt does not stall them. "
-        "0 or null: every prompt prefills whole in one iteration. See docs/serve.md, Prefill.",
+    prefill_chunk_tokens: int | Literal["auto"] | None = Field(
+        "auto",
+        description="Chunked prefill: while other requests decode, a prompt is prefilled at most this many "
+        "tokens per iteration (never over max_num_batched_tokens), so a long prompt does not stall the running "
+        "streams; with nobody decoding it runs whole. auto: the most tokens whose prefill costs one full-batch "
+        "decode iteration, from the start-up profile (running streams' inter-token latency then stays about 2x "
+        "steady while a prompt prefills). 0 or null: prompts always prefill whole. See docs/serve.md.",
     )
     max_queue: int = Field(256, ge=1)
     kv_cache_memory: str = Field("1GiB", description="KV-cache budget, e.g. 512MiB or 2GB.")
@@ -207,6 +205,18 @@ class ServeConfig(Section):
     )
     replica_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
     autoscaling: AutoscalingConfig | None = None
+
+    @field_validator("prefill_chunk_tokens", mode="before")
+    @classmethod
+    def _chunk_tokens(cls, value):
+        """One clear message for every bad value (a union of int and "auto" would report one per member)."""
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise ValueError("a token count >= 0 (0 turns chunked prefill off) or auto")
 
 
 class EvalSourceConfig(Section):

@@ -109,6 +109,7 @@ class Engine:
         self.max_queue = max_queue
         # A chunk never exceeds the iteration's token budget (then a prefill never runs alone over it).
         self.prefill_chunk_tokens = min(prefill_chunk_tokens, token_budget) if prefill_chunk_tokens else None
+        self.chunk_when_idle = False  # True: chunk prefills even with nobody decoding (tests, benchmarks)
         self.live: list[Request] = []
         self._inbox: deque[Request] = deque()
         self._aborts: deque[Request] = deque()
@@ -215,6 +216,7 @@ class Engine:
         """One iteration; False when there was nothing to run."""
         now = time.perf_counter()
         self._intake(now)
+        self._set_chunks()
         batch = self.scheduler.schedule(now, self.max_batch_size, self.token_budget)
         runnable = self.kv.make_room(batch, self.live, self.scheduler.priority_order) if batch else []
         if batch and not runnable and len(self.live) == 1:
@@ -234,6 +236,17 @@ class Engine:
         self.scheduler.after_iteration(runnable, elapsed, time.perf_counter())
         self._update_gauges()
         return True
+
+    def _set_chunks(self) -> None:
+        """Chunk prefills only while some request decodes: chunks exist to keep the running streams' inter-token
+        latency low. With nobody decoding, a prompt prefills whole (one forward: its shortest time to first token).
+        """
+        if self.prefill_chunk_tokens is None:
+            return
+        decoding = self.chunk_when_idle or any(r.is_prefilled for r in self.live)
+        chunk = self.prefill_chunk_tokens if decoding else None
+        for req in self.live:
+            req.prefill_chunk = chunk
 
     def _execute(self, batch: list[Request], start: float) -> list[tuple[Request, tuple[int, Any]]]:
         """One batched decode and one batched prefill (a chunk of each newcomer's prompt, continuing from the KV
