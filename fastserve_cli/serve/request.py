@@ -44,7 +44,8 @@ class Request:
     Once prefilled, that is one token (`all_ids[-1]`, the last sampled one: a decode). Before, it is the rest of
     the prefill, `prefill_chunk` tokens at most per iteration when chunked prefill is on, and a token is sampled
     only after the last chunk. Prefill always continues from `kv_tokens`, whoever computed those (earlier chunks
-    or a prefix cache). After a recompute-preemption the KV is dropped (`kv_tokens` 0) and the prefill runs over
+    or a prefix cache, which may supply at most `len(all_ids) - 1` tokens: the last one is computed to sample
+    the next token from). After a recompute-preemption the KV is dropped (`kv_tokens` 0) and the prefill runs over
     `all_ids` (prompt + generated so far) again.
     """
 
