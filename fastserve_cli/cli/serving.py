@@ -66,6 +66,11 @@ def serve(
     max_num_batched_tokens: Optional[int] = typer.Option(
         None, "--max-num-batched-tokens", help="Token budget per iteration."
     ),
+    prefill_chunk_tokens: Optional[str] = typer.Option(
+        None,
+        "--prefill-chunk-tokens",
+        help="Chunked prefill while others decode: most prompt tokens per iteration, auto, or 0 (off, the default).",
+    ),
     kv_cache_memory: Optional[str] = typer.Option(None, "--kv-cache-memory", help="KV-cache budget, e.g. 512MiB."),
     api_key: Optional[str] = typer.Option(
         None, "--api-key", envvar="FASTSERVE_API_KEY", help="Require this bearer key."
@@ -104,6 +109,7 @@ def serve(
         scheduler=scheduler,
         max_batch_size=max_batch_size,
         max_num_batched_tokens=max_num_batched_tokens,
+        prefill_chunk_tokens=prefill_chunk_tokens,
         kv_cache_memory=kv_cache_memory,
         api_key=api_key,
         max_queue=max_queue,

@@ -145,6 +145,15 @@ class ServeConfig(Section):
     )
     max_batch_size: int = Field(8, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
+    prefill_chunk_tokens: int | Literal["auto"] | None = Field(
+        0,
+        description="Chunked prefill: while other requests decode, a prompt is prefilled at most this many "
+        "tokens per iteration (never over max_num_batched_tokens), so a long prompt does not stall the running "
+        "streams; with nobody decoding it runs whole. auto: the most tokens whose prefill costs one full-batch "
+        "decode iteration, from the start-up profile (running streams' inter-token latency then stays about 2x "
+        "steady while a prompt prefills, and the long prompt's own first token comes ~4x later). 0 or null (default): "
+        "prompts always prefill whole. See docs/serve.md.",
+    )
     max_queue: int = Field(256, ge=1)
     kv_cache_memory: str = Field("1GiB", description="KV-cache budget, e.g. 512MiB or 2GB.")
     kv_offload_memory: str = Field("4GiB", description="Host pool for KV caches offloaded from the device budget.")
@@ -208,6 +217,18 @@ class ServeConfig(Section):
         "a third of the per-token cost) or object-ref (one Ray object per streamed item; needs no replica port).",
     )
     autoscaling: AutoscalingConfig | None = None
+
+    @field_validator("prefill_chunk_tokens", mode="before")
+    @classmethod
+    def _chunk_tokens(cls, value):
+        """One clear message for every bad value (a union of int and "auto" would report one per member)."""
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise ValueError("a token count >= 0 (0 turns chunked prefill off) or auto")
 
 
 class EvalSourceConfig(Section):

@@ -88,12 +88,17 @@ def build_engine(target: ServeTarget, cfg) -> "object":
         "max_batch_size": cfg.max_batch_size,
         "token_budget": cfg.max_num_batched_tokens,
     }
-    if cfg.scheduler != "fcfs":
+    chunk = cfg.prefill_chunk_tokens
+    if cfg.scheduler != "fcfs" or chunk == "auto":
         from fastserve_cli.core.rundir import RunDir
         from fastserve_cli.serve.profile import ensure_profile
 
         path = RunDir(target.run_dir).serve_profile_path if target.run_dir else None
         profile = ensure_profile(backend, path, cfg.max_batch_size)
+        if chunk == "auto":
+            chunk = profile.chunk_tokens(cfg.max_num_batched_tokens)
+            logging.getLogger("fastserve.serve").info("prefill chunks of %d tokens (auto)", chunk)
+    if cfg.scheduler != "fcfs":
         options.update(
             base_quantum_s=cfg.base_quantum_s or profile.base_quantum_s,
             estimate_prefill_s=profile.prefill_s,
@@ -109,6 +114,7 @@ def build_engine(target: ServeTarget, cfg) -> "object":
         max_batch_size=cfg.max_batch_size,
         token_budget=cfg.max_num_batched_tokens,
         max_queue=cfg.max_queue,
+        prefill_chunk_tokens=chunk,
     )
     return Loaded(engine, tokenizer, backend.max_context, backend.kv_bytes_per_token, budget)
 

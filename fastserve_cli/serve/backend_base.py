@@ -1,8 +1,17 @@
 """Model execution behind one small interface, so the engine (and a simulated executor) can swap it.
 
 A backend runs two kinds of work for the engine:
-- `prefill(req)`: the request's whole token sequence in one forward; its KV becomes the request's own
-  tensors (`req.kv`, a list of (key, value) [1, kv_heads, len, head_dim] per layer).
+- `prefill_batch(reqs, counts)`: for each request, the next `counts[i]` tokens of `req.all_ids` after the
+  `req.kv_tokens` its KV already covers, all requests in ONE forward; each request's KV grows by its count
+  and stays its own tensors (`req.kv`, a list of (key, value) [1, kv_heads, len, head_dim] per layer).
+  "Prefill continues from `req.kv_tokens`" is the one primitive behind whole prefill (kv_tokens 0, count =
+  everything), chunked prefill (a chunk per engine iteration) and a prefix-cache hit (`req.kv` arrives
+  holding the first k prompt tokens, kv_tokens = k < len(all_ids)). The logits returned are those of each
+  request's last computed position: the engine samples from them only after a request's last chunk.
+  `prefill(req, num_tokens)` is the one-request form. Layout of the batched call, per row i with p_i past
+  and n_i new tokens: past left-padded to P = max p_i, new tokens left-padded to N = max n_i, so every row's
+  last token is the last position (one logits row each, which the ONNX graph's last-logits cut needs); the
+  attention mask is 0 over both pads and the position ids run p_i .. p_i + n_i - 1 over the real tokens.
 - `decode(reqs)`: one token for each prefilled request in one batched forward.
 
 Batching requests with different past lengths: the rows of a decode batch are packed into one left-padded
@@ -83,16 +92,61 @@ class Backend:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
 
     # -- engine-facing operations ----------------------------------------------------------
-    def prefill(self, req: Request):
-        """Run the request's whole sequence (prompt + anything generated before a recompute)."""
+    def prefill(self, req: Request, num_tokens: int | None = None):
+        """Compute the request's next `num_tokens` tokens (all the rest when None) after the `req.kv_tokens`
+        its KV covers; returns the last position's logits [1, V]."""
+        return self.prefill_batch([req], [num_tokens])
+
+    def prefill_batch(self, reqs: list[Request], counts: list[int | None] | None = None):
+        """One forward over the next `counts[i]` tokens of each request (None: the rest of its sequence),
+        continuing from each request's KV (on the device, or none); -> logits [B, V] of each row's last token.
+
+        Every request's KV grows by its count (`req.kv_tokens` too). Requests whose KV is in the decode pack
+        get their own tensors first (a prefill never touches the pack's rows)."""
         import torch
 
-        ids = torch.tensor([req.all_ids], dtype=torch.long, device=self.device)
-        mask = torch.ones_like(ids)
-        positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
-        logits, present = self.forward(ids, mask, positions, None)
-        req.kv, req.kv_tokens, req.kv_location = present, ids.shape[1], "device"
+        counts = [r.total_len - r.kv_tokens if c is None else c for r, c in zip(reqs, counts or [None] * len(reqs))]
+        for r, n in zip(reqs, counts):
+            if r.kv_location == "host" or not 0 < n <= r.total_len - r.kv_tokens:
+                raise ValueError(f"{r.request_id}: cannot prefill {n} tokens after {r.kv_tokens} ({r.kv_location})")
+            self.detach(r)
+        pasts = [r.kv_tokens if r.kv_location == "device" else 0 for r in reqs]
+        width, new = max(pasts), max(counts)
+        ids = torch.zeros(len(reqs), new, dtype=torch.long)
+        positions = torch.zeros(len(reqs), new, dtype=torch.long)
+        mask = torch.zeros(len(reqs), width + new, dtype=torch.long)
+        for i, (r, p, n) in enumerate(zip(reqs, pasts, counts)):
+            ids[i, new - n :] = torch.tensor(r.all_ids[p : p + n], dtype=torch.long)
+            positions[i, new - n :] = torch.arange(p, p + n)
+            mask[i, width - p : width] = 1
+            mask[i, width + new - n :] = 1
+        past = self._padded_past(reqs, pasts, width) if width else None
+        logits, present = self.forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), past)
+        for i, (r, p, n) in enumerate(zip(reqs, pasts, counts)):
+            r.kv = present if len(reqs) == 1 else _row_kv(present, i, width, p, new, n)
+            r.kv_tokens, r.kv_location = p + n, "device"
         return logits
+
+    def _padded_past(self, reqs: list[Request], pasts: list[int], width: int) -> list[tuple[Any, Any]]:
+        """The requests' KV as one batch per layer, left-padded with zeros to `width` (pads must be finite)."""
+        import torch
+
+        if len(reqs) == 1:
+            return reqs[0].kv
+        first = next(r.kv for r, p in zip(reqs, pasts) if p)
+        layers = []
+        with torch.inference_mode():  # the caches come out of the model's inference-mode forward
+            for layer, (k0, _) in enumerate(first):
+                shape = (len(reqs), k0.shape[1], width, k0.shape[3])
+                k_all = torch.zeros(shape, dtype=k0.dtype, device=k0.device)
+                v_all = torch.zeros(shape, dtype=k0.dtype, device=k0.device)
+                for i, (r, p) in enumerate(zip(reqs, pasts)):
+                    if p:
+                        k, v = r.kv[layer]
+                        k_all[i, :, width - p :] = k[0]
+                        v_all[i, :, width - p :] = v[0]
+                layers.append((k_all, v_all))
+        return layers
 
     def decode(self, reqs: list[Request]):
         """One token for every request in `reqs` (all prefilled, KV on the device) -> logits [B, V] in `reqs` order."""
@@ -102,7 +156,7 @@ class Backend:
             self._repack(reqs)
         pack = self.packed
         rows = pack.rows  # the forward runs in the pack's row order
-        ids = torch.tensor([[r.output_ids[-1]] for r in rows], dtype=torch.long, device=self.device)
+        ids = torch.tensor([[r.next_input_id] for r in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[r.kv_tokens] for r in rows], dtype=torch.long, device=self.device)
         logits = self._decode_forward(pack, ids, positions)
         for r in rows:
@@ -271,6 +325,19 @@ class Backend:
         ]
         mask = torch.zeros(rows, width, dtype=torch.long, device=self.device)
         return PackedBatch([None] * rows, layers, [0] * rows, mask)
+
+
+def _row_kv(present: list[tuple[Any, Any]], i: int, width: int, past: int, new: int, count: int):
+    """Row i's KV out of a batched prefill's output (past left-padded to `width`, new tokens to `new`): its
+    own contiguous [1, heads, past + count, dim] tensors, so the batch's buffers are not kept alive."""
+    import torch
+
+    def cut(t):
+        old, fresh = t[i : i + 1, :, width - past : width], t[i : i + 1, :, width + new - count :]
+        return torch.cat([old, fresh], dim=2) if past else fresh.clone()
+
+    with torch.inference_mode():
+        return [(cut(k), cut(v)) for k, v in present]
 
 
 def same_rows(a: list[Request], b: list[Request]) -> bool:

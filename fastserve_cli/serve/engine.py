@@ -1,9 +1,11 @@
 """The continuous-batching engine: one background thread running one model iteration at a time.
 
 Each iteration: take new arrivals and cancellations, ask the scheduler for a batch, ask the KV manager to
-make room for it (offload/reload/recompute), run the prefills (each whole, one forward per request) and one
-batched decode over the prefilled requests, sample a token for each, detokenize, check stop conditions,
-and hand each request's new output to the API layer through `req.on_output`. Requests join and leave at
+make room for it (offload/reload/recompute), run one batched decode over the prefilled requests and one
+batched prefill over the others (each request's next chunk, `prefill_chunk_tokens` at most, continuing from
+the KV it already has; a request samples its first token after its last chunk), sample a token for each that
+has one, detokenize, check stop conditions, and hand each request's new output to the API layer through
+`req.on_output`. Requests join and leave at
 every iteration. The HTTP side only calls `submit` and `abort`, which are thread-safe.
 """
 
@@ -94,6 +96,7 @@ class Engine:
         max_batch_size: int = 8,
         token_budget: int = 2048,
         max_queue: int = 256,
+        prefill_chunk_tokens: int | None = None,
     ) -> None:
         self.backend = backend
         backend.max_rows = max_batch_size  # decode batches never exceed it: the torch pack sizes its rows by it
@@ -104,6 +107,9 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.token_budget = token_budget
         self.max_queue = max_queue
+        # A chunk never exceeds the iteration's token budget (then a prefill never runs alone over it).
+        self.prefill_chunk_tokens = min(prefill_chunk_tokens, token_budget) if prefill_chunk_tokens else None
+        self.chunk_when_idle = False  # True: chunk prefills even with nobody decoding (tests, benchmarks)
         self.live: list[Request] = []
         self._inbox: deque[Request] = deque()
         self._aborts: deque[Request] = deque()
@@ -124,6 +130,7 @@ class Engine:
                 )
             for req in reqs:
                 req.detok = Detokenizer(self.tokenizer, req.params.stop)
+                req.prefill_chunk = self.prefill_chunk_tokens
                 self._inbox.append(req)
             self._cond.notify()
 
@@ -209,6 +216,7 @@ class Engine:
         """One iteration; False when there was nothing to run."""
         now = time.perf_counter()
         self._intake(now)
+        self._set_chunks()
         batch = self.scheduler.schedule(now, self.max_batch_size, self.token_budget)
         runnable = self.kv.make_room(batch, self.live, self.scheduler.priority_order) if batch else []
         if batch and not runnable and len(self.live) == 1:
@@ -229,19 +237,36 @@ class Engine:
         self._update_gauges()
         return True
 
+    def _set_chunks(self) -> None:
+        """Chunk prefills only while some request decodes: chunks exist to keep the running streams' inter-token
+        latency low. With nobody decoding, a prompt prefills whole (one forward: its shortest time to first token).
+        """
+        if self.prefill_chunk_tokens is None:
+            return
+        decoding = self.chunk_when_idle or any(r.is_prefilled for r in self.live)
+        chunk = self.prefill_chunk_tokens if decoding else None
+        for req in self.live:
+            req.prefill_chunk = chunk
+
     def _execute(self, batch: list[Request], start: float) -> list[tuple[Request, tuple[int, Any]]]:
-        """Prefills (each whole) and one batched decode; returns a sampled token per request."""
+        """One batched decode and one batched prefill (a chunk of each newcomer's prompt, continuing from the KV
+        it has); returns a sampled token per request that has one: decodes, and prefills whose last chunk ran."""
         decodes = sorted((r for r in batch if r.is_prefilled), key=lambda r: r.seq)  # stable order keeps the pack
         prefills = [r for r in batch if not r.is_prefilled]
         results = []
-        if decodes:
-            results += list(zip(decodes, sample(self.backend.decode(decodes), decodes)))
-        for req in prefills:
+        for req in batch:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = start
                 self.metrics.request_queue_time.observe(start - req.arrival_time)
                 self.metrics.prompt_tokens.inc(req.prompt_len)
-            results += list(zip([req], sample(self.backend.prefill(req), [req])))
+        if decodes:
+            results += list(zip(decodes, sample(self.backend.decode(decodes), decodes)))
+        if prefills:
+            logits = self.backend.prefill_batch(prefills, [r.num_tokens_next for r in prefills])
+            done = [i for i, r in enumerate(prefills) if r.kv_tokens == r.total_len]  # the first token comes now
+            if done:
+                ready = [prefills[i] for i in done]
+                results += list(zip(ready, sample(logits[done] if len(done) < len(prefills) else logits, ready)))
         return results
 
     def _accept(self, req: Request, token: int, logprob) -> None:

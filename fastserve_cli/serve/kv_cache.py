@@ -2,8 +2,11 @@
 
 Accounting is in tokens x bytes-per-token of the model (the pack's left padding is transient and not
 counted). Before each iteration the engine asks `make_room(batch, live, priority_order)`:
-- every request in the batch needs room for its KV after this iteration (prefill: its whole sequence;
-  decode: one more token) on the device;
+- every request in the batch needs room for its KV after this iteration on the device: what it holds plus
+  `num_tokens_next` (decode: one more token; prefill: the chunk this iteration computes, all of the rest
+  when prefill is not chunked). A partially prefilled request is a request like any other here: it holds
+  `kv_tokens` of KV and may be offloaded (its chunks then continue after the reload) or, by recompute,
+  dropped (its prefill restarts from token 0, or from what `req.kv` holds);
 - room comes from offloading the caches of requests that will run latest (the tail of the scheduler's
   priority order, never one in this batch) to the host pool, and when the host pool is full too, from
   dropping their cache (preemption by recompute: they prefill again later; counted in metrics);
@@ -91,7 +94,8 @@ class KVCacheManager:
         moved_out = self.offloads + self.recompute_preemptions
         runnable: list[Request] = []
         for req in batch:
-            after = (req.kv_tokens + 1 if req.is_prefilled else req.total_len) * self.bytes_per_token
+            held = req.kv_tokens if req.kv_location != "none" else 0
+            after = (held + req.num_tokens_next) * self.bytes_per_token
             mine_now = self.bytes_of(req) if req.kv_location == "device" else 0
             need = device_used - mine_now + after - self.device_budget
             if need > 0:
@@ -115,7 +119,7 @@ class KVCacheManager:
         Room is what stays free after this iteration's growth; the requests that will run soonest then
         find their cache on the device (on a GPU the copy overlaps the current iteration's compute).
         """
-        growth = sum(1 if r.is_prefilled else r.total_len for r in runnable) * self.bytes_per_token
+        growth = sum(r.num_tokens_next for r in runnable) * self.bytes_per_token
         free = self.device_budget - self.used(live, "device") - growth
         for req in live:
             if req.kv_location != "host":

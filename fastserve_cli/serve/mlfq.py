@@ -8,6 +8,10 @@ Why skip-join: the prompt length *is* known, and it fixes the first iteration's 
 request whose prefill alone would exhaust the top quanta would only be demoted right after it, having
 blocked the short jobs above it; instead it joins the first level whose quantum covers its estimated
 prefill (`min{p : q_p >= t_prefill}`), using a profile of this model on this machine (profile.py).
+With chunked prefill (`serve.prefill_chunk_tokens`) the first iteration is the prompt's first chunk, so the
+estimate is that chunk's (`num_tokens_next`): the rest of the prefill runs chunk by chunk in later
+iterations, preemptible between them, and each chunk's iteration time is charged as service like a decode
+step's, so a long prompt still sinks through the levels as its prefill proceeds.
 
 The rest follows the paper and its reference code (LLMServe/FastServe `fastserve/scheduler.py`):
 - quanta double per level (`base_quantum * ratio**level`), levels are created on demand up to
@@ -15,7 +19,8 @@ The rest follows the paper and its reference code (LLMServe/FastServe `fastserve
 - service is the wall-clock time of the iterations a request ran in; using up the level's quantum demotes
   it one level (the counter resets), otherwise it keeps its place at the front of its queue;
 - a request that has not run for `starvation_s` is promoted to the front of the top queue;
-- preemption happens only between iterations (a prefill is one iteration, so never inside it), and each
+- preemption happens only between iterations (a prefill, or a prefill chunk, is one iteration, so never
+  inside it; a chunked prefill may be preempted between its chunks and keeps its partial KV), and each
   iteration's batch is taken in strict priority order until the batch size or the token budget is hit;
 - at most `max_started` requests may be started-but-unfinished (each holds a KV cache), new ones wait.
 
@@ -59,7 +64,9 @@ class SchedRequest(Protocol):
     num_generated: int
     max_new_tokens: int
     num_tokens_next: int
+    prefill_remaining: int
     is_prefilled: bool
+    is_started: bool
     kv_location: str
     sched_state: Any
 
@@ -93,10 +100,10 @@ def within_start_cap(ordered: list[SchedRequest], cap: int) -> list[SchedRequest
     ones (the paper saw 7x FCFS's KV footprint); the excess new ones wait, in priority order, while the
     started ones behind them may still run.
     """
-    room = cap - sum(1 for req in ordered if req.is_prefilled)
+    room = cap - sum(1 for req in ordered if req.is_started)
     kept = []
     for req in ordered:
-        if not req.is_prefilled:
+        if not req.is_started:
             if room <= 0:
                 continue
             room -= 1
@@ -162,11 +169,12 @@ class SkipJoinMLFQ(Scheduler):
     def quantum(self, level: int) -> float:
         return self.base_quantum_s * self.ratio**level
 
-    def join_level(self, prompt_len: int) -> int:
-        """Skip-join: the highest-priority level whose quantum covers the estimated prefill time."""
+    def join_level(self, first_tokens: int) -> int:
+        """Skip-join: the highest-priority level whose quantum covers the estimated time of the request's first
+        iteration, a prefill of `first_tokens` (the whole prompt, or its first chunk when chunked)."""
         if not self.skip_join:
             return 0
-        prefill_s = self.estimate_prefill_s(prompt_len)
+        prefill_s = self.estimate_prefill_s(first_tokens)
         if prefill_s <= self.base_quantum_s:
             return 0
         # Smallest p with base * ratio**p >= prefill_s; the epsilon keeps exact powers at their level.
@@ -202,7 +210,7 @@ class SkipJoinMLFQ(Scheduler):
 
     # -- Scheduler interface ----------------------------------------------------
     def add(self, req: SchedRequest, now: float) -> None:
-        level = self.join_level(req.prompt_len)
+        level = self.join_level(req.num_tokens_next)  # the first iteration: a whole prefill, or its first chunk
         req.sched_state = MLFQState(level=level, last_run=now, history=[(now, level, "join")])
         self._enqueue(req, level)
 
@@ -333,7 +341,7 @@ class OracleSRPT(Scheduler):
     """Shortest remaining processing time, knowing each output length: the bound MLFQ approximates.
 
     It is an oracle only when `max_new_tokens` is the real output length (benchmarks send max_tokens with
-    ignore_eos, as FastServe's client does). Remaining time = estimated prefill (if not yet done) plus
+    ignore_eos, as FastServe's client does). Remaining time = estimated rest of the prefill (if not yet done) plus
     the remaining decode steps times the decode-iteration time. Preemptive at every iteration, with the
     same batch rules and started-cap as the MLFQ, so the comparison isolates the ordering.
     """
@@ -363,7 +371,7 @@ class OracleSRPT(Scheduler):
         steps = req.max_new_tokens - req.num_generated
         if req.is_prefilled:
             return steps * self.decode_s
-        return self.estimate_prefill_s(req.num_tokens_next) + (steps - 1) * self.decode_s
+        return self.estimate_prefill_s(req.prefill_remaining) + (steps - 1) * self.decode_s
 
     def add(self, req: SchedRequest, now: float) -> None:
         self.live.append(req)

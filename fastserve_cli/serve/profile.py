@@ -52,6 +52,19 @@ class PrefillProfile:
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
         return max(0.0, y0 + (y1 - y0) * (prompt_len - x0) / (x1 - x0))
 
+    def chunk_tokens(self, budget: int, floor: int = 16) -> int:
+        """`serve.prefill_chunk_tokens: auto`: the most prompt tokens whose estimated prefill fits in one
+        decode iteration (the base quantum), within the token budget, rounded down to a multiple of `floor`
+        (at least `floor`). A chunk then adds about one decode step to the running streams' iteration, so
+        their inter-token latency stays near 2x steady while a long prompt prefills."""
+        if self.prefill_s(budget) <= self.decode_s:
+            return budget
+        lo, hi = 1, budget  # prefill_s is non-decreasing: the largest n with prefill_s(n) <= decode_s
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.prefill_s(mid) <= self.decode_s else (lo, mid - 1)
+        return min(budget, max(floor, lo // floor * floor))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "version": PROFILE_VERSION,

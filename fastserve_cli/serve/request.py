@@ -40,9 +40,13 @@ class SamplingParams:
 class Request:
     """State of one sequence from arrival to finish.
 
-    Invariant while prefilled: the KV cache covers `all_ids[:-1]` when something was generated (the last
-    sampled token is the next decode input), or nothing else. After a recompute-preemption the KV is dropped
-    and the next prefill runs over `all_ids` (prompt + generated so far).
+    Invariant: the KV cache covers `all_ids[:kv_tokens]`; the next iteration computes the tokens after it.
+    Once prefilled, that is one token (`all_ids[-1]`, the last sampled one: a decode). Before, it is the rest of
+    the prefill, `prefill_chunk` tokens at most per iteration when chunked prefill is on, and a token is sampled
+    only after the last chunk. Prefill always continues from `kv_tokens`, whoever computed those (earlier chunks
+    or a prefix cache, which may supply at most `len(all_ids) - 1` tokens: the last one is computed to sample
+    the next token from). After a recompute-preemption the KV is dropped (`kv_tokens` 0) and the prefill runs over
+    `all_ids` (prompt + generated so far) again.
     """
 
     prompt_ids: list[int]
@@ -55,6 +59,7 @@ class Request:
     kv: Any = None  # backend-owned KV handle (None when kv_location == "none")
     kv_location: KVLocation = "none"
     kv_tokens: int = 0  # tokens covered by the KV cache
+    prefill_chunk: int | None = None  # most prefill tokens per iteration (engine's --prefill-chunk-tokens); None: whole
     sched_state: Any = None  # owned by the scheduler
     finished: bool = False
     finish_reason: str | None = None
@@ -87,13 +92,34 @@ class Request:
 
     @property
     def is_prefilled(self) -> bool:
-        """KV exists (on the device or in the host pool); the next iteration is a one-token decode."""
+        """KV exists (on the device or in the host pool) and covers all but the last token: the next iteration
+        is a one-token decode (a prefill whose last chunk is one token is the same computation)."""
+        return self.kv_location != "none" and self.kv_tokens + 1 >= self.total_len
+
+    @property
+    def is_started(self) -> bool:
+        """Holds a KV cache (prefilled, or some prefill chunks done): counts against a started-cap."""
         return self.kv_location != "none"
 
     @property
+    def prefill_remaining(self) -> int:
+        """Prefill tokens still to compute before the first (next) token is sampled; 0 once prefilled."""
+        return 0 if self.is_prefilled else self.total_len - self.kv_tokens
+
+    @property
     def num_tokens_next(self) -> int:
-        """Tokens the next iteration of this request computes: the whole prefill, or one decode token."""
-        return 1 if self.is_prefilled else self.prompt_len + self.num_generated
+        """Tokens the next iteration of this request computes: one decode token, or the rest of the prefill
+        (at most `prefill_chunk` of it)."""
+        if self.is_prefilled:
+            return 1
+        remaining = self.total_len - self.kv_tokens
+        return remaining if self.prefill_chunk is None else min(remaining, self.prefill_chunk)
+
+    @property
+    def next_input_id(self) -> int:
+        """The token a decode feeds: the last sampled one (or the last prompt token, when a prefill's last
+        chunk is that one token)."""
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     # -- engine helpers -------------------------------------------------------------------
     @property

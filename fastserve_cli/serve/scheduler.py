@@ -12,7 +12,8 @@ The engine (fastserve_cli/serve/engine.py) drives a scheduler like this, once pe
 Contract
 - `schedule` returns the batch for this iteration, in priority order, at most `max_batch_size` requests whose
   `num_tokens_next` sum to at most `token_budget` -- except that a single request whose prefill alone exceeds
-  the budget may run alone (a prefill always runs whole in one iteration; the engine never splits it).
+  the budget may run alone (without chunked prefill a prefill runs whole in one iteration; with it, the engine
+  caps every chunk at the budget, so `num_tokens_next` of a prefill is its next chunk and never exceeds it).
   Requests not returned are preempted for this iteration and keep their KV cache.
 - The engine may drop requests from the *tail* of the returned batch when it cannot make KV room for them;
   dropped requests simply did not run (they are not passed to `after_iteration`).
@@ -24,8 +25,10 @@ Contract
 - Everything runs on the engine thread; schedulers need no locks.
 
 Request attributes a scheduler may read (see `fastserve_cli.serve.request.Request`):
-  request_id, arrival_time, prompt_len, num_generated, max_new_tokens, num_tokens_next (prefill length or 1),
-  is_prefilled (KV exists), kv_location ("none" | "device" | "host"), num_preemptions,
+  request_id, arrival_time, prompt_len, num_generated, max_new_tokens, num_tokens_next (the next prefill
+  chunk, or 1), prefill_remaining (prefill tokens left, 0 once prefilled), is_prefilled (the next iteration is
+  a decode), is_started (KV exists: prefilled or some chunks done), kv_location ("none" | "device" | "host"),
+  num_preemptions,
   and `sched_state`, a free attribute the scheduler owns.
 
 Registry: `make_scheduler(name, **options)` builds a scheduler by name. Built-in names are resolved lazily

@@ -44,6 +44,14 @@ class SimRequest:
     def num_tokens_next(self) -> int:
         return 1 if self.is_prefilled else self.prompt_len
 
+    @property
+    def is_started(self) -> bool:
+        return self.is_prefilled  # the simulation prefills whole, in one iteration
+
+    @property
+    def prefill_remaining(self) -> int:
+        return 0 if self.is_prefilled else self.prompt_len
+
 
 @dataclass(frozen=True)
 class LinearCost:

@@ -25,6 +25,7 @@ def make_engine(
     token_budget: int = 512,
     device: str | None = None,
     metrics_name: str = "t",
+    prefill_chunk_tokens: int | None = None,
 ):
     """An engine whose KV budgets hold `device_tokens` / `host_tokens` tokens of this model's cache.
 
@@ -51,6 +52,7 @@ def make_engine(
         Metrics(metrics_name),
         max_batch_size=max_batch_size,
         token_budget=token_budget,
+        prefill_chunk_tokens=prefill_chunk_tokens,
     )
 
 
