@@ -96,9 +96,6 @@ def serve(
     set_: Optional[list[str]] = SetOption,
 ) -> None:
     """OpenAI-compatible HTTP server with continuous batching (stops gracefully on SIGTERM)."""
-    from fastserve_cli.serve.omp import prefer_passive_omp_wait
-
-    prefer_passive_omp_wait()  # before torch loads (docs/perf.md: idle OpenMP threads sleep instead of spinning)
     from fastserve_cli.serve import serve as run_server
 
     flags = dict(
@@ -154,9 +151,6 @@ def batch(
     as_json: bool = JsonOption,
 ) -> None:
     """Answer an OpenAI Batch API file with the serving engine, in-process (resumable)."""
-    from fastserve_cli.serve.omp import prefer_passive_omp_wait
-
-    prefer_passive_omp_wait()  # before torch loads, as for serve
     from fastserve_cli.batch import run_batch
 
     flags = dict(

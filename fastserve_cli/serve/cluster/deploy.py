@@ -21,6 +21,7 @@ DEPLOYMENT = "engine"
 # process's module (its Book) with the ingress.
 ROUTER_PATH = "fastserve_cli.serve.cluster.router:FastServeRouter"
 STATS_PERIOD_S = 0.5
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # libgomp's idle-thread settings
 # Ray starts its workers at nice 15 by default; replicas are the server, not background work.
 LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}  # how often the Serve controller polls each replica's load for the router
 
@@ -70,10 +71,8 @@ def deployment_options(cfg, app_name: str) -> dict[str, Any]:
 
 
 def omp_env() -> dict[str, str]:
-    """The OpenMP wait settings of this process (serve/omp.py sets PASSIVE unless the user chose one), for
-    replicas to run their engines the way the single process would."""
-    from fastserve_cli.serve.omp import WAIT_VARIABLES
-
+    """The OpenMP wait settings of this process (e.g. OMP_WAIT_POLICY=PASSIVE on a shared machine, see
+    docs/perf.md), for replicas to run their engines the way the single process would."""
     return {name: os.environ[name] for name in WAIT_VARIABLES if name in os.environ}
 
 
