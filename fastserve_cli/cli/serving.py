@@ -67,6 +67,11 @@ def serve(
         None, "--max-num-batched-tokens", help="Token budget per iteration."
     ),
     kv_cache_memory: Optional[str] = typer.Option(None, "--kv-cache-memory", help="KV-cache budget, e.g. 512MiB."),
+    prefix_cache: Optional[bool] = typer.Option(
+        None,
+        "--prefix-cache/--no-prefix-cache",
+        help="Reuse the KV of shared prompt prefixes (serve.prefix_cache, on).",
+    ),
     api_key: Optional[str] = typer.Option(
         None, "--api-key", envvar="FASTSERVE_API_KEY", help="Require this bearer key."
     ),
@@ -102,6 +107,7 @@ def serve(
         max_batch_size=max_batch_size,
         max_num_batched_tokens=max_num_batched_tokens,
         kv_cache_memory=kv_cache_memory,
+        prefix_cache=prefix_cache,
         api_key=api_key,
         max_queue=max_queue,
         model_name=model_name,

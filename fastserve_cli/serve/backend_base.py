@@ -1,8 +1,9 @@
 """Model execution behind one small interface, so the engine (and a simulated executor) can swap it.
 
 A backend runs two kinds of work for the engine:
-- `prefill(req)`: the request's whole token sequence in one forward; its KV becomes the request's own
-  tensors (`req.kv`, a list of (key, value) [1, kv_heads, len, head_dim] per layer).
+- `prefill(req)`: the request's whole token sequence in one forward (or the part after a cached prefix it
+  starts with); its KV becomes the request's own tensors (`req.kv`, a list of (key, value)
+  [1, kv_heads, len, head_dim] per layer).
 - `decode(reqs)`: one token for each prefilled request in one batched forward.
 
 Batching requests with different past lengths: the rows of a decode batch are packed into one left-padded
@@ -84,14 +85,19 @@ class Backend:
 
     # -- engine-facing operations ----------------------------------------------------------
     def prefill(self, req: Request):
-        """Run the request's whole sequence (prompt + anything generated before a recompute)."""
+        """Run the request's sequence (prompt + anything generated before a recompute) in one forward.
+
+        A request may start with KV for its first `req.kv_tokens` tokens (its own tensors on the device: a
+        prefix-cache hit); the forward then computes only the rest, with that KV as the past."""
         import torch
 
-        ids = torch.tensor([req.all_ids], dtype=torch.long, device=self.device)
-        mask = torch.ones_like(ids)
-        positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
-        logits, present = self.forward(ids, mask, positions, None)
-        req.kv, req.kv_tokens, req.kv_location = present, ids.shape[1], "device"
+        done = req.kv_tokens if req.kv is not None else 0
+        total = req.total_len
+        ids = torch.tensor([req.all_ids[done:]], dtype=torch.long, device=self.device)
+        mask = torch.ones(1, total, dtype=torch.long, device=self.device)
+        positions = torch.arange(done, total, device=self.device).unsqueeze(0)
+        logits, present = self.forward(ids, mask, positions, req.kv if done else None)
+        req.kv, req.kv_tokens, req.kv_location = present, total, "device"
         return logits
 
     def decode(self, reqs: list[Request]):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastserve_cli.serve.kv_cache import KVCacheManager
+from fastserve_cli.serve.metrics import sync_prefix_metrics
 from fastserve_cli.serve.request import Request
 from fastserve_cli.serve.sampling import sample
 from fastserve_cli.serve.scheduler import Scheduler
@@ -241,7 +242,10 @@ class Engine:
                 req.first_scheduled_time = start
                 self.metrics.request_queue_time.observe(start - req.arrival_time)
                 self.metrics.prompt_tokens.inc(req.prompt_len)
+            self.kv.begin_prefill(req)  # a prefix-cache hit: the prefill starts from the cached KV
             results += list(zip([req], sample(self.backend.prefill(req), [req])))
+        if prefills:
+            self.kv.end_prefills(prefills, self.live)
         return results
 
     def _accept(self, req: Request, token: int, logprob) -> None:
@@ -306,6 +310,8 @@ class Engine:
         _sync_counter(m.kv_offloads, self.kv.offloads)
         _sync_counter(m.kv_reloads, self.kv.reloads)
         _sync_counter(m.kv_offloaded_bytes, self.kv.offloaded_bytes)
+        if self.kv.prefix is not None:
+            sync_prefix_metrics(m, self.kv.prefix)
         stats = getattr(self.scheduler, "stats", None)  # the MLFQ's counters (fcfs keeps none)
         if stats is not None:
             _sync_counter(m.scheduler_preemptions, stats.preemptions)
