@@ -113,19 +113,17 @@ class PrefixCache:
 
     def attach(self, req: Request) -> None:
         """Start `req`'s prefill from its cached prefix: `req.kv` gets a copy of the blocks' KV (k tokens)."""
-        import torch
-
         self.acquire(req)
         blocks = self._held[id(req)]
         self.stats.queries += req.total_len
         if not blocks:
             return
-        self.stats.hits += len(blocks) * self.block_size
-        with torch.inference_mode():
-            keys = torch.cat([b.keys for b in blocks], dim=2)
-            values = torch.cat([b.values for b in blocks], dim=2)
-        req.kv = [(keys[i : i + 1], values[i : i + 1]) for i in range(keys.shape[0])]
-        req.kv_tokens, req.kv_location = len(blocks) * self.block_size, "device"
+        k = len(blocks) * self.block_size
+        self.stats.hits += k
+        layers = range(blocks[0].keys.shape[0])
+        total = req.total_len
+        req.kv = [(_gather(blocks, "keys", i, k, total), _gather(blocks, "values", i, k, total)) for i in layers]
+        req.kv_tokens, req.kv_location = k, "device"
 
     # -- insertion ----------------------------------------------------------------------------------------
     def insert(self, req: Request, free_bytes: int) -> None:
@@ -230,6 +228,19 @@ def make_prefix_cache(backend, device_budget: int, block_size: int = 16, fractio
         capacity=int(fraction * device_budget),
         budget=device_budget,
     )
+
+
+def _gather(blocks: list[Block], which: str, layer: int, k: int, total: int):
+    """One layer's cached keys or values of `blocks` as a [1, kv_heads, k, head_dim] view of a buffer with room for
+    `total` tokens: the torch backend's cache appends the prefill's new tokens in place (no second copy)."""
+    import torch
+
+    first = getattr(blocks[0], which)
+    _, heads, _, dim = first.shape
+    with torch.inference_mode():
+        buf = torch.empty(1, heads, total, dim, dtype=first.dtype, device=first.device)
+        torch.cat([getattr(b, which)[layer] for b in blocks], dim=1, out=buf[0, :, :k])
+    return buf[:, :, :k]
 
 
 def _key(parent: Block | None, tokens: tuple[int, ...]) -> int:
