@@ -96,6 +96,7 @@ class KVCacheManager:
         only when a cache must move (under MLFQ it costs O(n log n) a call, most of a scheduling step).
         """
         device_used = self.used(live, "device") + self.cached_bytes()
+        growth = 0  # what the requests already admitted add during this iteration
         ranked: list[Request] | None = None
         moved_out = self.offloads + self.recompute_preemptions
         runnable: list[Request] = []
@@ -104,7 +105,7 @@ class KVCacheManager:
             mine_now = self.bytes_of(req) if req.kv_location == "device" else 0
             if self.prefix is not None and not req.is_prefilled:
                 self.prefix.acquire(req)
-            need = device_used - mine_now + after - self.device_budget
+            need = device_used + growth - mine_now + after - self.device_budget
             if need > 0 and self.prefix is not None:
                 need, device_used = self._evict_prefix(req, need, device_used)
             if need > 0:
@@ -116,6 +117,7 @@ class KVCacheManager:
                 self.backend.to_device(req)
                 self.reloads += 1
                 device_used += self.bytes_of(req)
+            growth += after - self.bytes_of(req)
             runnable.append(req)
         if self.prefix is not None:  # holds last one iteration: the requests left out read nothing now
             for req in batch[len(runnable) :]:
