@@ -152,14 +152,17 @@ class KVCacheManager:
     def _prefetch(self, live: list[Request], runnable: list[Request]) -> None:
         """Reload host-resident caches from the head of the priority order while the device has room.
 
-        Room is what stays free after this iteration's growth; the requests that will run soonest then
-        find their cache on the device (on a GPU the copy overlaps the current iteration's compute).
+        Room is what stays free after this iteration's growth, unreferenced prefix-cache blocks included (a
+        live request's cache comes before them); the requests that will run soonest then find their cache on
+        the device (on a GPU the copy overlaps the current iteration's compute).
         """
         growth = sum(1 if r.is_prefilled else r.total_len for r in runnable) * self.bytes_per_token
         free = self.device_budget - self.used(live, "device") - self.cached_bytes() - growth
         for req in live:
             if req.kv_location != "host":
                 continue
+            if self.prefix is not None and free < self.bytes_of(req) <= free + self.prefix.evictable_bytes:
+                free += self.prefix.evict(self.bytes_of(req) - free)
             if self.bytes_of(req) > free:
                 break
             self.backend.to_device(req)

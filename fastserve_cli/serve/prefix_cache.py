@@ -79,6 +79,12 @@ class PrefixCache:
     def held_bytes(self) -> int:
         return self._referenced * self.block_bytes
 
+    @property
+    def evictable_bytes(self) -> int:
+        """Every unreferenced block can go (a held chain runs from the root, so no free block is below a held
+        one)."""
+        return self.bytes - self.held_bytes
+
     # -- lookup -------------------------------------------------------------------------------------------
     def match(self, ids: list[int]) -> list[Block]:
         """The cached blocks that start `ids`, leaving at least its last token uncovered."""
