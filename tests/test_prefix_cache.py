@@ -201,3 +201,12 @@ def test_server_reports_prefix_cache_hits(tiny_server):
     assert metric(after, "prefix_cache_hits_total") - metric(before, "prefix_cache_hits_total") >= 16
     assert metric(after, "prefix_cache_queries_total") > metric(before, "prefix_cache_queries_total")
     assert 0 < metric(after, "prefix_cache_hit_rate") <= 1
+
+
+def test_flag_and_recipe_keys_turn_the_cache_off():
+    from fastserve_cli.serve import serve_config
+
+    assert serve_config(None, [], {}).prefix_cache is True
+    assert serve_config(None, [], {"prefix_cache": False}).prefix_cache is False
+    cfg = serve_config(None, ["serve.prefix_cache_block_size=32", "serve.prefix_cache_fraction=0.25"], {})
+    assert (cfg.prefix_cache_block_size, cfg.prefix_cache_fraction) == (32, 0.25)
