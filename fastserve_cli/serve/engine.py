@@ -1,7 +1,8 @@
 """The continuous-batching engine: one background thread running one model iteration at a time.
 
 Each iteration: take new arrivals and cancellations, ask the scheduler for a batch, ask the KV manager to
-make room for it (offload/reload/recompute), run the prefills (each whole, one forward per request) and one
+make room for it (offload/reload/recompute), run the prefills (each whole, one forward per request, starting
+from the KV of a cached prefix when the prefix cache has one: serve/prefix_cache.py) and one
 batched decode over the prefilled requests, sample a token for each, detokenize, check stop conditions,
 and hand each request's new output to the API layer through `req.on_output`. Requests join and leave at
 every iteration. The HTTP side only calls `submit` and `abort`, which are thread-safe.
