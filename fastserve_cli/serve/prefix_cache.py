@@ -166,14 +166,14 @@ class PrefixCache:
         if count <= 0:
             return []
         b = self.block_size
-        span = slice(first * b, (first + count) * b)
+        stored = []
         with torch.inference_mode():
-            keys = torch.stack([k[0, :, span] for k, _ in req.kv]).split(b, dim=2)
-            values = torch.stack([v[0, :, span] for _, v in req.kv]).split(b, dim=2)
-            stored = []
-            for j in range(count):
-                tokens = tuple(ids[(first + j) * b : (first + j + 1) * b])
-                block = Block(_key(parent, tokens), parent, tokens, keys[j].clone(), values[j].clone())
+            for j in range(first, first + count):
+                span = slice(j * b, (j + 1) * b)
+                keys = torch.stack([k[0, :, span] for k, _ in req.kv])  # one copy, a block's own memory
+                values = torch.stack([v[0, :, span] for _, v in req.kv])
+                tokens = tuple(ids[span])
+                block = Block(_key(parent, tokens), parent, tokens, keys, values)
                 self.blocks[block.key] = block
                 if parent is not None:
                     parent.children += 1
