@@ -72,6 +72,11 @@ def serve(
         help="Chunked prefill while others decode: most prompt tokens per iteration, auto, or 0 (off, the default).",
     ),
     kv_cache_memory: Optional[str] = typer.Option(None, "--kv-cache-memory", help="KV-cache budget, e.g. 512MiB."),
+    prefix_cache: Optional[bool] = typer.Option(
+        None,
+        "--prefix-cache/--no-prefix-cache",
+        help="Reuse the KV of shared prompt prefixes (serve.prefix_cache, on).",
+    ),
     api_key: Optional[str] = typer.Option(
         None, "--api-key", envvar="FASTSERVE_API_KEY", help="Require this bearer key."
     ),
@@ -108,6 +113,7 @@ def serve(
         max_num_batched_tokens=max_num_batched_tokens,
         prefill_chunk_tokens=prefill_chunk_tokens,
         kv_cache_memory=kv_cache_memory,
+        prefix_cache=prefix_cache,
         api_key=api_key,
         max_queue=max_queue,
         model_name=model_name,

@@ -157,6 +157,22 @@ class ServeConfig(Section):
     max_queue: int = Field(256, ge=1)
     kv_cache_memory: str = Field("1GiB", description="KV-cache budget, e.g. 512MiB or 2GB.")
     kv_offload_memory: str = Field("4GiB", description="Host pool for KV caches offloaded from the device budget.")
+    prefix_cache: bool = Field(
+        True,
+        description="Automatic prefix caching: KV of full token blocks is kept after each prefill and reused by "
+        "later requests whose prompts start with the same tokens (a shared system prompt). Lives inside "
+        "kv_cache_memory; evicted least recently used before any request is offloaded. See docs/serve.md.",
+    )
+    prefix_cache_block_size: int = Field(
+        16, ge=1, description="Prefix cache: tokens per cached block (only full blocks are cached and matched)."
+    )
+    prefix_cache_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Prefix cache: the most of kv_cache_memory its blocks may hold (they only use room the "
+        "running requests leave free).",
+    )
     shutdown_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
     num_threads: int | None = Field(
         None, ge=1, description="Intra-op threads (torch / onnxruntime); all cores when unset."

@@ -80,7 +80,12 @@ def build_engine(target: ServeTarget, cfg) -> "object":
     backend = load_backend(target.backend, target.model_dir, cfg.num_threads, cfg.fast_kernels, cfg.dtype)
     tokenizer = load_tokenizer(target.model_dir)
     budget = parse_bytes(cfg.kv_cache_memory)
-    kv = KVCacheManager(backend, budget, parse_bytes(cfg.kv_offload_memory, "--kv-offload-memory"))
+    prefix = None
+    if cfg.prefix_cache:
+        from fastserve_cli.serve.prefix_cache import make_prefix_cache
+
+        prefix = make_prefix_cache(backend, budget, cfg.prefix_cache_block_size, cfg.prefix_cache_fraction)
+    kv = KVCacheManager(backend, budget, parse_bytes(cfg.kv_offload_memory, "--kv-offload-memory"), prefix)
     options = {
         "starvation_s": cfg.starvation_s,
         "base_quantum_s": cfg.base_quantum_s,

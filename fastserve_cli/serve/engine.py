@@ -3,9 +3,9 @@
 Each iteration: take new arrivals and cancellations, ask the scheduler for a batch, ask the KV manager to
 make room for it (offload/reload/recompute), run one batched decode over the prefilled requests and one
 batched prefill over the others (each request's next chunk, `prefill_chunk_tokens` at most, continuing from
-the KV it already has; a request samples its first token after its last chunk), sample a token for each that
-has one, detokenize, check stop conditions, and hand each request's new output to the API layer through
-`req.on_output`. Requests join and leave at
+the KV it already has, which for a newcomer may be a cached prefix's: serve/prefix_cache.py; a request samples
+its first token after its last chunk), sample a token for each that has one, detokenize, check stop
+conditions, and hand each request's new output to the API layer through `req.on_output`. Requests join and leave at
 every iteration. The HTTP side only calls `submit` and `abort`, which are thread-safe.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastserve_cli.serve.kv_cache import KVCacheManager
+from fastserve_cli.serve.metrics import sync_prefix_metrics
 from fastserve_cli.serve.request import Request
 from fastserve_cli.serve.sampling import sample
 from fastserve_cli.serve.scheduler import Scheduler
@@ -262,7 +263,10 @@ class Engine:
         if decodes:
             results += list(zip(decodes, sample(self.backend.decode(decodes), decodes)))
         if prefills:
+            for req in prefills:
+                self.kv.begin_prefill(req)  # a prefix-cache hit: the prefill starts from the cached KV
             logits = self.backend.prefill_batch(prefills, [r.num_tokens_next for r in prefills])
+            self.kv.end_prefills(prefills, self.live)
             done = [i for i, r in enumerate(prefills) if r.kv_tokens == r.total_len]  # the first token comes now
             if done:
                 ready = [prefills[i] for i in done]
@@ -331,6 +335,8 @@ class Engine:
         _sync_counter(m.kv_offloads, self.kv.offloads)
         _sync_counter(m.kv_reloads, self.kv.reloads)
         _sync_counter(m.kv_offloaded_bytes, self.kv.offloaded_bytes)
+        if self.kv.prefix is not None:
+            sync_prefix_metrics(m, self.kv.prefix)
         stats = getattr(self.scheduler, "stats", None)  # the MLFQ's counters (fcfs keeps none)
         if stats is not None:
             _sync_counter(m.scheduler_preemptions, stats.preemptions)

@@ -65,6 +65,15 @@ class Metrics:
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")
         self.request_queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled.")
         self.iteration_latency = histogram("iteration_latency_seconds", "Wall time of one engine iteration.")
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Prefix cache: tokens of the prefills that looked it up (vLLM's name)."
+        )
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prefix cache: of those, tokens whose KV was reused.")
+        self.prefix_cache_hit_rate = gauge("prefix_cache_hit_rate", "Prefix cache: hits / queries since start (0..1).")
+        self.prefix_cache_usage_perc = gauge(
+            "prefix_cache_usage_perc", "Prefix cache: fraction of the KV-cache budget its blocks hold (0..1)."
+        )
+        self.prefix_cache_evictions = counter("prefix_cache_evicted_blocks", "Prefix cache: blocks evicted.")
         self._success = Counter(
             "fastserve:request_success", "Finished requests by reason.", ["model_name", "finished_reason"], registry=r
         )
@@ -77,3 +86,18 @@ class Metrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+def sync_prefix_metrics(metrics: Metrics, cache) -> None:
+    """Advance the prefix-cache series to the cache's running totals (serve/prefix_cache.py)."""
+    stats = cache.stats
+    for counter, total in (
+        (metrics.prefix_cache_queries, stats.queries),
+        (metrics.prefix_cache_hits, stats.hits),
+        (metrics.prefix_cache_evictions, stats.evicted_blocks),
+    ):
+        delta = total - counter._value.get()
+        if delta > 0:
+            counter.inc(delta)
+    metrics.prefix_cache_hit_rate.set(stats.hit_rate)
+    metrics.prefix_cache_usage_perc.set(min(1.0, cache.bytes / cache.budget) if cache.budget else 0.0)

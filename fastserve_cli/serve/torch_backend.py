@@ -224,8 +224,22 @@ def _growable_cache(past=None, buffers=None, length: int = 0, layers: int = 0):
             layer.adopt(kbuf, vbuf, length)
     elif past is not None:
         for layer, (k, v) in zip(cache.layers, past):
-            layer.update(k, v)
+            kbuf, vbuf = _room_behind(k), _room_behind(v)
+            if kbuf is not None and vbuf is not None:
+                layer.adopt(kbuf, vbuf, k.shape[-2])  # a prefix-cache hit's buffer: append in place
+            else:
+                layer.update(k, v)
     return cache
+
+
+def _room_behind(t):
+    """The buffer `t` is the leading [..., :n, :] slice of, when it has room past n (else None)."""
+    base = t._base
+    if base is None or base.dim() != 4 or base.shape[-2] <= t.shape[-2] or t.data_ptr() != base.data_ptr():
+        return None
+    if base.shape[:2] != t.shape[:2] or base.shape[3] != t.shape[3] or t.stride() != base.stride():
+        return None
+    return base
 
 
 _GROWABLE = []

@@ -26,11 +26,14 @@ def make_engine(
     device: str | None = None,
     metrics_name: str = "t",
     prefill_chunk_tokens: int | None = None,
+    prefix_cache_tokens: int | None = None,
+    block_size: int = 16,
 ):
     """An engine whose KV budgets hold `device_tokens` / `host_tokens` tokens of this model's cache.
 
     `scheduler` is a registered name (built with defaults) or a scheduler object; `device` pins the torch
-    backend (None: the backend's own choice).
+    backend (None: the backend's own choice); `prefix_cache_tokens` turns on a prefix cache of that many
+    tokens at most, in `block_size`-token blocks (off by default here, unlike `fastserve serve`).
     """
     from transformers import AutoTokenizer
 
@@ -42,7 +45,13 @@ def make_engine(
 
     be = TorchBackend(model_dir, device=device) if backend == "torch" else load_backend(backend, model_dir)
     per_token = be.kv_bytes_per_token
-    kv = KVCacheManager(be, device_budget=device_tokens * per_token, host_budget=host_tokens * per_token)
+    prefix = None
+    if prefix_cache_tokens is not None:
+        from fastserve_cli.serve.prefix_cache import make_prefix_cache
+
+        fraction = min(1.0, prefix_cache_tokens / device_tokens)
+        prefix = make_prefix_cache(be, device_tokens * per_token, block_size, fraction)
+    kv = KVCacheManager(be, device_tokens * per_token, host_tokens * per_token, prefix)
     policy = make_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
     return Engine(
         be,

@@ -33,6 +33,7 @@ class FastserveRunner:
             max_num_batched_tokens=max(2048, 64 * max_batch),
             max_queue=4 * max_batch,
             kv_cache_memory="8GiB",
+            prefix_cache=False,  # rounds repeat their prompts: a cache hit would not be a like-for-like TTFT
         )
         self.name = name
         self.engine = build_engine(ServeTarget(Path(model_dir), backend, name), cfg).engine
