@@ -210,3 +210,18 @@ def test_flag_and_recipe_keys_turn_the_cache_off():
     assert serve_config(None, [], {"prefix_cache": False}).prefix_cache is False
     cfg = serve_config(None, ["serve.prefix_cache_block_size=32", "serve.prefix_cache_fraction=0.25"], {})
     assert (cfg.prefix_cache_block_size, cfg.prefix_cache_fraction) == (32, 0.25)
+
+
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_cache_hits_compose_with_chunked_and_batched_prefill(tiny_gpt2_dir, chunk):
+    """A hit attaches the cached prefix before the iteration's batched prefill; the rest of the prompt is then
+    computed in chunks while an earlier request decodes: outputs equal cache off, chunking off."""
+    reference = cache_off_outputs(tiny_gpt2_dir)
+    engine = make_engine(tiny_gpt2_dir, prefix_cache_tokens=10_000, block_size=4, prefill_chunk_tokens=chunk)
+    engine.chunk_when_idle = True  # chunk even the first wave's prompts (nobody decodes yet)
+    reqs = shared_prefix_requests(engine.tokenizer)
+    run_until_finished(engine, reqs[:1])
+    run_until_finished(engine, reqs[1:])  # three newcomers in one batched prefill, all hitting the prefix
+    assert [r.output_ids for r in reqs] == reference
+    assert engine.kv.prefix.stats.hits >= 3 * 4
+    assert engine.kv.used(engine.live, "device") == 0 and engine.kv.prefix.held_bytes == 0
