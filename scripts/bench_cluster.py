@@ -37,11 +37,12 @@ def server_args(kind: str, address: str, batch: int) -> list[str]:
     common = ["--model-name", "bench", "--max-batch-size", str(batch), "--set", "serve.max_queue=100000"]
     if kind == "a":  # OMP_NUM_THREADS is set in env_for("a"), as Ray sets it for (b)'s replica
         return [*common, "--threads", "2"]
-    if kind in "bos":  # o: (b) with Ray's object-ref transport (the default before grpc); s: 4 tokens an item
+    if kind in "bost":  # o: (b) over Ray's object-ref transport; s: 4 tokens an item; t: 1 intra-op thread
         transport = "object-ref" if kind == "o" else "grpc"
+        threads = "1" if kind == "t" else "2"
         return [
             *common,
-            *("--replicas", "1", "--ray-address", address, "--threads", "2", "--set", "serve.replica_cpus=2"),
+            *("--replicas", "1", "--ray-address", address, "--threads", threads, "--set", "serve.replica_cpus=2"),
             *("--set", f"serve.ray_transport={transport}"),
             *("--set", f"serve.replica_stream_interval={4 if kind == 's' else 1}"),
         ]
@@ -167,6 +168,7 @@ def report_measured(res: dict) -> list[str]:
         "b": "(b) 1 replica behind Ray",
         "o": "(b) with ray_transport object-ref",
         "s": "(b) with replica_stream_interval 4",
+        "t": "(b) with 1 intra-op thread (a core left to the ingress)",
         "c": "(c) 2 replicas x 1 thread",
     }
     for k in res:
@@ -182,7 +184,7 @@ def report_measured(res: dict) -> list[str]:
         f"(b) throughput / (a) = {med['b'] / med['a']:.3f} (target >= 0.95: "
         f"{'met' if med['b'] / med['a'] >= 0.95 else 'NOT met'})",
     ]
-    for k, what in (("o", "object-ref transport"), ("s", "replica_stream_interval 4")):
+    for k, what in (("o", "object-ref transport"), ("s", "replica_stream_interval 4"), ("t", "1 replica thread")):
         if k in res:
             lines.append(f"{what}: {med[k] / med['a']:.3f}x (a)'s throughput, added latency {lat[k] - lat['a']:.1f} ms")
     return lines
@@ -275,7 +277,7 @@ def main() -> None:
         "--kinds",
         default="abc",
         help="Setups to measure, in round order: a, b, c as above; o = (b) with serve.ray_transport object-ref; "
-        "s = (b) with serve.replica_stream_interval 4.",
+        "s = (b) with serve.replica_stream_interval 4; t = (b) with --threads 1.",
     )
     p.add_argument("--skip-measured", action="store_true", help="Only the simulation.")
     p.add_argument("--skip-simulated", action="store_true", help="Only the measured part.")
