@@ -8,7 +8,7 @@ import re
 import pytest
 
 from fastserve_cli.serve.request import Request
-from fastserve_cli.testing.engine import greedy_request, make_engine, run_until_finished
+from fastserve_cli.testing.engine import RoundRobin, greedy_request, make_engine, run_until_finished
 
 SYSTEM = "You are a careful Python reviewer.\nclass A:\n    def run(self, x):\n        return x + 1\n"
 QUESTIONS = ["import os\nimport", "for i in range(10):\n", "x = [1, 2,", "def foo(x):\n    return"]
@@ -79,31 +79,6 @@ def test_tiny_cache_budget_evicts_and_keeps_outputs(tiny_gpt2_dir):
     run_until_finished(reference, refs)
     assert [r.output_ids for r in reqs] == [r.output_ids for r in refs]
     assert cache.stats.evicted_blocks > 0 and cache.stats.hits > 0
-
-
-class RoundRobin:
-    """One request per iteration, rotating: every iteration touches another request's cache."""
-
-    def __init__(self):
-        self.queue: list[Request] = []
-
-    def add(self, req, now):
-        self.queue.append(req)
-
-    def remove(self, req):
-        self.queue.remove(req)
-
-    def schedule(self, now, max_batch_size, token_budget):
-        if not self.queue:
-            return []
-        self.queue.append(self.queue.pop(0))
-        return [self.queue[-1]]
-
-    def after_iteration(self, batch, elapsed_s, now):
-        pass
-
-    def priority_order(self):
-        return list(self.queue)
 
 
 @pytest.mark.parametrize("host_tokens, expect", [(100_000, "offloads"), (0, "recompute_preemptions")])

@@ -12,7 +12,7 @@ from fastserve_cli.core.errors import UserError
 from fastserve_cli.serve.kv_cache import parse_bytes
 from fastserve_cli.serve.request import Request, SamplingParams
 from fastserve_cli.serve.scheduler import make_scheduler, take_in_order
-from fastserve_cli.testing.engine import greedy_request, make_engine, run_until_finished
+from fastserve_cli.testing.engine import RoundRobin, greedy_request, make_engine, run_until_finished
 
 PROMPTS = ["def foo(x):\n    return", "import os\nimport", "class A:\n", "x = [1, 2,", "for i in range(10):\n"]
 
@@ -84,31 +84,6 @@ def test_priority_order_is_asked_only_when_caches_must_move(tiny_gpt2_dir):
         run_until_finished(engine, greedy_requests(engine.tokenizer, [10, 14, 8, 12]))
     assert calls["roomy"] == 0
     assert calls["tight"] > 0
-
-
-class RoundRobin:
-    """Test scheduler: one request per iteration, rotating, so caches must be moved around."""
-
-    def __init__(self):
-        self.queue: list[Request] = []
-
-    def add(self, req, now):
-        self.queue.append(req)
-
-    def remove(self, req):
-        self.queue.remove(req)
-
-    def schedule(self, now, max_batch_size, token_budget):
-        if not self.queue:
-            return []
-        self.queue.append(self.queue.pop(0))
-        return [self.queue[-1]]
-
-    def after_iteration(self, batch, elapsed_s, now):
-        pass
-
-    def priority_order(self):
-        return list(self.queue)
 
 
 class RotatingPair(RoundRobin):

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from fastserve_cli.serve.request import Request, SamplingParams
-from fastserve_cli.testing.engine import greedy_request, make_engine, run_until_finished
+from fastserve_cli.testing.engine import RoundRobin, greedy_request, make_engine, run_until_finished
 
 TEXT = "def foo(x):\n    return x + 1\nimport os\nclass A:\n    pass\nfor i in range(10):\n    print(i)\n" * 6
 LENGTHS = (3, 41, 17, 60, 9)  # prompts of different lengths: both pads of the batched layout get exercised
@@ -120,18 +120,12 @@ def test_chunks_interleave_with_decodes_and_first_token_waits_for_the_last_chunk
     assert long.output_ids == outputs(alone, ids[1:], 4)[0]
 
 
-class RoundRobin:
+class RotatingWindow(RoundRobin):
     """Runs a rotating window of live requests, so every iteration moves other requests' caches."""
 
     def __init__(self) -> None:
-        self.queue: list[Request] = []
+        super().__init__()
         self.turn = 0
-
-    def add(self, req, now):
-        self.queue.append(req)
-
-    def remove(self, req):
-        self.queue.remove(req)
 
     def schedule(self, now, max_batch_size, token_budget):
         if not self.queue:
@@ -139,12 +133,6 @@ class RoundRobin:
         self.turn += 1
         rotated = self.queue[self.turn % len(self.queue) :] + self.queue[: self.turn % len(self.queue)]
         return rotated[:max_batch_size]
-
-    def after_iteration(self, batch, elapsed_s, now):
-        pass
-
-    def priority_order(self):
-        return list(self.queue)
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
@@ -175,7 +163,7 @@ def test_chunked_prefill_under_kv_pressure(backend, host_tokens, expect, tiny_gp
         engine.kv.backend.release = moved
     else:
         engine.kv.backend.to_host = moved
-    assert outputs(engine, ids, scheduler=RoundRobin()) == whole
+    assert outputs(engine, ids, scheduler=RotatingWindow()) == whole
     assert getattr(engine.kv, expect) > 0
     assert any(partial)  # some request was moved out with its prefill half done
 

@@ -123,7 +123,6 @@ class TorchBackend(Backend):
 
     def _decode_forward(self, pack: PackedBatch, ids, positions):
         """The cache appends in place into the buffers' next free column (rebuilt when there is none)."""
-        import torch
 
         if pack.end >= pack.kbufs[0].shape[2]:
             self._repack(list(pack.rows))
@@ -135,18 +134,24 @@ class TorchBackend(Backend):
             buffers=[(k[:n, :, pack.start :], v[:n, :, pack.start :]) for k, v in zip(pack.kbufs, pack.vbufs)],
             length=pack.end - pack.start,
         )
+        out = self._call(ids, mask, positions, cache)
+        pack.end += 1
+        pack.refresh()
+        return out.logits[:, -1, :].float()
+
+    def _call(self, input_ids, attention_mask, position_ids, cache):
+        """One cached model call that keeps only the last position's logits (decode steps and prefills)."""
+        import torch
+
         with torch.inference_mode():
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
                 use_cache=True,
                 logits_to_keep=1,
                 **cache_kwargs(self.model, cache),
             )
-        pack.end += 1
-        pack.refresh()
-        return out.logits[:, -1, :].float()
 
     def prompt_logits(self, ids: list[int]):
         import torch
@@ -170,9 +175,8 @@ class TorchBackend(Backend):
     def forward(self, input_ids, attention_mask, position_ids, past):
         """A prefill (past None) or a call over `past` tensors copied into a fresh cache, or appended in place
         to the buffers they are views of when they are a lone request's own (see `prefill_batch`)."""
-        import torch
 
-        req = getattr(self, "_growing", None)
+        req = self._growing
         if req is None:
             cache = _growable_cache(past)
         else:
@@ -183,15 +187,7 @@ class TorchBackend(Backend):
                 cache = _growable_cache(buffers=entry[1], length=int(past[0][0].shape[-2]))
             else:
                 cache = _growable_cache(past, layers=self.num_layers)
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                logits_to_keep=1,
-                **cache_kwargs(self.model, cache),
-            )
+        out = self._call(input_ids, attention_mask, position_ids, cache)
         present = [(layer.keys, layer.values) for layer in output_cache(out).layers]
         if req is not None:  # the buffers live as long as this tensor: until the request's KV is replaced
             setattr(present[0][0], _TAIL, (req.seq, [(layer._kbuf, layer._vbuf) for layer in cache.layers]))

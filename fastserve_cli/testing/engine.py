@@ -79,3 +79,29 @@ def run_until_finished(engine, reqs: Sequence[Request], max_steps: int = 10_000)
             return
         engine.step()
     raise AssertionError(f"engine did not finish {sum(not r.finished for r in reqs)} requests in {max_steps} steps")
+
+
+class RoundRobin:
+    """Test scheduler: one request per iteration, rotating, so every iteration touches another request's
+    cache (offloads, reloads and pack swaps on every step). Subclasses change `schedule` only."""
+
+    def __init__(self) -> None:
+        self.queue: list[Request] = []
+
+    def add(self, req, now):
+        self.queue.append(req)
+
+    def remove(self, req):
+        self.queue.remove(req)
+
+    def schedule(self, now, max_batch_size, token_budget):
+        if not self.queue:
+            return []
+        self.queue.append(self.queue.pop(0))
+        return [self.queue[-1]]
+
+    def after_iteration(self, batch, elapsed_s, now):
+        pass
+
+    def priority_order(self):
+        return list(self.queue)
