@@ -213,6 +213,7 @@ def test_round_robin_and_prefix_routers_in_metrics(tiny_gpt2_dir, ray_address, t
                 "--max-batch-size",
                 "1",
                 *("--set", "serve.ray_transport=object-ref"),  # the other transport (the module's app: grpc)
+                *("--set", "serve.replica_stream_interval=3"),  # 3 tokens per item after the first
                 log_path=tmp_path / "rr.log",
                 ready=False,
             )

@@ -139,6 +139,10 @@ def test_deployment_options_map_the_recipe(monkeypatch):
     )
     scaling = deployment_options(auto, "app")["autoscaling_config"]
     assert scaling == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 5.0}
+    with pytest.raises(UserError, match=r"serve\.replica_stream_interval"):
+        serve_config(None, ["serve.replica_stream_interval=0"], {})
+    with pytest.raises(UserError, match=r"serve\.ray_transport: .*'grpc' or 'object-ref'"):
+        serve_config(None, ["serve.ray_transport=tcp"], {})
     bad = serve_config(None, ["serve.autoscaling.min_replicas=3", "serve.autoscaling.max_replicas=2"], {})
     with pytest.raises(UserError, match="max_replicas"):
         deployment_options(bad, "app")
