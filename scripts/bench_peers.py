@@ -6,7 +6,10 @@ fastserve_cli.testing.models.gpt2_small_dir), same prompt token ids, same output
   dynamic_int8 via fastserve_cli.models.quantized), onnx fp32 (fastserve_cli.export.onnx_graph.export_onnx);
 - CTranslate2 (its transformers converter; Generator intra_threads=THREADS, inter_threads=1,
   compute_type float32 / int8 -- its fastest CPU settings here; it has no bf16 on this CPU);
-- llama.cpp via llama-cpp-python: not run; the script prints why (docs/perf.md: the build and the converter).
+- llama.cpp via llama-cpp-python (its C API: every sequence in one llama_decode per step, unified KV cache),
+  converted by llama.cpp's convert_hf_to_gguf.py to f32 and q8_0 (needs a llama.cpp source tree:
+  --llama-cpp-src or LLAMA_CPP_SRC, e.g. the llama-cpp-python sdist's vendor/llama.cpp; else it is left out
+  and the script says why).
 Rows: batch-1 decode tokens/s (after the first token); offline throughput with 16 and 64 requests in
 flight (generated tokens / wall time); time to first token of a --ttft-prompt-token prompt. Rounds are
 interleaved (every engine once per round); the median is reported with the spread (min-max). Ratios:
@@ -29,7 +32,14 @@ import time
 from pathlib import Path
 
 from fastserve_cli.testing.models import gpt2_small_dir
-from fastserve_cli.testing.peers import CTranslate2Runner, FastserveRunner, convert_ctranslate2, llama_cpp_status
+from fastserve_cli.testing.peers import (
+    CTranslate2Runner,
+    FastserveRunner,
+    LlamaCppRunner,
+    convert_ctranslate2,
+    convert_gguf,
+    llama_cpp_status,
+)
 
 PRECISION = {
     "torch fp32": "fp32",
@@ -38,7 +48,10 @@ PRECISION = {
     "onnx fp32": "fp32",
     "ct2 fp32": "fp32",
     "ct2 int8": "int8",
+    "llama f32": "fp32",
+    "llama q8_0": "int8",
 }
+LLAMA = {"llama f32": "f32", "llama q8_0": "q8_0"}
 OURS = ("torch fp32", "torch bf16", "torch int8", "onnx fp32")
 
 
@@ -51,8 +64,9 @@ def corpus_ids(tokenizer) -> list[int]:
     return tokenizer(text).input_ids
 
 
-def make_variants(model_dir: Path, work: Path) -> dict[str, Path]:
-    """int8 (optimize's dynamic_int8), onnx fp32, and CTranslate2's float32/int8 conversions, cached in `work`."""
+def make_variants(model_dir: Path, work: Path, llama_src: Path | None) -> dict[str, Path]:
+    """int8 (optimize's dynamic_int8), onnx fp32, CTranslate2's float32/int8 and llama.cpp's f32/q8_0
+    conversions (when `llama_src` is given), cached in `work`."""
     from fastserve_cli.export.onnx_graph import export_onnx
     from fastserve_cli.models.loader import load_causal_lm
     from fastserve_cli.models.quantized import quantize_model, save_quantized
@@ -67,6 +81,8 @@ def make_variants(model_dir: Path, work: Path) -> dict[str, Path]:
         print(f"onnx export parity: {parity.get('passed', parity)}", flush=True)
     out["ct2 fp32"] = convert_ctranslate2(model_dir, work / "ct2-float32", "float32")
     out["ct2 int8"] = convert_ctranslate2(model_dir, work / "ct2-int8", "int8")
+    for name, outtype in LLAMA.items() if llama_src else ():
+        out[name] = convert_gguf(model_dir, work / "gguf" / f"model-{outtype}.gguf", outtype, llama_src)
     return out
 
 
@@ -85,6 +101,11 @@ def load_runners(args, model_dir: Path, paths: dict[str, Path], tokenizer) -> di
     for name, compute in (("ct2 fp32", "float32"), ("ct2 int8", "int8")):
         if name not in args.skip:
             runners[name] = CTranslate2Runner(name, paths[name], tokenizer, compute, args.threads)
+    longest = max(args.prompt_tokens + args.decode_tokens, args.ttft_prompt + 1)
+    n_ctx = max(longest, max(args.offline) * (args.prompt_tokens + args.offline_tokens))
+    for name in LLAMA if "llama f32" in paths else ():
+        if name not in args.skip:
+            runners[name] = LlamaCppRunner(name, paths[name], args.threads, max(args.offline), n_ctx)
     return runners
 
 
@@ -220,6 +241,12 @@ def main() -> None:
         help="more model directories (e.g. a trained run's model/) to measure bf16 quality on",
     )
     parser.add_argument("--no-quality", action="store_true", help="leave out the bf16 quality measurement")
+    parser.add_argument(
+        "--llama-cpp-src",
+        type=Path,
+        default=os.environ.get("LLAMA_CPP_SRC"),
+        help="a llama.cpp source tree (for convert_hf_to_gguf.py), e.g. the llama-cpp-python sdist's vendor/llama.cpp",
+    )
     parser.add_argument("--skip", nargs="*", default=[], help="engines to leave out, e.g. 'ct2 int8'")
     parser.add_argument(
         "--omp-wait-policy",
@@ -239,9 +266,11 @@ def main() -> None:
     model_dir = gpt2_small_dir(args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = corpus_ids(tokenizer)
-    paths = make_variants(model_dir, args.work_dir)
     skipped = {}
-    skipped["llama.cpp f32/q8_0"] = llama_cpp_status()
+    why = llama_cpp_status(args.llama_cpp_src)
+    if why:
+        skipped["llama f32/q8_0"] = why
+    paths = make_variants(model_dir, args.work_dir, None if why else args.llama_cpp_src)
     runners = load_runners(args, model_dir, paths, tokenizer)
     print(
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} "

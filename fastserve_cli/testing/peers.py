@@ -137,16 +137,125 @@ class CTranslate2Runner:
         return time.perf_counter() - t0
 
 
-def llama_cpp_status() -> str:
-    """Why llama.cpp is not in the table (see docs/perf.md): no runner yet, and its converter rejects this model."""
+def llama_cpp_status(llama_src: Path | None) -> str | None:
+    """Why llama.cpp cannot run here (None when it can): the bindings and a llama.cpp source tree for its converter."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
+        return "llama-cpp-python is not installed (`pip install -e .[bench]` compiles llama.cpp: docs/perf.md)"
+    if llama_src is None or not (Path(llama_src) / "convert_hf_to_gguf.py").is_file():
         return (
-            "llama-cpp-python is not installed (`pip install -e .[bench]` compiles llama.cpp); and its "
-            "convert_hf_to_gguf.py rejects this model (no n_ctx; BPE pre-tokenizer not recognized): docs/perf.md"
+            f"no llama.cpp source tree with convert_hf_to_gguf.py at {llama_src} (--llama-cpp-src or "
+            "LLAMA_CPP_SRC; the llama-cpp-python sdist's vendor/llama.cpp is one: docs/perf.md)"
         )
-    return (
-        "llama-cpp-python imports, but its convert_hf_to_gguf.py rejects this model (no n_ctx; BPE pre-tokenizer "
-        "not recognized), so there is no llama.cpp runner yet: docs/perf.md"
-    )
+    return None
+
+
+GGUF_SHIM = """
+import runpy, sys
+src, argv = sys.argv[1], sys.argv[2:]
+sys.path[:0] = [src, src + "/gguf-py"]
+from conversion import base
+
+def pre_tokenizer(self, tokenizer, _known=base.TextModel.get_vocab_base_pre):
+    try:
+        return _known(self, tokenizer)
+    except NotImplementedError:  # a BPE trained here is not in its hash list; GPT-2's byte-level regex is what it uses
+        pre = tokenizer.backend_tokenizer.pre_tokenizer.__getstate__()
+        if b'"ByteLevel"' in pre and b'"use_regex":true' in pre:
+            return "gpt-2"
+        raise
+
+base.TextModel.get_vocab_base_pre = pre_tokenizer
+sys.argv = [src + "/convert_hf_to_gguf.py", *argv]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def convert_gguf(model_dir: Path, out: Path, outtype: str, llama_src: Path) -> Path:
+    """llama.cpp's own convert_hf_to_gguf.py (from a llama.cpp source tree, e.g. the llama-cpp-python sdist's
+    vendor/llama.cpp) with two gaps filled: GPT-2 configs written by transformers 5 lack `n_ctx` (a staged copy
+    of the config adds it from n_positions), and the converter names pre-tokenizers by a hash of known
+    tokenizers' output, so a byte-level BPE trained here is registered as what it is: GPT-2's pre-tokenizer."""
+    if out.is_file():
+        return out
+    stage = out.parent / f"{out.stem}-src"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    for item in Path(model_dir).iterdir():
+        if item.name != "config.json":
+            (stage / item.name).symlink_to(item.resolve())
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    config.setdefault("n_ctx", config["n_positions"])
+    (stage / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    tmp = out.with_suffix(".tmp.gguf")
+    args = [str(stage), "--outtype", outtype, "--outfile", str(tmp)]
+    subprocess.run([sys.executable, "-c", GGUF_SHIM, str(llama_src), *args], check=True, stdout=subprocess.DEVNULL)
+    tmp.rename(out)
+    shutil.rmtree(stage)
+    return out
+
+
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python's bindings of its C API: one context with a unified KV cache for up
+    to `max_seqs` sequences, every in-flight sequence in one `llama_decode` per step (as llama-server's parallel
+    slots and llama.cpp's `batched` example do), greedy argmax over the logits. Threads: n_threads =
+    n_threads_batch = threads. KV cache in llama.cpp's default type (f16)."""
+
+    def __init__(self, name: str, gguf: Path, threads: int, max_seqs: int, n_ctx: int) -> None:
+        import llama_cpp as lib
+
+        self.name, self.lib = name, lib
+        self._quiet = lib.llama_log_callback(lambda level, text, data: None)  # its load log is hundreds of lines
+        lib.llama_log_set(self._quiet, None)
+        lib.llama_backend_init()
+        self.model = lib.llama_model_load_from_file(str(gguf).encode(), lib.llama_model_default_params())
+        params = lib.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_seq_max, params.kv_unified = n_ctx, n_ctx, max_seqs, True
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = lib.llama_init_from_model(self.model, params)
+        if not self.model or not self.ctx:
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
+        self.vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
+        self.batch = lib.llama_batch_init(n_ctx, 0, 1)
+
+    def _step(self, rows: list[tuple[list[int], int, int]]) -> list[int]:
+        """One llama_decode over (tokens, first position, sequence) rows; -> the argmax after each row's last."""
+        import numpy as np
+
+        b, n = self.batch, 0
+        for tokens, pos, seq in rows:
+            for j, tok in enumerate(tokens):
+                b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0] = tok, pos + j, 1, seq
+                b.logits[n] = j == len(tokens) - 1
+                n += 1
+        b.n_tokens = n
+        if self.lib.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(len(rows) * self.vocab,))
+        return logits.reshape(len(rows), self.vocab).argmax(axis=1).tolist()
+
+    def _run(self, prompts: list[list[int]], n: int):
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        outs = [[t] for t in self._step([(p, 0, s) for s, p in enumerate(prompts)])]
+        times = [time.perf_counter()]
+        for _ in range(n - 1):
+            rows = [([o[-1]], len(p) + len(o) - 1, s) for s, (p, o) in enumerate(zip(prompts, outs))]
+            for o, t in zip(outs, self._step(rows)):
+                o.append(t)
+            times.append(time.perf_counter())
+        return outs, times
+
+    def decode(self, ids: list[int], n: int):
+        (out,), times = self._run([ids], n)
+        return out, (n - 1) / (times[-1] - times[0])
+
+    def offline(self, prompts: list[list[int]], n: int):
+        t0 = time.perf_counter()
+        outs, _ = self._run(prompts, n)
+        return outs, sum(len(o) for o in outs) / (time.perf_counter() - t0)
+
+    def first_token(self, ids: list[int]) -> float:
+        t0 = time.perf_counter()
+        self._run([ids], 1)
+        return time.perf_counter() - t0
