@@ -118,7 +118,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds per mode, interleaved")
     parser.add_argument("--warmup-steps", type=int, default=5)
-    parser.add_argument("--steady-steps", type=int, default=40)
+    parser.add_argument("--steady-steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     import torch

@@ -148,17 +148,32 @@ class Backend:
                 layers.append((k_all, v_all))
         return layers
 
+    def step(self, decodes: list[Request], prefills: list[Request], counts: list[int | None]):
+        """An iteration's model work: one decode over `decodes` and one prefill over `prefills` (the next
+        `counts[i]` tokens each) -> (decode logits [len(decodes), V] or None, prefill logits or None).
+        Two calls here; the torch backend runs both in one forward where it can (serve/mixed_forward.py)."""
+        decoded = self.decode(decodes) if decodes else None
+        return decoded, self.prefill_batch(prefills, counts) if prefills else None
+
     def decode(self, reqs: list[Request]):
         """One token for every request in `reqs` (all prefilled, KV on the device) -> logits [B, V] in `reqs` order."""
+        pack, ids, positions = self._decode_inputs(reqs)
+        return self._decode_outputs(reqs, self._decode_forward(pack, ids, positions))
+
+    def _decode_inputs(self, reqs: list[Request]):
+        """The pack holding exactly `reqs`, and its rows' next input ids and positions [B, 1] (pack row order)."""
         import torch
 
         if self.packed is None or not self._update_pack(reqs):
             self._repack(reqs)
         pack = self.packed
-        rows = pack.rows  # the forward runs in the pack's row order
-        ids = torch.tensor([[r.next_input_id] for r in rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[r.kv_tokens] for r in rows], dtype=torch.long, device=self.device)
-        logits = self._decode_forward(pack, ids, positions)
+        ids = torch.tensor([[r.next_input_id] for r in pack.rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[r.kv_tokens] for r in pack.rows], dtype=torch.long, device=self.device)
+        return pack, ids, positions
+
+    def _decode_outputs(self, reqs: list[Request], logits):
+        """After the decode forward: every row's KV grew by one; logits back in `reqs` order."""
+        rows = self.packed.rows  # the forward ran in the pack's row order
         for r in rows:
             r.kv_tokens += 1
         if not same_rows(rows, reqs):

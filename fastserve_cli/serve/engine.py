@@ -260,12 +260,12 @@ class Engine:
                 req.first_scheduled_time = start
                 self.metrics.request_queue_time.observe(start - req.arrival_time)
                 self.metrics.prompt_tokens.inc(req.prompt_len)
+        for req in prefills:
+            self.kv.begin_prefill(req)  # a prefix-cache hit: the prefill starts from the cached KV
+        decoded, logits = self.backend.step(decodes, prefills, [r.num_tokens_next for r in prefills])
         if decodes:
-            results += list(zip(decodes, sample(self.backend.decode(decodes), decodes)))
+            results += list(zip(decodes, sample(decoded, decodes)))
         if prefills:
-            for req in prefills:
-                self.kv.begin_prefill(req)  # a prefix-cache hit: the prefill starts from the cached KV
-            logits = self.backend.prefill_batch(prefills, [r.num_tokens_next for r in prefills])
             self.kv.end_prefills(prefills, self.live)
             done = [i for i, r in enumerate(prefills) if r.kv_tokens == r.total_len]  # the first token comes now
             if done:

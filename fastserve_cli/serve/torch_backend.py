@@ -9,7 +9,8 @@ from typing import Any
 
 from fastserve_cli.core.errors import UserError
 from fastserve_cli.models.compat import cache_kwargs, output_cache
-from fastserve_cli.serve.backend_base import Backend, PackedBatch, read_config
+from fastserve_cli.serve.backend_base import IN_PACK, Backend, PackedBatch, read_config
+from fastserve_cli.serve.mixed_forward import chunk_mask, mixed_forward, supports_mixed_forward
 
 
 @dataclass
@@ -58,6 +59,9 @@ class TorchBackend(Backend):
 
             self.fast_kernels = onednn_linears(self.model) + fuse_activations(self.model) + decode_attention(self.model)
         self._growing = None  # the lone request of the prefill in progress (see prefill_batch)
+        self.mixed = supports_mixed_forward(self.model)  # decode rows + a prefill chunk in one forward (`step`)
+        self._mixed_decode = self._mixed_logits = None  # the decode part of the `step` in progress
+        self.mixed_steps = 0  # iterations whose decode and prefill ran as one forward
         param = next(self.model.parameters())
         self.kv_dtype_bytes = 2 if param.dtype in (torch.float16, torch.bfloat16) else 4
 
@@ -123,7 +127,15 @@ class TorchBackend(Backend):
 
     def _decode_forward(self, pack: PackedBatch, ids, positions):
         """The cache appends in place into the buffers' next free column (rebuilt when there is none)."""
+        pack, cache, mask = self._decode_cache(pack)
+        out = self._call(ids, mask, positions, cache)
+        pack.end += 1
+        pack.refresh()
+        return out.logits[:, -1, :].float()
 
+    def _decode_cache(self, pack: PackedBatch):
+        """-> (the pack, rebuilt when its buffers have no free column; a cache over its rows that appends into
+        that column; the rows' attention mask including it)."""
         if pack.end >= pack.kbufs[0].shape[2]:
             self._repack(list(pack.rows))
             pack = self.packed
@@ -134,10 +146,25 @@ class TorchBackend(Backend):
             buffers=[(k[:n, :, pack.start :], v[:n, :, pack.start :]) for k, v in zip(pack.kbufs, pack.vbufs)],
             length=pack.end - pack.start,
         )
-        out = self._call(ids, mask, positions, cache)
+        return pack, cache, mask
+
+    def step(self, decodes, prefills, counts):
+        """With decodes and one request's prefill (chunked prefill's iteration), one forward for both
+        (`mixed_forward`: the weights are read once); otherwise the base class's two calls."""
+        if not (self.mixed and decodes and len(prefills) == 1 and prefills[0].kv is not IN_PACK):
+            return super().step(decodes, prefills, counts)
+        pack, ids, positions = self._decode_inputs(decodes)
+        pack, cache, mask = self._decode_cache(pack)
+        self._mixed_decode = (ids, positions, cache, mask.bool()[:, None, None, :])
+        try:
+            prefilled = self.prefill_batch(prefills, counts)  # its forward runs the decode rows too
+            decoded = self._mixed_logits
+        finally:
+            self._mixed_decode = self._mixed_logits = None
         pack.end += 1
         pack.refresh()
-        return out.logits[:, -1, :].float()
+        self.mixed_steps += 1
+        return self._decode_outputs(decodes, decoded), prefilled
 
     def _call(self, input_ids, attention_mask, position_ids, cache):
         """One cached model call that keeps only the last position's logits (decode steps and prefills)."""
@@ -187,11 +214,19 @@ class TorchBackend(Backend):
                 cache = _growable_cache(buffers=entry[1], length=int(past[0][0].shape[-2]))
             else:
                 cache = _growable_cache(past, layers=self.num_layers)
-        out = self._call(input_ids, attention_mask, position_ids, cache)
-        present = [(layer.keys, layer.values) for layer in output_cache(out).layers]
+        if self._mixed_decode is None:
+            out = self._call(input_ids, attention_mask, position_ids, cache)
+            logits, layers = out.logits[:, -1, :].float(), output_cache(out).layers
+        else:  # `step`: this lone prefill's chunk and the decode rows in one forward
+            mask = chunk_mask(0 if past is None else int(past[0][0].shape[-2]), input_ids.shape[1], self.device)
+            self._mixed_logits, logits = mixed_forward(
+                self.model, self._mixed_decode, (input_ids, position_ids, cache, mask)
+            )
+            layers = cache.layers
+        present = [(layer.keys, layer.values) for layer in layers]
         if req is not None:  # the buffers live as long as this tensor: until the request's KV is replaced
             setattr(present[0][0], _TAIL, (req.seq, [(layer._kbuf, layer._vbuf) for layer in cache.layers]))
-        return out.logits[:, -1, :].float(), present
+        return logits, present
 
 
 _TAIL = "_fastserve_growable"  # attribute on a lone prefill's first key tensor: (request seq, its layers' buffers)
