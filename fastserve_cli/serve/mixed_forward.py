@@ -46,38 +46,45 @@ def chunk_mask(past: int, new: int, device):
     return torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past)[None, None]
 
 
-def mixed_forward(model, decode: tuple[Any, Any, Any, Any], chunk: tuple[Any, Any, Any, Any]):
-    """`decode` and `chunk` are (input ids [B, q], position ids [B, q], cache, boolean attention mask or None);
-    decode rows have one token each, the chunk is one row. Each cache grows by its part's tokens.
-    -> (last-position logits of the decode rows [B, V], of the chunk [1, V]), float32."""
+def decode_mask(mask):
+    """The decode rows' boolean [B, 1, 1, keys] mask from the pack's 0/1 [B, keys] one; None without padding."""
+    return None if bool(mask.all()) else mask.bool()[:, None, None, :]
+
+
+def mixed_forward(model, parts: list[tuple[Any, Any, Any, Any]]) -> list[Any]:
+    """`parts` are (input ids [B, q], position ids [B, q], cache, boolean attention mask or None), e.g. the
+    decode rows (q = 1) and a prefill chunk (B = 1); each cache grows by its part's tokens.
+    -> per part, the logits of each row's last position [B, V], float32."""
     import torch
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 
     body = model.transformer
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(model.config._attn_implementation, eager_attention_forward)
-    parts = [(ids.shape, cache, mask) for ids, _, cache, mask in (decode, chunk)]
-    rows = decode[0].numel()
+    shapes = [tuple(ids.shape) for ids, *_ in parts]
     with torch.inference_mode():
-        ids = torch.cat([decode[0].reshape(-1), chunk[0].reshape(-1)])
-        positions = torch.cat([decode[1].reshape(-1), chunk[1].reshape(-1)])
+        ids = torch.cat([part[0].reshape(-1) for part in parts])
+        positions = torch.cat([part[1].reshape(-1) for part in parts])
         hidden = body.wte(ids) + body.wpe(positions)
         for layer, block in enumerate(body.h):
             attn = block.attn
             query, key, value = attn.c_attn(block.ln_1(hidden)).split(attn.split_size, dim=-1)
             outputs, start = [], 0
-            for shape, cache, mask in parts:
-                size = shape[0] * shape[1]
+            for (rows, q_len), (_, _, cache, mask) in zip(shapes, parts):
+                size = rows * q_len
                 q, k, v = (
-                    t[start : start + size].reshape(*shape, -1, attn.head_dim).transpose(1, 2)
+                    t[start : start + size].reshape(rows, q_len, -1, attn.head_dim).transpose(1, 2)
                     for t in (query, key, value)
                 )
                 k, v = cache.layers[layer].update(k, v)
                 out, _ = attend(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
                 outputs.append(out.reshape(size, -1))
                 start += size
-            hidden = hidden + attn.c_proj(torch.cat(outputs))
+            hidden = hidden + attn.c_proj(torch.cat(outputs) if len(outputs) > 1 else outputs[0])
             hidden = hidden + block.mlp(block.ln_2(hidden))
-        last = torch.cat([hidden[:rows], hidden[-1:]])
-        logits = model.lm_head(body.ln_f(last)).float()
-    return logits[:rows], logits[rows:]
+        ends, start = [], 0
+        for rows, q_len in shapes:  # each row's last position
+            ends.append(hidden[start + q_len - 1 : start + rows * q_len : q_len])
+            start += rows * q_len
+        logits = model.lm_head(body.ln_f(torch.cat(ends) if len(ends) > 1 else ends[0])).float()
+    return list(logits.split([rows for rows, _ in shapes]))

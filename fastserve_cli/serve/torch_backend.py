@@ -10,7 +10,7 @@ from typing import Any
 from fastserve_cli.core.errors import UserError
 from fastserve_cli.models.compat import cache_kwargs, output_cache
 from fastserve_cli.serve.backend_base import IN_PACK, Backend, PackedBatch, read_config
-from fastserve_cli.serve.mixed_forward import chunk_mask, mixed_forward, supports_mixed_forward
+from fastserve_cli.serve.mixed_forward import chunk_mask, decode_mask, mixed_forward, supports_mixed_forward
 
 
 @dataclass
@@ -128,10 +128,13 @@ class TorchBackend(Backend):
     def _decode_forward(self, pack: PackedBatch, ids, positions):
         """The cache appends in place into the buffers' next free column (rebuilt when there is none)."""
         pack, cache, mask = self._decode_cache(pack)
-        out = self._call(ids, mask, positions, cache)
+        if self.mixed:  # the same lean layer loop as a mixed step, without transformers' per-call wrapping
+            (logits,) = mixed_forward(self.model, [(ids, positions, cache, decode_mask(mask))])
+        else:
+            logits = self._call(ids, mask, positions, cache).logits[:, -1, :].float()
         pack.end += 1
         pack.refresh()
-        return out.logits[:, -1, :].float()
+        return logits
 
     def _decode_cache(self, pack: PackedBatch):
         """-> (the pack, rebuilt when its buffers have no free column; a cache over its rows that appends into
@@ -155,7 +158,7 @@ class TorchBackend(Backend):
             return super().step(decodes, prefills, counts)
         pack, ids, positions = self._decode_inputs(decodes)
         pack, cache, mask = self._decode_cache(pack)
-        self._mixed_decode = (ids, positions, cache, mask.bool()[:, None, None, :])
+        self._mixed_decode = (ids, positions, cache, decode_mask(mask))
         try:
             prefilled = self.prefill_batch(prefills, counts)  # its forward runs the decode rows too
             decoded = self._mixed_logits
@@ -220,7 +223,7 @@ class TorchBackend(Backend):
         else:  # `step`: this lone prefill's chunk and the decode rows in one forward
             mask = chunk_mask(0 if past is None else int(past[0][0].shape[-2]), input_ids.shape[1], self.device)
             self._mixed_logits, logits = mixed_forward(
-                self.model, self._mixed_decode, (input_ids, position_ids, cache, mask)
+                self.model, [self._mixed_decode, (input_ids, position_ids, cache, mask)]
             )
             layers = cache.layers
         present = [(layer.keys, layer.values) for layer in layers]
