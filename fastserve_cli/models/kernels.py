@@ -17,9 +17,10 @@ which is slow for decode shapes (a few rows against a large weight): on this 2-c
 (`serve.fast_kernels: false` turns it off). bf16 layers are packed the same way on CPUs with native bf16
 (avx512_bf16/AMX): torch's own bf16 Linear re-reads an unpacked weight each call and measured 1.5-3x slower
 than the packed one on decode shapes here (numbers in docs/perf.md).
-`decode_attention` computes fp32 single-query (decode) attention with two batched matmuls and a softmax instead
-of SDPA's CPU flash kernel, which is built for long query blocks: at batch 64 and 1 thread the plain math took
-0.58 vs 1.10 ms per layer at 40 keys, 11.5 vs 12.8 ms at 300. Prefills keep SDPA, and so does bf16: there the
+`decode_attention` computes fp32 single-query (decode) attention of large batches with two batched matmuls and a
+softmax instead of SDPA's CPU flash kernel, which is built for long query blocks: at batch 64 and 1 thread the
+plain math took 0.58 vs 1.10 ms per layer at 40 keys, 11.5 vs 12.8 ms at 300 (small batches keep SDPA:
+`MATH_ATTENTION_MIN_ROWS`). Prefills keep SDPA, and so does bf16: there the
 math was 3-5x faster too, but torch's CPU bf16 matmul rounds the scores to bf16 (SDPA accumulates them in
 fp32), which cost greedy agreement with fp32 (tests/test_serve_bf16.py).
 oneDNN builds and caches one kernel (~0.65 MB) per distinct row count, in two caches of 1024 entries each
@@ -175,6 +176,12 @@ def _onednn_linear_class():
 
 DECODE_ATTENTION = "fastserve_decode_sdpa"
 
+# Below this many (sequence, head) rows a decode step keeps SDPA: one parallel region instead of four (two matmuls,
+# mask, softmax), which is what costs at small batches -- each region wakes the OpenMP threads, ~40 us apiece
+# under OMP_WAIT_POLICY=PASSIVE (batch 1, 12 heads, 64 keys, 2 threads: SDPA 41 us, the matmuls 136 us; with
+# spinning threads 8.5 vs 20 us). At batch 64 the matmuls win (515 vs 735 us).
+MATH_ATTENTION_MIN_ROWS = 32 * 12
+
 
 def decode_attention(model) -> int:
     """Route a model's SDPA attention through `_decode_attention` (single-query steps) and SDPA (the rest);
@@ -207,6 +214,7 @@ def _decode_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     kv_heads = key.shape[1]
     if (
         q_len != 1
+        or batch * heads < MATH_ATTENTION_MIN_ROWS
         or query.dtype != torch.float32
         or module.training
         or kwargs.get("position_bias") is not None
