@@ -12,7 +12,8 @@ fastserve_cli.testing.models.gpt2_small_dir), same prompt token ids, same output
   and the script says why).
 Rows: batch-1 decode tokens/s (after the first token); offline throughput with 16 and 64 requests in
 flight (generated tokens / wall time); time to first token of a --ttft-prompt-token prompt. Rounds are
-interleaved (every engine once per round); the median is reported with the spread (min-max). Ratios:
+interleaved (every engine once per round), every engine in a process of its own; the median is reported with the
+spread (min-max). Ratios:
 best fastserve / best peer per row at the same precision (bf16 against the best fp32 peer: no peer has bf16
 here). Greedy outputs of the decode row are compared with torch fp32 (matching prefix length).
 Quality of bf16 vs fp32: perplexity on held-out stdlib text and greedy agreement over --quality-tokens.
@@ -33,9 +34,8 @@ from pathlib import Path
 
 from fastserve_cli.testing.models import gpt2_small_dir
 from fastserve_cli.testing.peers import (
-    CTranslate2Runner,
     FastserveRunner,
-    LlamaCppRunner,
+    Isolated,
     convert_ctranslate2,
     convert_gguf,
     llama_cpp_status,
@@ -86,27 +86,25 @@ def make_variants(model_dir: Path, work: Path, llama_src: Path | None) -> dict[s
     return out
 
 
-def load_runners(args, model_dir: Path, paths: dict[str, Path], tokenizer) -> dict:
-    runners = {}
+def load_runners(args, model_dir: Path, paths: dict[str, Path]) -> dict:
+    """Every engine in a process of its own (`Isolated`), with the same thread count and OpenMP setting."""
     specs = {
-        "torch fp32": (model_dir, "torch", "fp32"),
-        "torch bf16": (model_dir, "torch", "bf16"),
-        "torch int8": (paths["int8"], "torch", "fp32"),
-        "onnx fp32": (paths["onnx"], "onnx", "fp32"),
+        "torch fp32": ("FastserveRunner", model_dir, "torch", "fp32", args.threads, max(args.offline)),
+        "torch bf16": ("FastserveRunner", model_dir, "torch", "bf16", args.threads, max(args.offline)),
+        "torch int8": ("FastserveRunner", paths["int8"], "torch", "fp32", args.threads, max(args.offline)),
+        "onnx fp32": ("FastserveRunner", paths["onnx"], "onnx", "fp32", args.threads, max(args.offline)),
+        "ct2 fp32": ("CTranslate2Runner", paths["ct2 fp32"], model_dir, "float32", args.threads),
+        "ct2 int8": ("CTranslate2Runner", paths["ct2 int8"], model_dir, "int8", args.threads),
     }
-    for name, (path, backend, dtype) in specs.items():
-        if name in args.skip:
-            continue
-        runners[name] = FastserveRunner(name, path, backend, dtype, args.threads, max(args.offline))
-    for name, compute in (("ct2 fp32", "float32"), ("ct2 int8", "int8")):
-        if name not in args.skip:
-            runners[name] = CTranslate2Runner(name, paths[name], tokenizer, compute, args.threads)
     longest = max(args.prompt_tokens + args.decode_tokens, args.ttft_prompt + 1)
     n_ctx = max(longest, max(args.offline) * (args.prompt_tokens + args.offline_tokens))
     for name in LLAMA if "llama f32" in paths else ():
-        if name not in args.skip:
-            runners[name] = LlamaCppRunner(name, paths[name], args.threads, max(args.offline), n_ctx)
-    return runners
+        specs[name] = ("LlamaCppRunner", paths[name], args.threads, max(args.offline), n_ctx)
+    return {
+        name: Isolated(runner_class, name, *rest)
+        for name, (runner_class, *rest) in specs.items()
+        if name not in args.skip
+    }
 
 
 def measure(runners: dict, ids: list[int], args) -> tuple[dict, dict]:
@@ -123,6 +121,7 @@ def measure(runners: dict, ids: list[int], args) -> tuple[dict, dict]:
         runner.first_token(ttft_prompt)
     for rnd in range(args.rounds):
         for name, runner in runners.items():
+            time.sleep(args.settle)  # the engine before may still have threads spinning in its process
             t0 = time.perf_counter()
             out, tps = runner.decode(decode_prompt, args.decode_tokens)
             assert len(out) == args.decode_tokens, (name, len(out))
@@ -240,6 +239,14 @@ def main() -> None:
         default=[],
         help="more model directories (e.g. a trained run's model/) to measure bf16 quality on",
     )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        help="seconds to wait before each engine's turn: OpenMP runtimes keep idle threads spinning after a "
+        "parallel region (Intel's, which CTranslate2 bundles, for 200 ms by default), which would take the cores "
+        "from the next engine",
+    )
     parser.add_argument("--no-quality", action="store_true", help="leave out the bf16 quality measurement")
     parser.add_argument(
         "--llama-cpp-src",
@@ -271,7 +278,7 @@ def main() -> None:
     if why:
         skipped["llama f32/q8_0"] = why
     paths = make_variants(model_dir, args.work_dir, None if why else args.llama_cpp_src)
-    runners = load_runners(args, model_dir, paths, tokenizer)
+    runners = load_runners(args, model_dir, paths)
     print(
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')} "
         f"threads={args.threads} prompt={args.prompt_tokens} decode={args.decode_tokens} offline={args.offline}x"
@@ -279,6 +286,8 @@ def main() -> None:
         flush=True,
     )
     rows, outputs = measure(runners, ids, args)
+    for runner in runners.values():
+        runner.close()
     report(rows, outputs, skipped)
     for path in [] if args.no_quality else [model_dir, *args.quality_model]:
         ids_q = corpus_ids(AutoTokenizer.from_pretrained(path))
