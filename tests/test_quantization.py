@@ -68,3 +68,25 @@ def test_load_errors_are_user_errors(tmp_path, tiny_gpt2_dir):
     save_quantized(model, "dynamic_int8", quantize_model(model, "dynamic_int8"), tiny_gpt2_dir, tmp_path)
     with pytest.raises(UserError, match="CPU only"):
         load_causal_lm(tmp_path, device="cuda")
+
+
+def test_dynamic_int8_linear_wide_inputs_take_onednn_with_the_same_result():
+    """From ONEDNN_MIN_ROWS rows the layer runs oneDNN's kernel; both kernels compute the same quantized matmul."""
+    import torch
+
+    from fastserve_cli.models.quant_linear import ONEDNN_MIN_ROWS, DynamicInt8Linear
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64) * 0.05
+    scale = weight.abs().amax(1) / 127
+    q = torch.clamp((weight / scale[:, None]).round(), -127, 127).to(torch.int8)
+    layer = DynamicInt8Linear(q, scale, torch.randn(48))
+    if layer._packed_rows is None:
+        pytest.skip("torch has no oneDNN quantized engine here")
+    x = torch.randn(2, ONEDNN_MIN_ROWS, 64)
+    exact = x @ (q.float() * scale[:, None]).t() + layer.bias
+    wide = layer(x)
+    narrow = torch.cat([layer(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1)  # one row at a time: fbgemm
+    assert wide.shape == exact.shape
+    torch.testing.assert_close(wide, exact, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(wide, narrow, atol=0.05, rtol=0.05)
