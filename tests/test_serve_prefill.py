@@ -244,14 +244,15 @@ def test_lone_prompt_prefills_whole_and_chunks_start_when_someone_decodes(tiny_g
 
 
 def test_auto_chunk_from_profile():
-    """auto: the most tokens whose estimated prefill fits one decode iteration, a multiple of 16, within budget."""
+    """auto: the most tokens whose marginal prefill cost (over a one-token forward) fits a quarter of a decode
+    iteration, a multiple of 8, within budget."""
     from fastserve_cli.serve.profile import PrefillProfile
 
-    profile = PrefillProfile(lengths=[1, 64, 256, 1024], prefill_times=[0.001, 0.01, 0.04, 0.16], decode_s=0.02)
-    assert profile.chunk_tokens(2048) == 128  # 0.02 s covers 128 tokens (linear between 64 and 256)
-    assert profile.chunk_tokens(100) == 100  # the whole budget fits in one decode step
-    assert profile.chunk_tokens(2048, floor=16) == 128
+    profile = PrefillProfile(lengths=[1, 64, 256, 1024], prefill_times=[0.001, 0.01, 0.04, 0.16], decode_s=0.04)
+    assert profile.chunk_tokens(2048) == 64  # 0.01 s over the 1-token forward: 64 tokens (0.001 + 0.009 at 64)
+    assert profile.chunk_tokens(60) == 60  # the whole budget fits
+    assert profile.chunk_tokens(2048, floor=16, share=0.5) == 128  # 0.02 s: 128 tokens (linear from 64 to 256)
     fast = PrefillProfile(lengths=[1, 1024], prefill_times=[0.001, 0.002], decode_s=0.02)
     assert fast.chunk_tokens(2048) == 2048  # a GPU-like profile: chunks as large as the budget
     slow = PrefillProfile(lengths=[1, 8], prefill_times=[0.05, 0.4], decode_s=0.02)
-    assert slow.chunk_tokens(2048) == 16  # never below the floor
+    assert slow.chunk_tokens(2048) == 8  # never below the floor

@@ -52,17 +52,28 @@ class PrefillProfile:
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
         return max(0.0, y0 + (y1 - y0) * (prompt_len - x0) / (x1 - x0))
 
-    def chunk_tokens(self, budget: int, floor: int = 16) -> int:
-        """`serve.prefill_chunk_tokens: auto`: the most prompt tokens whose estimated prefill fits in one
-        decode iteration (the base quantum), within the token budget, rounded down to a multiple of `floor`
-        (at least `floor`). A chunk then adds about one decode step to the running streams' iteration, so
-        their inter-token latency stays near 2x steady while a long prompt prefills."""
-        if self.prefill_s(budget) <= self.decode_s:
+    def chunk_tokens(self, budget: int, floor: int = 8, share: float = 0.25) -> int:
+        """`serve.prefill_chunk_tokens: auto`: the most prompt tokens whose marginal prefill cost fits in `share`
+        of a decode iteration (the base quantum), within the token budget, rounded down to a multiple of `floor`
+        (at least `floor`).
+
+        Marginal: prefill_s(n) - prefill_s(1), what n tokens add to an iteration whose weights are read anyway
+        -- the torch backend runs a chunk in the decode rows' forward (serve/mixed_forward.py). A quarter of
+        a step, because the chunk's attention over the prompt cached so far (not in the profile: it is
+        measured from an empty cache) grows as the prefill proceeds: at the end of a 2,000-token prompt it
+        cost as much again as the chunk's own tokens. The running streams' inter-token latency then stays
+        within about 2x steady while a long prompt prefills."""
+        limit = share * self.decode_s
+
+        def fits(n: int) -> bool:
+            return self.prefill_s(n) - self.prefill_s(1) <= limit
+
+        if fits(budget):
             return budget
-        lo, hi = 1, budget  # prefill_s is non-decreasing: the largest n with prefill_s(n) <= decode_s
+        lo, hi = 1, budget  # prefill_s is non-decreasing: the largest n that fits
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self.prefill_s(mid) <= self.decode_s else (lo, mid - 1)
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
         return min(budget, max(floor, lo // floor * floor))
 
     def to_json(self) -> dict[str, Any]:

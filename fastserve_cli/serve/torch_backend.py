@@ -216,7 +216,9 @@ class TorchBackend(Backend):
             if entry is not None and entry[0] == req.seq:
                 cache = _growable_cache(buffers=entry[1], length=int(past[0][0].shape[-2]))
             else:
-                cache = _growable_cache(past, layers=self.num_layers)
+                # Room for the whole prompt at once: growing the buffers chunk by chunk copied the past each
+                # time (about ten times over a 2,000-token prompt: the P99 of a chunked prefill's iterations).
+                cache = _growable_cache(past, layers=self.num_layers, reserve=req.total_len + _headroom(0))
         if self._mixed_decode is None:
             out = self._call(input_ids, attention_mask, position_ids, cache)
             logits, layers = out.logits[:, -1, :].float(), output_cache(out).layers
@@ -239,11 +241,12 @@ def _headroom(length: int) -> int:
     return max(32, length // 2)
 
 
-def _growable_cache(past=None, buffers=None, length: int = 0, layers: int = 0):
+def _growable_cache(past=None, buffers=None, length: int = 0, layers: int = 0, reserve: int = 0):
     """A transformers DynamicCache whose layers append into preallocated buffers (amortized O(1) per token).
 
     Built from `past` tensors (copied into new buffers), adopting `buffers` whose first `length` positions
     hold the cache already, or empty with `layers` growable layers; a plain DynamicCache when none is given.
+    New buffers hold at least `reserve` positions.
     """
     from transformers import DynamicCache
 
@@ -253,6 +256,8 @@ def _growable_cache(past=None, buffers=None, length: int = 0, layers: int = 0):
     layer_class = _growable_layer_class()
     count = len(past) if past is not None else len(buffers) if buffers is not None else layers
     cache.layers = [layer_class() for _ in range(count)]
+    for layer in cache.layers:
+        layer.reserve = reserve
     if buffers is not None:
         for layer, (kbuf, vbuf) in zip(cache.layers, buffers):
             layer.adopt(kbuf, vbuf, length)
@@ -300,7 +305,7 @@ def _growable_layer_class():
             new_len = self._len + key_states.shape[-2]
             if self._kbuf is None or new_len > self._kbuf.shape[-2]:
                 shape = list(key_states.shape)
-                shape[-2] = new_len + _headroom(new_len)
+                shape[-2] = max(new_len + _headroom(new_len), getattr(self, "reserve", 0))
                 kbuf = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
                 vbuf = torch.empty(shape, dtype=value_states.dtype, device=value_states.device)
                 if self._len:
