@@ -258,10 +258,11 @@ def main() -> None:
     parser.add_argument(
         "--omp-wait-policy",
         choices=("passive", "active", "unset"),
-        default="passive",
-        help="OMP_WAIT_POLICY for every engine of the run (torch and CTranslate2 both use libgomp); passive: idle "
-        "OpenMP threads sleep instead of spinning, which on a shared machine keeps a descheduled thread from "
-        "stalling every parallel region (docs/perf.md); unset: the environment's value",
+        default="unset",
+        help="OMP_WAIT_POLICY for every engine of the run (torch, CTranslate2 and llama.cpp all use OpenMP); unset "
+        "(default): the environment's value, i.e. what a user gets; passive: idle OpenMP threads sleep instead of "
+        "spinning, which on a machine shared with other work keeps a descheduled thread from stalling every "
+        "parallel region, but costs each parallel region a wake-up (docs/perf.md)",
     )
     args = parser.parse_args()
     set_omp_wait_policy(args.omp_wait_policy)
