@@ -9,6 +9,7 @@ from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from fastserve_cli.models.kernels import (
     decode_attention,
     fuse_activations,
+    fuse_linear_gelu,
     head_bypassed,
     linear_cross_entropy,
     onednn_linears,
@@ -167,6 +168,23 @@ def test_decode_attention_same_decode_logits_with_padding(make, monkeypatch):
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
         want = model.generate(ids[1:2], max_new_tokens=12, do_sample=False)
         assert torch.equal(switched.generate(ids[1:2], max_new_tokens=12, do_sample=False), want)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_gelu_folded_into_the_packed_linear_same_logits():
+    """GPT-2's MLP GELU runs as the packed c_fc's post-op: one per block, the same logits; llama has none."""
+    model, fused_model = tiny_gpt2().eval(), tiny_gpt2().eval()
+    onednn_linears(fused_model)
+    fuse_activations(fused_model)
+    assert fuse_linear_gelu(fused_model) == model.config.n_layer
+    assert all(isinstance(block.mlp.act, torch.nn.Identity) for block in fused_model.transformer.h)
+    assert fuse_linear_gelu(fused_model) == 0  # already folded
+    ids = torch.randint(0, 96, (2, 19))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused_model(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    llama = tiny_llama().eval()
+    onednn_linears(llama)
+    assert fuse_linear_gelu(llama) == 0
 
 
 def test_onednn_linears_leaves_quantized_layers_alone():

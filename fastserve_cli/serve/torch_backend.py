@@ -55,9 +55,15 @@ class TorchBackend(Backend):
         self.model = _load_torch_model(self.model_dir, self.device, self.dtype)
         self.fast_kernels = 0
         if fast_kernels and self.device == "cpu":  # oneDNN-packed Linear layers, fp32 and (native) bf16
-            from fastserve_cli.models.kernels import decode_attention, fuse_activations, onednn_linears
+            from fastserve_cli.models.kernels import (
+                decode_attention,
+                fuse_activations,
+                fuse_linear_gelu,
+                onednn_linears,
+            )
 
             self.fast_kernels = onednn_linears(self.model) + fuse_activations(self.model) + decode_attention(self.model)
+            self.fast_kernels += fuse_linear_gelu(self.model)
         self._growing = None  # the lone request of the prefill in progress (see prefill_batch)
         self.mixed = supports_mixed_forward(self.model)  # decode rows + a prefill chunk in one forward (`step`)
         self._mixed_decode = self._mixed_logits = None  # the decode part of the `step` in progress
